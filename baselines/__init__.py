@@ -1,0 +1,1 @@
+"""Classical baselines (scikit-learn estimators, a small MFCC CNN)."""

@@ -1,0 +1,1 @@
+"""Frozen-encoder and eGeMAPS feature extraction into HDF5 stores, and the store reader."""

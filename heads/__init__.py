@@ -1,0 +1,1 @@
+"""Small classification heads over frozen frame-level features: training and prediction."""

@@ -1,0 +1,1 @@
+"""One module per corpus; each turns a corpus folder into manifest rows."""
