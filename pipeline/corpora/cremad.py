@@ -1,0 +1,56 @@
+"""CREMA-D: ``AAAA_SSS_EMO_LVL`` (actor 1001-1091, sentence code, emotion, level LO/MD/HI/XX).
+
+91 actors, 7442 clips. Gender comes from the corpus's ``VideoDemographics.csv`` (found anywhere under the
+root, any case) when present, else ``unknown``.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from pipeline.corpora import NameRejected, Parsed
+
+NAME = "cremad"
+SPEAKERS = 91
+FILES = 7442
+EMOTIONS = {"ANG": "angry", "DIS": "disgust", "FEA": "fearful", "HAP": "happy", "NEU": "neutral", "SAD": "sad"}
+LEVELS = {"LO": "low", "MD": "medium", "HI": "high", "XX": "unspecified", "X": "unspecified"}
+_PATTERN = re.compile(r"^(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{1,2})$", re.IGNORECASE)
+
+
+def read_demographics(root: Path | None) -> dict[str, str]:
+    """``{actor id: male|female}`` from ``VideoDemographics.csv``; empty when the file is absent."""
+    if root is None:
+        return {}
+    found = sorted(p for p in Path(root).rglob("*") if p.name.lower() == "videodemographics.csv")
+    if not found:
+        return {}
+    genders = {}
+    with open(found[0], newline="", encoding="utf-8-sig") as handle:
+        for row in csv.DictReader(handle):
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            sex = row.get("sex", "").lower()
+            if row.get("actorid") and sex in {"male", "female"}:
+                genders[row["actorid"]] = sex
+    return genders
+
+
+def parser(root: Path | None):
+    """Return a parser that knows each actor's gender from the demographics file."""
+    genders = read_demographics(root)
+
+    def parse(path: Path) -> Parsed:
+        match = _PATTERN.match(path.stem)
+        if not match:
+            raise NameRejected("bad_name", f"{path.name}: expected CREMA-D's AAAA_SSS_EMO_LVL naming")
+        actor, sentence, emotion, level = (g.upper() for g in match.groups())
+        if emotion not in EMOTIONS or level not in LEVELS or not 1001 <= int(actor) <= 1091:
+            raise NameRejected("bad_name", f"{path.name}: emotion must be one of {sorted(EMOTIONS)}, level one "
+                                           f"of {sorted(LEVELS)}, actor 1001-1091")
+        return Parsed(key=f"{actor}_{sentence}_{emotion}_{level}", speaker=f"cremad_{actor}",
+                      gender=genders.get(actor, "unknown"), emotion=EMOTIONS[emotion],
+                      extra={"text": sentence, "intensity": LEVELS[level]})
+
+    return parse

@@ -1,0 +1,33 @@
+"""TESS: ``OAF_word_emotion`` / ``YAF_word_emotion``; two female speakers, 200 words x 7 emotions each
+(2800 files). ``ps`` is pleasant surprise.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pipeline.corpora import NameRejected, Parsed
+
+NAME = "tess"
+SPEAKERS = 2
+FILES = 2800
+EMOTIONS = {"angry": "angry", "disgust": "disgust", "fear": "fearful", "happy": "happy", "neutral": "neutral",
+            "ps": "surprised", "pleasant_surprise": "surprised", "pleasant_surprised": "surprised", "sad": "sad"}
+_PATTERN = re.compile(r"^(OAF|YAF)_(.+?)_(" + "|".join(sorted(EMOTIONS, key=len, reverse=True)) + r")$",
+                      re.IGNORECASE)
+
+
+def parser(root: Path | None):
+    """Return the file-name parser (TESS needs no metadata file)."""
+    return parse
+
+
+def parse(path: Path) -> Parsed:
+    match = _PATTERN.match(path.stem.strip())
+    if not match:
+        raise NameRejected("bad_name", f"{path.name}: expected TESS's OAF_word_emotion or YAF_word_emotion naming "
+                                       f"(emotion one of {sorted(EMOTIONS)})")
+    speaker, word, emotion = match.group(1).upper(), match.group(2).lower(), EMOTIONS[match.group(3).lower()]
+    return Parsed(key=f"{speaker}_{word}_{emotion}", speaker=f"tess_{speaker}", gender="female",
+                  emotion=emotion, extra={"text": word})

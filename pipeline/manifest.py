@@ -1,0 +1,175 @@
+"""Stage ``manifest``: turn corpus folders into one table of utterances, and a table of every file not used.
+
+Usage::
+
+    python -m pipeline.manifest --corpus ravdess --root DIR --out manifest.csv [--rejects rejects.csv]
+    python -m pipeline.manifest --sources data/corpora.json --out data/manifest.csv --rejects data/rejects.csv
+
+Each file under a root is either a manifest row or a rejects row (``path, reason, detail``). Reasons:
+``bad_name`` (outside the corpus's naming convention), ``not_speech`` (song, video), ``empty`` (zero bytes),
+``not_audio`` / ``unreadable`` / ``corrupt`` / ``no_samples`` (libsndfile cannot decode it), ``silent``
+(all-zero samples), ``non_finite`` (NaN or infinite samples), ``duplicate`` (a second copy of an utterance
+already listed, as in archives that nest the corpus twice). Headers are read in a thread pool; samples
+are scanned only as far as needed (integer PCM stops at the first non-zero block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.audio import AudioError, audio_info, check_samples
+from pipeline.corpora import CORPORA, NameRejected
+
+COLUMNS = ["id", "path", "corpus", "speaker", "gender", "emotion", "duration_s", "sample_rate", "channels"]
+REJECT_COLUMNS = ["path", "corpus", "reason", "detail"]
+#: Extensions that are never audio; a conforming name with one of these is rejected as ``not_audio``.
+NOT_AUDIO = {".txt", ".csv", ".md", ".pdf", ".json", ".xml", ".html", ".htm", ".lab", ".lablaut", ".labsilb",
+             ".silb", ".mp4", ".flv", ".avi", ".mov", ".mkv", ".zip", ".tar", ".gz", ".doc", ".docx", ".xls",
+             ".xlsx", ".jpg", ".png", ".py"}
+#: Lossless containers are preferred when one utterance exists twice (e.g. CREMA-D's WAV and MP3 copies).
+_PREFERRED = {".wav": 0, ".flac": 0, ".aif": 0, ".aiff": 0}
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every regular file below ``root``, sorted, hidden folders included (nothing is skipped unseen)."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        files.extend(Path(folder) / name for name in sorted(names))
+    return files
+
+
+def _inspect(path: Path) -> tuple[dict | None, str | None, str | None]:
+    """Read the header and scan the samples; returns (audio fields, reject reason, detail)."""
+    if path.suffix.lower() in NOT_AUDIO:
+        return None, "not_audio", f"{path.suffix} files are not audio"
+    try:
+        info = audio_info(path)
+        check_samples(info)
+    except AudioError as err:
+        return None, err.reason, str(err)
+    return {"duration_s": round(info.duration_s, 6), "sample_rate": info.sample_rate,
+            "channels": info.channels}, None, None
+
+
+def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8,
+                progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Parse and check every file of one corpus.
+
+    Args:
+        corpus: a name in :data:`pipeline.corpora.CORPORA`.
+        root: the corpus folder (any layout below it).
+        workers: threads reading headers (libsndfile releases the GIL).
+        progress: show a progress bar.
+
+    Returns:
+        ``(manifest, rejects)`` frames with :data:`COLUMNS` (+ ``text``, ``intensity``) and
+        :data:`REJECT_COLUMNS`.
+
+    Raises:
+        ValueError: unknown corpus, missing root, or no usable utterance.
+    """
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; expected one of {sorted(CORPORA)}.")
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"corpus folder {root} does not exist; expected the {corpus} files below it. "
+                         "Run `python -m pipeline.pull` or point --root at a local copy.")
+    parse = CORPORA[corpus].parser(root)
+    rows, rejects, candidates = [], [], []
+    for path in list_files(root):
+        try:
+            candidates.append((path, parse(path.relative_to(root))))
+        except NameRejected as err:
+            rejects.append({"path": os.path.abspath(path), "corpus": corpus, "reason": err.reason, "detail": str(err)})
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(_inspect, [path for path, _ in candidates])
+        bar = tqdm(results, total=len(candidates), desc=f"manifest {corpus}", unit="file", disable=not progress)
+        for (path, parsed), (audio, reason, detail) in zip(candidates, bar):
+            if reason:
+                rejects.append({"path": os.path.abspath(path), "corpus": corpus, "reason": reason, "detail": detail})
+                continue
+            rel = path.relative_to(root).with_suffix("").as_posix()
+            rows.append({"id": f"{corpus}/{rel}", "path": os.path.abspath(path), "corpus": corpus,
+                         "speaker": parsed.speaker, "gender": parsed.gender, "emotion": parsed.emotion,
+                         **audio, **parsed.extra, "_key": parsed.key,
+                         "_rank": (_PREFERRED.get(path.suffix.lower(), 1), len(rel), rel)})
+    manifest = pd.DataFrame(rows, columns=[*COLUMNS, "text", "intensity", "_key", "_rank"])
+    manifest = manifest.sort_values("_rank", kind="stable")
+    duplicate = manifest.duplicated("_key", keep="first")
+    first = manifest.drop_duplicates("_key").set_index("_key")["path"]
+    for _, row in manifest[duplicate].iterrows():
+        rejects.append({"path": row["path"], "corpus": corpus, "reason": "duplicate",
+                        "detail": f"same utterance as {first[row['_key']]}"})
+    manifest = manifest[~duplicate].drop(columns=["_key", "_rank"]).sort_values("id").reset_index(drop=True)
+    rejects = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("path").reset_index(drop=True)
+    if manifest.empty:
+        reasons = rejects["reason"].value_counts().to_dict()
+        raise ValueError(f"no usable {corpus} utterance under {root}: {len(rejects)} files rejected {reasons}. "
+                         f"Expected {CORPORA[corpus].FILES} files named by the corpus's convention; check the folder.")
+    return manifest.dropna(axis=1, how="all"), rejects
+
+
+def build_manifest(sources: dict[str, str], **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Scan several corpora (``{corpus: root}``) into one manifest and one rejects table."""
+    scanned = [scan_corpus(corpus, root, **kw) for corpus, root in sources.items()]
+    manifest = pd.concat([m for m, _ in scanned], ignore_index=True)
+    if manifest["id"].duplicated().any():
+        raise ValueError("two corpora produced the same utterance id; give each corpus once.")
+    return manifest, pd.concat([r for _, r in scanned], ignore_index=True)
+
+
+def summary(manifest: pd.DataFrame, rejects: pd.DataFrame) -> str:
+    """A short human-readable account of what was kept and rejected."""
+    lines = []
+    for corpus, group in manifest.groupby("corpus"):
+        genders = group.drop_duplicates("speaker")["gender"].value_counts().to_dict()
+        lines.append(f"{corpus}: {len(group)} utterances, {group['speaker'].nunique()} speakers {genders}, "
+                     f"{group['duration_s'].sum() / 3600:.2f} h; emotions {group['emotion'].value_counts().to_dict()}")
+    reasons = rejects["reason"].value_counts().to_dict() if len(rejects) else {}
+    lines.append(f"rejected {len(rejects)} files {reasons}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", action="append", default=[], help="corpus name (repeat with --root)")
+    parser.add_argument("--root", action="append", default=[], help="corpus folder, one per --corpus")
+    parser.add_argument("--sources", help="JSON written by pipeline.pull: {corpus: {root: ...}}")
+    parser.add_argument("--out", required=True, help="manifest CSV to write")
+    parser.add_argument("--rejects", help="rejects CSV (default: beside --out as <name>_rejects.csv)")
+    parser.add_argument("--workers", type=int, default=8)
+    args = parser.parse_args(argv)
+    if len(args.corpus) != len(args.root):
+        parser.error("give one --root per --corpus")
+    sources = dict(zip(args.corpus, args.root))
+    if args.sources:
+        sources.update({name: entry["root"] for name, entry in json.loads(Path(args.sources).read_text()).items()})
+    if not sources:
+        parser.error("name a corpus (--corpus NAME --root DIR) or --sources FILE")
+    try:
+        manifest, rejects = build_manifest(sources, workers=args.workers, progress=sys.stderr.isatty())
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    rejects_path = Path(args.rejects) if args.rejects else out.with_name(f"{out.stem}_rejects.csv")
+    for path in (out, rejects_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    manifest.to_csv(out, index=False)
+    rejects.to_csv(rejects_path, index=False)
+    print(summary(manifest, rejects), file=sys.stderr)
+    print(f"wrote {out} ({len(manifest)} rows) and {rejects_path} ({len(rejects)} rows)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
