@@ -1,0 +1,124 @@
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline.split import check_speaker_independent, main, make_split, read_split, speaker_groups
+
+
+def _manifest(corpus, speakers, emotions=("neutral", "happy", "sad", "angry"), per=2, gender=None):
+    rows = []
+    for s in speakers:
+        for e in emotions:
+            for k in range(per):
+                rows.append({"id": f"{corpus}/{s}/{e}{k}", "corpus": corpus, "speaker": f"{corpus}_{s}",
+                             "gender": gender(s) if gender else "unknown", "emotion": e})
+    return pd.DataFrame(rows)
+
+
+RAVDESS = _manifest("ravdess", [f"{a:02d}" for a in range(1, 25)], gender=lambda s: "male" if int(s) % 2 else "female")
+
+
+def _speakers(splits, manifest, fold, part):
+    ids = splits[(splits.fold == fold) & (splits.partition == part)]["id"]
+    return sorted(manifest.set_index("id").loc[ids, "speaker"].unique())
+
+
+def test_actor_holdout_is_the_seed_protocol():
+    splits = make_split(RAVDESS, scheme="actor_holdout")
+    assert set(splits.fold) == {0}
+    assert _speakers(splits, RAVDESS, 0, "val") == ["ravdess_21", "ravdess_22"]
+    assert _speakers(splits, RAVDESS, 0, "test") == ["ravdess_23", "ravdess_24"]
+    assert len(_speakers(splits, RAVDESS, 0, "train")) == 20
+    assert len(splits) == len(RAVDESS)
+
+
+def test_ravdess_kfold_six_groups_of_four():
+    splits = make_split(RAVDESS, scheme="speaker_kfold")
+    assert sorted(splits.fold.unique()) == list(range(6))
+    tested = []
+    for fold in range(6):
+        test, val = _speakers(splits, RAVDESS, fold, "test"), _speakers(splits, RAVDESS, fold, "val")
+        assert len(test) == 4 and len(val) == 4 and not set(test) & set(val)
+        genders = RAVDESS.drop_duplicates("speaker").set_index("speaker").loc[test, "gender"]
+        assert sorted(genders) == ["female", "female", "male", "male"]
+        tested += test
+    assert sorted(tested) == sorted(RAVDESS.speaker.unique())  # every actor is tested exactly once
+    check_speaker_independent(splits, RAVDESS)
+
+
+@pytest.mark.parametrize("corpus,speakers,folds", [("savee", ["DC", "JE", "JK", "KL"], 4),
+                                                   ("emodb", ["03", "08", "09", "10", "11", "12", "13", "14", "15", "16"], 10),
+                                                   ("tess", ["OAF", "YAF"], 2)])
+def test_leave_one_speaker_out(corpus, speakers, folds):
+    manifest = _manifest(corpus, speakers)
+    splits = make_split(manifest, scheme="speaker_kfold")
+    assert splits.fold.nunique() == folds
+    for fold in range(folds):
+        assert len(_speakers(splits, manifest, fold, "test")) == 1
+        assert len(_speakers(splits, manifest, fold, "val")) == (0 if corpus == "tess" else 1)
+
+
+def test_cremad_groups_are_balanced():
+    manifest = _manifest("cremad", [str(1001 + i) for i in range(91)], gender=lambda s: "male" if int(s) % 3 else "female")
+    groups = speaker_groups(manifest, 5)
+    assert sorted(len(g) for g in groups) == [18, 18, 18, 18, 19]
+    assert sorted(s for g in groups for s in g) == sorted(manifest.speaker.unique())
+
+
+def test_multi_corpus_splits_within_each_corpus():
+    manifest = pd.concat([RAVDESS, _manifest("savee", ["DC", "JE", "JK", "KL"])], ignore_index=True)
+    splits = make_split(manifest, scheme="speaker_kfold")
+    assert splits.fold.nunique() == 4  # the smaller protocol: every utterance tested exactly once
+    tests = splits[splits.partition == "test"]
+    assert tests["id"].is_unique and len(tests) == len(manifest)
+    check_speaker_independent(splits, manifest)
+
+
+def test_random_split_is_stratified_and_marked(tmp_path):
+    path = tmp_path / "m.csv"
+    RAVDESS.to_csv(path, index=False)
+    assert main(["--manifest", str(path), "--scheme", "random", "--out", str(tmp_path / "s.csv")]) == 0
+    splits, info = read_split(tmp_path / "s.csv")
+    assert info["speaker_independent"] is False and info["scheme"] == "random"
+    test = splits[splits.partition == "test"].merge(RAVDESS, on="id")
+    assert test.emotion.value_counts().nunique() == 1  # equal share of every emotion
+    with pytest.raises(ValueError, match="not speaker-independent"):
+        check_speaker_independent(splits, RAVDESS)
+
+
+def test_guard_names_the_leaked_speaker():
+    splits = make_split(RAVDESS, scheme="actor_holdout")
+    leaked = RAVDESS[RAVDESS.speaker == "ravdess_23"]["id"].iloc[0]
+    splits.loc[splits["id"] == leaked, "partition"] = "train"
+    with pytest.raises(ValueError, match=r"fold 0: ravdess_23 in test\+train"):
+        check_speaker_independent(splits, RAVDESS)
+
+
+def test_split_ids_must_come_from_the_manifest():
+    splits = pd.DataFrame({"fold": [0], "id": ["ravdess/unknown"], "partition": ["train"]})
+    with pytest.raises(ValueError, match="not in the manifest"):
+        check_speaker_independent(splits, RAVDESS)
+
+
+def test_cli_writes_sidecar_and_rejects_bad_scheme(tmp_path):
+    path = tmp_path / "m.csv"
+    RAVDESS.to_csv(path, index=False)
+    assert main(["--manifest", str(path), "--scheme", "speaker_kfold", "--out", str(tmp_path / "s.csv")]) == 0
+    info = json.loads((tmp_path / "s.json").read_text())
+    assert info["n_folds"] == 6 and info["speaker_independent"] is True
+    assert list(pd.read_csv(tmp_path / "s.csv").columns) == ["fold", "id", "partition"]
+    with pytest.raises(SystemExit):
+        main(["--manifest", str(path), "--scheme", "by_utterance", "--out", str(tmp_path / "x.csv")])
+    with pytest.raises(ValueError, match="unknown split scheme"):
+        make_split(RAVDESS, scheme="by_utterance")
+
+
+def test_real_ravdess_splits(ravdess_root, tmp_path):
+    from pipeline.manifest import scan_corpus
+
+    manifest, _ = scan_corpus("ravdess", ravdess_root, progress=False)
+    for scheme in ("actor_holdout", "speaker_kfold"):
+        splits = make_split(manifest, scheme=scheme)
+        check_speaker_independent(splits, manifest)
+    assert splits.fold.nunique() == 6
