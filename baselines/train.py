@@ -1,0 +1,162 @@
+"""Stage ``baselines.train``: RandomForest / SVM on utterance-level features, or the MFCC-CNN, every fold.
+
+Usage::
+
+    python -m baselines.train --features F.h5 --manifest M --split S --model rf|svm --label-set NAME --out DIR
+    python -m baselines.train --manifest M --split S --model mfcc_cnn --label-set NAME --out DIR
+
+``rf`` and ``svm`` read ``FeatureStore.pooled`` (eGeMAPS: the 88 functionals; wav2vec2: mean ‖ std of the
+chosen layers) and fit on the training and validation utterances of each fold (nothing is tuned on
+validation). ``mfcc_cnn`` computes log-mel frames from the audio itself and trains with the heads' loop
+(early stopping on validation). Writes the run directory described in ``docs/ARCHITECTURE.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from baselines.mfcc_cnn import AudioFrames, MfccCnn
+from baselines.models import MODELS, build_model, speaker_standardise
+from features.store import FeatureStore
+from heads.data import LRUCache
+from heads.fit import TrainConfig
+from heads.runs import save_sklearn_fold
+from heads.train import add_training_args, config_from_args, run_folds
+from pipeline.experiment import load_experiment
+from pipeline.metrics import prediction_frame, scores, write_run
+
+NORMALISATIONS = ("global", "speaker")
+
+
+def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model: str, label_set: str, out: str,
+                  merge_calm: bool = False, augmentation: bool = True, normalisation: str = "global",
+                  layers: Sequence[int] | None = None,
+                  seed: int = 0, settings: dict | None = None, system: str | None = None) -> dict:
+    """Fit ``model`` (``rf`` or ``svm``) on every fold's training + validation utterances; write ``out``.
+
+    Args:
+        features: feature store; its ``pooled`` features of ``layers`` (default all), flattened, are used.
+        manifests, split, label_set, merge_calm, augmentation: see ``pipeline.experiment.load_experiment``.
+        normalisation: ``global`` (the pipeline's scaler, fitted on training rows) or ``speaker`` (each
+            speaker z-scored with its own statistics first, test speakers included).
+        seed: the estimator's ``random_state``.
+        settings: estimator settings (``n_estimators``, ``C``, ...).
+
+    Raises:
+        ValueError: unknown model, label set or normalisation; leaked speaker; features missing ids.
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown baseline {model!r}; expected one of {sorted(MODELS)} or 'mfcc_cnn'.")
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {normalisation!r} for {model}; expected one of {NORMALISATIONS}.")
+    exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
+    with FeatureStore(features) as store:
+        exp.require_ids(store.ids(), str(features))
+        used = list(range(store.num_layers)) if not layers else [int(i) for i in layers]
+        ids = exp.needed_ids()
+        X = np.stack([store.pooled(uid)[used].reshape(-1) for uid in ids])
+        attrs = dict(store.attrs)
+    if normalisation == "speaker":
+        X = speaker_standardise(X, exp.speakers(ids))
+    row = {uid: i for i, uid in enumerate(ids)}
+    kind = attrs.get("kind", "features")
+    feature_settings = {**attrs, "used_layers": used, "hidden_states": [attrs["layers"][i] for i in used]}
+    predictions, extras = [], {}
+    for fold in exp.folds:
+        fit_ids = fold.train + fold.val
+        estimator = build_model(model, seed=seed, **(settings or {}))
+        estimator.fit(X[[row[i] for i in fit_ids]], exp.y(fit_ids))
+        proba = np.zeros((len(fold.test), len(exp.labels)))
+        proba[:, estimator.classes_] = estimator.predict_proba(X[[row[i] for i in fold.test]])
+        predictions.append(prediction_frame(fold.test, fold.index, exp.y(fold.test), proba, exp.labels))
+        extras[fold.index] = {"n_fit": len(fit_ids)}
+        save_sklearn_fold(out, fold.index, {
+            "kind": "sklearn", "model": model, "estimator": estimator, "labels": exp.labels,
+            "classes": estimator.classes_.tolist(), "normalisation": {"mode": normalisation},
+            "feature_settings": feature_settings, "settings": settings or {}})
+        print(f"fold {fold.index}: test ua {scores(exp.y(fold.test), proba.argmax(1))['ua']:.3f}", file=sys.stderr)
+    protocol = {"system": system or f"{model}_{kind}", "model": model, "feature_set": kind,
+                "features": str(features), **exp.protocol(), "normalisation": normalisation, "seed": seed,
+                "layers": used, "fit_on": "train+val", "settings": settings or {}}
+    return write_run(out, labels=exp.labels, predictions=pd.concat(predictions, ignore_index=True),
+                     speakers=exp.frame["speaker"], protocol=protocol, fold_extras=extras)
+
+
+def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out: str, merge_calm: bool = False,
+                   augmentation: bool = True, normalisation: str = "global", config: TrainConfig | None = None,
+                   log_mel_settings: dict | None = None, model_kwargs: dict | None = None, seed: int = 0,
+                   cache_mb: int = 2048, system: str | None = None) -> dict:
+    """Train the MFCC-CNN on every fold from the manifests' audio; write ``out``.
+
+    Args:
+        log_mel_settings: ``baselines.mfcc_cnn.log_mel`` keywords (``n_mels``, ``n_mfcc``, ``hop_ms``, ...).
+        model_kwargs: ``MfccCnn`` keywords (``channels``, ``dropout``).
+        Others: as :func:`heads.train.train_heads`.
+    """
+    config = config or TrainConfig()
+    exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
+    settings = {"sample_rate": 16000, "n_mels": 64, **(log_mel_settings or {})}
+    read = LRUCache(AudioFrames(exp.frame["path"].to_dict(), settings), max_bytes=cache_mb * 2**20)
+    input_dim = settings.get("n_mfcc") or settings["n_mels"]
+    kwargs = {"num_layers": 1, "input_dim": input_dim, "num_classes": len(exp.labels), **(model_kwargs or {})}
+    feature_set = "mfcc" if settings.get("n_mfcc") else "logmel"
+    feature_settings = {"kind": feature_set, "sample_rate": settings["sample_rate"], "log_mel": settings,
+                        "layers": [0], "used_layers": [0], "max_frames": config.max_frames}
+    model_config = {"kind": "mfcc_cnn", "model": "mfcc_cnn", "model_kwargs": kwargs, "labels": exp.labels,
+                    "feature_settings": feature_settings}
+    protocol = {"system": system or f"mfcc_cnn_{feature_set}", "model": "mfcc_cnn", "feature_set": feature_set,
+                "features": "audio", **exp.protocol(), "normalisation": normalisation, "seed": seed,
+                "layers": [0], "balance": config.balance}
+    return run_folds(exp, read=read, build_model=lambda: MfccCnn(**kwargs), config=config,
+                     normalisation=normalisation, seed=seed, out=out, model_config=model_config, protocol=protocol)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m baselines.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, choices=[*sorted(MODELS), "mfcc_cnn"])
+    parser.add_argument("--features", default=None, help="feature store (.h5); rf and svm only")
+    parser.add_argument("--layers", type=int, nargs="*", default=None,
+                        help="rf/svm: positions in the store's layers (default: all)")
+    parser.add_argument("--n-estimators", type=int, default=500, help="rf")
+    parser.add_argument("--C", type=float, default=10.0, help="svm")
+    parser.add_argument("--n-jobs", type=int, default=1, help="rf")
+    parser.add_argument("--n-mels", type=int, default=64, help="mfcc_cnn")
+    parser.add_argument("--n-mfcc", type=int, default=None, help="mfcc_cnn: MFCCs instead of log-mel")
+    add_training_args(parser)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = {"manifests": args.manifest, "split": args.split, "label_set": args.label_set, "out": args.out,
+              "merge_calm": args.merge_calm, "augmentation": args.augmentation,
+              "normalisation": args.normalisation, "seed": args.seed,
+              "system": args.system}
+    try:
+        if args.model == "mfcc_cnn":
+            model_kwargs = {} if args.dropout is None else {"dropout": args.dropout}
+            metrics = train_mfcc_cnn(**common, config=config_from_args(args), model_kwargs=model_kwargs,
+                                     log_mel_settings={"n_mels": args.n_mels, "n_mfcc": args.n_mfcc},
+                                     cache_mb=args.cache_mb)
+        else:
+            if not args.features:
+                raise ValueError(f"--model {args.model} reads utterance-level features; expected --features "
+                                 "F.h5, found none. Pass the eGeMAPS (or wav2vec2) feature store.")
+            settings = ({"n_estimators": args.n_estimators, "n_jobs": args.n_jobs} if args.model == "rf"
+                        else {"C": args.C})
+            metrics = train_sklearn(**common, features=args.features, model=args.model, layers=args.layers,
+                                    settings=settings)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: ua {metrics['ua']:.3f} ± {metrics['ua_std']:.3f}, wa {metrics['wa']:.3f}, "
+          f"macro_f1 {metrics['macro_f1']:.3f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

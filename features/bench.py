@@ -1,0 +1,186 @@
+"""Benchmark: extraction speed per dtype against the machine's own dense-matmul ceiling.
+
+A randomly initialised model of the wav2vec2-base architecture (``Wav2Vec2Config()``: same cost as the
+pretrained one, no download) is saved and loaded through :func:`features.encoder.load_encoder`, then
+:func:`features.extract.extract` runs over real audio exactly as the stage does (decoding, normalisation,
+HDF5 writes included). Each dtype runs in a fresh process, so ``peak_rss_mb`` is its own. Per dtype:
+
+- ``throughput``: seconds of audio per wall-clock second.
+- ``ceiling_ratio``: throughput / (dense matmul FLOP/s measured in this dtype in the same process /
+  encoder FLOPs per second of audio, counted from its conv and linear layers and attention for these files).
+- ``cosine_vs_float32``: mean cosine similarity of the pooled features ``[L, 2H]`` with the float32 run.
+
+Example:
+    python -m features.bench --audio-seconds 300 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+
+DEFAULT_CORPUS = Path("../shared/corpora/ravdess")
+
+
+def encoder_flops(config, num_samples: int) -> float:
+    """FLOPs (2 per multiply-add) of one forward pass over ``num_samples`` samples: convs, linears, attention."""
+    n, c_in, flops = num_samples, 1, 0.0
+    for dim, kernel, stride in zip(config.conv_dim, config.conv_kernel, config.conv_stride, strict=True):
+        n = (n - kernel) // stride + 1
+        flops += 2.0 * n * c_in * dim * kernel
+        c_in = dim
+    h, t = config.hidden_size, n
+    flops += 2.0 * t * c_in * h                                                          # feature projection
+    flops += 2.0 * t * h * (h // config.num_conv_pos_embedding_groups) * config.num_conv_pos_embeddings
+    per_layer = 2.0 * t * (4 * h * h + 2 * h * config.intermediate_size) + 4.0 * t * t * h  # proj, FFN, QK^T, AV
+    return flops + config.num_hidden_layers * per_layer
+
+
+def matmul_flops_per_s(dtype: str, device: str, *, size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` dense ``size x size`` matmul rate in ``dtype`` on ``device``."""
+    import torch
+
+    from features.encoder import DTYPES
+    a = torch.randn(size, size, device=device).to(DTYPES[dtype])
+    b = torch.randn(size, size, device=device).to(DTYPES[dtype])
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def pick_files(*, manifest: str | None, corpus: Path, audio_seconds: float) -> pd.DataFrame:
+    """About ``audio_seconds`` of audio, spread evenly over the sorted files (deterministic)."""
+    if manifest:
+        rows = pd.read_csv(manifest)[["id", "path", "duration_s"]]
+    else:
+        paths = sorted(p for p in corpus.rglob("*") if p.suffix.lower() in {".wav", ".flac"})
+        if not paths:
+            raise FileNotFoundError(f"{corpus}: expected audio files (.wav/.flac), found none; pass --manifest "
+                                    "or --corpus.")
+        rows = pd.DataFrame({"path": [str(p.resolve()) for p in paths],
+                             "id": [str(p.relative_to(corpus).with_suffix("")) for p in paths]})
+        rows["duration_s"] = [sf.info(p).duration for p in rows["path"]]
+    mean = rows["duration_s"].mean()
+    step = max(1, int(len(rows) * mean / audio_seconds))
+    picked = rows.iloc[::step]
+    return picked[picked["duration_s"].cumsum() <= audio_seconds + mean]
+
+
+def _run_one(model_dir: str, manifest: str, out: str, dtype: str, device: str, threads: int) -> dict:
+    """One dtype, in its own process: warm up, measure the matmul ceiling, time the real extraction."""
+    import torch
+
+    from features.encoder import load_encoder
+    from features.extract import extract
+    torch.set_num_threads(threads)
+    enc = load_encoder(model_dir, device=device, dtype=dtype)
+    enc.hidden_states(np.random.default_rng(0).standard_normal(3 * enc.sample_rate).astype(np.float32))
+    peak = matmul_flops_per_s(dtype, enc.device.type, size=8192 if enc.device.type == "cuda" else 2048)
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    summary = extract([manifest], out, encoder=enc)
+    wall = time.perf_counter() - start
+    rows = pd.read_csv(manifest)
+    flops = sum(encoder_flops(enc.model.config, int(round(d * enc.sample_rate))) for d in rows["duration_s"])
+    audio = summary["audio_seconds"]
+    flops_per_audio_s = flops / audio
+    return {"device": str(enc.device), "dtype": dtype, "audio_seconds": round(audio, 2),
+            "wall_seconds": round(wall, 3), "throughput": round(audio / wall, 3),
+            "ceiling_ratio": float(f"{audio / wall / (peak / flops_per_audio_s):.4g}"),
+            "matmul_gflops": round(peak / 1e9, 1), "encoder_gflop_per_audio_s": round(flops_per_audio_s / 1e9, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "threads": threads, "files": len(rows), "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
+
+
+def _cosine(store_a: str, store_b: str) -> float:
+    from features.store import FeatureStore
+    with FeatureStore(store_a) as a, FeatureStore(store_b) as b:
+        sims = []
+        for uid in a.ids():
+            x, y = a.pooled(uid).ravel().astype(np.float64), b.pooled(uid).ravel().astype(np.float64)
+            sims.append(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+    return float(np.mean(sims))
+
+
+def bench(*, device: str = "auto", audio_seconds: float = 300.0, dtypes: Sequence[str] | None = None,
+          manifest: str | None = None, corpus: Path = DEFAULT_CORPUS, threads: int | None = None,
+          config=None, isolate: bool = True) -> list[dict]:
+    """Run the benchmark; returns one record per dtype (float32 first, the cosine reference).
+
+    Args:
+        device: ``auto``, ``cpu`` or ``cuda``.
+        audio_seconds: about how much audio to extract per dtype.
+        dtypes: default ``float32, bfloat16`` (plus ``float16`` on CUDA).
+        manifest: a manifest to take files from instead of ``corpus``.
+        corpus: folder of audio files (default ``../shared/corpora/ravdess``).
+        threads: torch threads (default: every core).
+        config: a ``Wav2Vec2Config`` (default: base); tests pass a tiny one.
+        isolate: run each dtype in a fresh process (own peak RSS, no cross-talk); tests turn it off.
+    """
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from features.encoder import resolve_device
+    dev = resolve_device(device).type
+    dtypes = list(dtypes or (["float32", "bfloat16"] + (["float16"] if dev == "cuda" else [])))
+    dtypes = ["float32"] + [d for d in dtypes if d != "float32"]
+    threads = threads or os.cpu_count()
+    records = []
+    with tempfile.TemporaryDirectory(prefix="ser-bench-") as tmp:
+        rows = pick_files(manifest=manifest, corpus=corpus, audio_seconds=audio_seconds)
+        rows.to_csv(f"{tmp}/manifest.csv", index=False)
+        torch.manual_seed(0)
+        Wav2Vec2Model(config or Wav2Vec2Config()).eval().save_pretrained(f"{tmp}/model")
+        Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(f"{tmp}/model")
+        for dtype in dtypes:
+            args = (f"{tmp}/model", f"{tmp}/manifest.csv", f"{tmp}/{dtype}.h5", dtype, dev, threads)
+            if isolate:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    record = pool.submit(_run_one, *args).result()
+            else:
+                record = _run_one(*args)
+            record["cosine_vs_float32"] = round(_cosine(f"{tmp}/{dtype}.h5", f"{tmp}/float32.h5"), 6)
+            print(json.dumps(record), flush=True)
+            records.append(record)
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m features.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--audio-seconds", type=float, default=300.0)
+    p.add_argument("--dtypes", default=None, help="comma-separated, e.g. float32,bfloat16")
+    p.add_argument("--manifest", default=None, help="take files from this manifest")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="or from this folder (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the records here as a JSON list")
+    a = p.parse_args(argv)
+    records = bench(device=a.device, audio_seconds=a.audio_seconds, manifest=a.manifest, corpus=a.corpus,
+                    dtypes=a.dtypes.split(",") if a.dtypes else None, threads=a.threads)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(records, indent=2) + "\n")
+    return records
+
+
+if __name__ == "__main__":
+    main()

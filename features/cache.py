@@ -1,0 +1,210 @@
+"""Incremental, resumable, kill-safe building of a feature store (shared by extract and egemaps).
+
+HDF5 has no journal, so a store is never modified in place:
+
+1. :meth:`StoreBuild.plan` hashes every manifest row's audio and keeps what the existing store (same
+   settings, same audio content) and any completed part files already hold; the rest is the work.
+2. New entries go to ``<out>.parts/part-NNNNN.h5.tmp``, which is closed, fsync'd and renamed to
+   ``part-NNNNN.h5`` every ``part_entries`` utterances: a completed part is always whole.
+3. :meth:`StoreBuild.finish` writes a fresh store (kept entries copied, parts merged) under a temporary name
+   and ``os.replace``-s it onto ``<out>``, then removes the parts.
+
+A kill at any moment leaves the old store intact plus whole parts (reused next run) and at most one
+``*.tmp`` (deleted next run). Changed settings (encoder, revision, crop, dtype, ...) rebuild from scratch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from features.store import FeatureStore, StoreWriter, atomic_path
+
+SKIP_COLUMNS = ["id", "path", "reason", "detail"]
+
+
+def read_manifests(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Concatenate manifests (``id, path, ...``); a header-only manifest is fine.
+
+    Raises:
+        ValueError: a manifest lacks ``id`` or ``path``, or an id occurs twice.
+    """
+    frames = []
+    for path in paths:
+        df = pd.read_csv(path, dtype={"id": str, "path": str}, keep_default_na=False)
+        missing = {"id", "path"} - set(df.columns)
+        if missing:
+            raise ValueError(f"{path}: expected manifest columns id and path, found {list(df.columns)}; "
+                             "pass a manifest written by pipeline.manifest or pipeline.augment.")
+        frames.append(df)
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "path"])
+    dup = rows["id"][rows["id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"expected unique ids across manifests, found {len(dup)} repeated (e.g. {dup.iloc[0]!r}); "
+                         "an augmented manifest must give its copies ids of their own.")
+    return rows
+
+
+def source_hash(path: str | os.PathLike) -> str:
+    """Content hash of an audio file (so a changed file is recomputed, a touched one is not)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_skips(path: str | os.PathLike, skips: Iterable[dict]) -> Path:
+    """Write the skips report (``id, path, reason, detail``), header-only when nothing was skipped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SKIP_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: s.get(k, "") for k in SKIP_COLUMNS} for s in skips)
+    return path
+
+
+def _same(a: dict, b: dict) -> bool:
+    strip = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if k != "versions"}))  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def _pid_alive(name: str) -> bool:
+    try:
+        os.kill(int(name.rsplit("-", 1)[-1]), 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+class StoreBuild:
+    """One incremental build of ``out`` with settings ``meta``.
+
+    Args:
+        out: the store file.
+        meta: store settings (see :mod:`features.store`); every key except ``versions`` must match for
+            existing entries to be reused.
+        part_entries: utterances per part file (the most work a kill can lose).
+    """
+
+    def __init__(self, out: str | os.PathLike, meta: dict, *, part_entries: int = 32):
+        self.out, self.meta, self.part_entries = Path(out), dict(meta), part_entries
+        self.parts_dir = self.out.with_name(self.out.name + ".parts")
+        self.rebuild_reason: str | None = None
+        self._available: dict[str, dict[str, Path]] = {}   # uid -> {source hash: file holding it}
+        self._writer, self._n_in_part, self._n_parts = None, 0, 0
+
+    def _scan(self) -> None:
+        for tmp in self.out.parent.glob(self.out.name + ".tmp-*"):
+            if not _pid_alive(tmp.name):
+                tmp.unlink(missing_ok=True)
+        files = sorted(self.parts_dir.glob("part-*.h5")) if self.parts_dir.is_dir() else []
+        for tmp in self.parts_dir.glob("part-*.h5.tmp") if self.parts_dir.is_dir() else []:
+            tmp.unlink()
+        self._n_parts = max((int(f.stem.split("-")[1]) for f in files), default=0)
+        if self.out.exists():
+            try:
+                with FeatureStore(self.out) as fs:
+                    if _same(fs.attrs, self.meta):
+                        files.insert(0, self.out)
+                    else:
+                        changed = sorted(k for k in set(fs.attrs) | set(self.meta) if k != "versions"
+                                         and fs.attrs.get(k) != self.meta.get(k))
+                        self.rebuild_reason = "settings changed: " + ", ".join(
+                            f"{k} {fs.attrs.get(k)!r} -> {self.meta.get(k)!r}" for k in changed)
+            except (OSError, ValueError) as err:
+                self.rebuild_reason = f"existing store unreadable ({err})"
+        for f in files:
+            try:
+                with FeatureStore(f) as fs:
+                    if f != self.out and not _same(fs.attrs, self.meta):
+                        f.unlink()
+                        continue
+                    for uid in fs.ids():
+                        self._available.setdefault(uid, {})[fs.entry_attrs(uid).get("source", "")] = f
+            except (OSError, ValueError):
+                f.unlink()  # a part is renamed only when whole; an unreadable one is foreign debris
+
+    def plan(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+        """Split the manifest rows into work and skips.
+
+        Returns:
+            ``(todo, skips)``: the rows to compute (with a ``source`` column), and skips
+            (``id, path, reason, detail``) for rows whose file is missing. ``self.reused`` counts the rest.
+        """
+        self._scan()
+        sources, skips = [], []
+        for uid, path in zip(rows["id"], rows["path"], strict=True):
+            try:
+                sources.append(source_hash(path))
+            except OSError as err:
+                sources.append(None)
+                skips.append({"id": uid, "path": path, "reason": "missing", "detail": str(err)})
+        rows = rows.assign(source=sources)
+        rows = rows[rows["source"].notna()]
+        self._wanted = dict(zip(rows["id"], rows["source"], strict=True))
+        done = [s in self._available.get(u, {}) for u, s in self._wanted.items()]
+        self.reused = sum(done)
+        return rows[[not d for d in done]], skips
+
+    def _roll(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            tmp = self._writer.path
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, tmp.with_suffix(""))
+            self._writer = None
+        self._n_in_part = 0
+
+    def add(self, uid: str, *, source: str, **kw) -> None:
+        """Store one computed utterance: ``frames=[L, T, H]`` (+ ``pooled``) or ``pieces=..., num_frames=,
+        hidden_size=`` as for :class:`features.store.StoreWriter`."""
+        if self._writer is None:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            self._n_parts += 1
+            path = self.parts_dir / f"part-{self._n_parts:05d}.h5.tmp"
+            self._writer = StoreWriter(path, self.meta)
+        if "pieces" in kw:
+            self._writer.add_pieces(uid, source=source, **kw)
+        else:
+            self._writer.add(uid, source=source, **kw)
+        self._n_in_part += 1
+        if self._n_in_part >= self.part_entries:
+            self._roll()
+
+    def finish(self) -> dict:
+        """Merge parts and kept entries into a fresh store, atomically; returns counts."""
+        self._roll()
+        self._available = {}
+        self._scan()
+        keep = {u: held[self._wanted[u]] for u, held in self._available.items()
+                if self._wanted.get(u) in held}
+        stale = sum(1 for u, held in self._available.items() if self.out in held.values() and u not in keep)
+        from_parts = any(f != self.out for f in keep.values())
+        if self.out.exists() and self.rebuild_reason is None and not stale and not from_parts:
+            return {"stored": len(keep), "removed": 0}
+        handles: dict[Path, FeatureStore] = {}
+        try:
+            with atomic_path(self.out) as tmp, StoreWriter(tmp, self.meta) as writer:
+                for uid in sorted(keep):
+                    if keep[uid] not in handles:
+                        handles[keep[uid]] = FeatureStore(keep[uid])
+                    writer.copy_entry(handles[keep[uid]], uid)
+        finally:
+            for h in handles.values():
+                h.close()
+        for part in self.parts_dir.glob("part-*.h5") if self.parts_dir.is_dir() else []:
+            part.unlink()
+        if self.parts_dir.is_dir():
+            self.parts_dir.rmdir()
+        return {"stored": len(keep), "removed": stale}

@@ -1,0 +1,143 @@
+"""Stage ``egemaps``: openSMILE eGeMAPSv02 features of every manifest row into an HDF5 store.
+
+Per utterance the store holds the 88 functionals (``fs.pooled(uid)`` -> ``[1, 88]``) and the 25 low-level
+descriptors every 10 ms (``fs.frames(uid, 0)`` -> ``[T, 25]``). Audio is read as mono 16 kHz; files are
+processed by a pool of processes, one per core. The store is built incrementally and kill-safely by
+:class:`features.cache.StoreBuild`, in the layout of :mod:`features.store`.
+
+Example:
+    python -m features.egemaps --manifest data/manifest.csv --out data/features/egemaps.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+from tqdm import tqdm
+
+from features.cache import StoreBuild, read_manifests, write_skips
+from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
+
+
+@functools.cache
+def _smiles():
+    import opensmile
+    return tuple(opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02, feature_level=level)
+                 for level in (opensmile.FeatureLevel.Functionals, opensmile.FeatureLevel.LowLevelDescriptors))
+
+
+def feature_names() -> tuple[list[str], list[str]]:
+    """``(functional_names [88], lld_names [25])`` of eGeMAPSv02."""
+    functionals, llds = _smiles()
+    return list(functionals.feature_names), list(llds.feature_names)
+
+
+def egemaps_features(wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """eGeMAPSv02 of one waveform.
+
+    Args:
+        wave: ``[N]`` float mono samples.
+        sample_rate: their rate in Hz (16 kHz is what the stage uses).
+
+    Returns:
+        ``(functionals [88], llds [T, 25])`` float32, ``T`` = one frame per 10 ms.
+
+    Raises:
+        ValueError: the clip is too short for openSMILE (it returns NaN), or the features are not finite.
+    """
+    functionals, llds = _smiles()
+    x = np.asarray(wave, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Segment too short": turned into the error below
+        f = functionals.process_signal(x, sample_rate).to_numpy(np.float32)[0]
+        lld = llds.process_signal(x, sample_rate).to_numpy(np.float32)
+    if not (np.isfinite(f).all() and np.isfinite(lld).all()):
+        raise ValueError(f"eGeMAPS gave non-finite values for a {len(x) / sample_rate:.3f} s clip; expected a "
+                         "clip long enough for openSMILE's 60 ms pitch window (at least ~0.1 s of signal).")
+    return f, lld
+
+
+def _work(path: str) -> tuple:
+    """One file in a worker process: ``("ok", functionals, llds, seconds)`` or ``("skip", reason, detail)``."""
+    try:
+        wave = load_audio(path, sample_rate=SAMPLE_RATE)
+        f, lld = egemaps_features(wave, SAMPLE_RATE)
+        return "ok", f, lld, len(wave) / SAMPLE_RATE
+    except AudioError as err:  # plain tuples: AudioError does not survive pickling between processes
+        return "skip", err.reason, str(err)
+    except ValueError as err:
+        return "skip", "too_short", str(err)
+    except OSError as err:
+        return "skip", "missing", str(err)
+
+
+def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                    skips: str | os.PathLike | None = None, workers: int | None = None,
+                    part_entries: int = 256) -> dict:
+    """Build or update the eGeMAPS store ``out`` for the rows of ``manifests``.
+
+    Args:
+        manifests: manifest CSVs (``id, path, ...``), concatenated.
+        out: the ``.h5`` store (reused entries kept, new rows computed, rows no longer listed dropped).
+        skips: CSV of rows not stored (default ``<out>.skips.csv``).
+        workers: processes (default: one per core).
+        part_entries: utterances per part file (the most work a kill can lose).
+
+    Returns:
+        ``{"computed", "reused", "skipped", "stored", "removed", "audio_seconds"}``.
+    """
+    import opensmile
+
+    rows = read_manifests(manifests)
+    functional_names, lld_names = feature_names()
+    meta = {"kind": "egemaps", "encoder": "opensmile/eGeMAPSv02", "revision": f"opensmile {opensmile.__version__}",
+            "sample_rate": SAMPLE_RATE, "layers": [0], "dtype": "float32", "storage_dtype": "float32",
+            "max_seconds": None, "offset_seconds": 0.0, "frame_stride_s": 0.01,
+            "functional_names": functional_names, "lld_names": lld_names,
+            "versions": {"opensmile": opensmile.__version__, "numpy": np.__version__}}
+    build = StoreBuild(out, meta, part_entries=part_entries)
+    todo, skipped = build.plan(rows)
+    if build.rebuild_reason:
+        print(f"egemaps: rebuilding {out}: {build.rebuild_reason}")
+    total = float(todo["duration_s"].astype(float).sum()) if "duration_s" in todo else None
+    done_s, computed = 0.0, 0
+    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool, \
+            tqdm(total=total, unit="s", unit_scale=True, desc="egemaps", disable=todo.empty) as bar:
+        for row, result in zip(todo.itertuples(index=False), pool.map(_work, todo["path"], chunksize=4),
+                               strict=True):
+            if result[0] == "skip":
+                skipped.append({"id": row.id, "path": row.path, "reason": result[1], "detail": result[2]})
+                continue
+            _, f, lld, seconds = result
+            build.add(row.id, source=row.source, frames=lld[None], pooled=f[None], path=row.path,
+                      duration_s=seconds)
+            computed, done_s = computed + 1, done_s + seconds
+            bar.update(seconds)
+    counts = build.finish()
+    skips = write_skips(skips or f"{out}.skips.csv", skipped)
+    summary = {"computed": computed, "reused": build.reused, "skipped": len(skipped), **counts,
+               "audio_seconds": round(done_s, 2)}
+    print(f"egemaps: {computed} computed ({done_s:.1f} s of audio), {build.reused} reused, {len(skipped)} "
+          f"skipped (see {skips}), {counts['removed']} removed; {counts['stored']} utterances in {out}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m features.egemaps", description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", action="append", required=True, help="manifest CSV (repeatable)")
+    p.add_argument("--out", required=True, help="the HDF5 store to build or update")
+    p.add_argument("--skips", help="CSV of rows not stored (default: <out>.skips.csv)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    a = p.parse_args(argv)
+    return extract_egemaps(a.manifest, a.out, skips=a.skips, workers=a.workers)
+
+
+if __name__ == "__main__":
+    main()

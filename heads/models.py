@@ -1,0 +1,119 @@
+"""Classification heads over frame-level features, and the registry that names them.
+
+Every head takes ``(features [B, L, T, H], lengths [B])`` and returns logits ``[B, C]``: ``L`` layers of ``T``
+frames of ``H`` dimensions (wav2vec2 hidden states, or eGeMAPS low-level descriptors as one layer), of which
+only the first ``lengths[b]`` frames of utterance ``b`` are real. Heads do no I/O and seed nothing.
+
+Example:
+    >>> import torch
+    >>> head = HEADS["conv"](num_layers=13, input_dim=768, num_classes=8)
+    >>> head(torch.zeros(2, 13, 50, 768), torch.tensor([50, 20])).shape
+    torch.Size([2, 8])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid frames of each utterance.
+
+    Args:
+        x: ``[B, T, D]``.
+        lengths: ``[B]`` number of valid frames (at least 1).
+
+    Returns:
+        ``[B, D]``.
+    """
+    mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+    mask = mask.to(x.dtype).unsqueeze(-1)
+    return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+class LayerWeights(nn.Module):
+    """A learned convex combination of layers: softmax over a zero-initialised parameter (s3prl style).
+
+    Args:
+        num_layers: ``L``.
+    """
+
+    def __init__(self, num_layers: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_layers))
+
+    def weights(self) -> torch.Tensor:
+        """``[L]`` softmax weights (all equal at initialisation)."""
+        return torch.softmax(self.logits, dim=0)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, L, T, H]`` to ``[B, T, H]``."""
+        return torch.einsum("l,blth->bth", self.weights(), features)
+
+
+class LinearHead(nn.Module):
+    """Layer weights, masked mean pooling over valid frames, then one linear layer.
+
+    Args:
+        num_layers: ``L``.
+        input_dim: ``H``.
+        num_classes: ``C``.
+        dropout: dropout on the pooled vector.
+    """
+
+    def __init__(self, num_layers: int, input_dim: int, num_classes: int, *, dropout: float = 0.0):
+        super().__init__()
+        self.layer_weights = LayerWeights(num_layers)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(input_dim, num_classes)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``features [B, L, T, H]``, ``lengths [B]`` to logits ``[B, C]``."""
+        pooled = masked_mean(self.layer_weights(features), lengths)
+        return self.out(self.dropout(pooled))
+
+
+class ConvHead(nn.Module):
+    """Pepino et al. (2021): layer weights, two pointwise Conv1d (ReLU, dropout), masked mean, two linears.
+
+    Args:
+        num_layers: ``L``.
+        input_dim: ``H``.
+        num_classes: ``C``.
+        hidden: channels of the convolutions and width of the first linear layer.
+        dropout: dropout after each convolution and before the output layer.
+    """
+
+    def __init__(self, num_layers: int, input_dim: int, num_classes: int, *, hidden: int = 128,
+                 dropout: float = 0.2):
+        super().__init__()
+        self.layer_weights = LayerWeights(num_layers)
+        self.convs = nn.Sequential(
+            nn.Conv1d(input_dim, hidden, kernel_size=1), nn.ReLU(), nn.Dropout(dropout),
+            nn.Conv1d(hidden, hidden, kernel_size=1), nn.ReLU(), nn.Dropout(dropout),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``features [B, L, T, H]``, ``lengths [B]`` to logits ``[B, C]``."""
+        x = self.layer_weights(features)                 # [B, T, H]
+        x = self.convs(x.transpose(1, 2)).transpose(1, 2)  # [B, T, hidden]
+        return self.classifier(masked_mean(x, lengths))
+
+
+#: Head name to class; each is called as ``factory(num_layers=, input_dim=, num_classes=, **kwargs)``.
+HEADS: dict[str, type[nn.Module]] = {"linear": LinearHead, "conv": ConvHead}
+
+
+def build_head(name: str, *, num_layers: int, input_dim: int, num_classes: int, **kwargs) -> nn.Module:
+    """Instantiate a registered head.
+
+    Raises:
+        ValueError: unknown head name.
+    """
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; expected one of {sorted(HEADS)}.")
+    return HEADS[name](num_layers=num_layers, input_dim=input_dim, num_classes=num_classes, **kwargs)

@@ -1,0 +1,165 @@
+"""Saving fold models into a run directory, and loading a whole run back for prediction.
+
+A run directory holds ``models/fold_<k>.safetensors`` + ``models/fold_<k>.json`` per fold for torch models
+(``kind`` ``head`` or ``mfcc_cnn``), or ``models/fold_<k>.joblib`` for scikit-learn baselines (``kind``
+``sklearn``). Each carries the label order, the normalisation and the feature settings (the store's attrs plus
+the layers used). :func:`load_run` returns a :class:`Run` whose ``predict_proba`` averages the folds' class
+probabilities.
+
+Example:
+    >>> run = load_run("data/runs/conv_egemaps")                          # doctest: +SKIP
+    >>> with FeatureStore("new.h5") as store:                              # doctest: +SKIP
+    ...     x = store.all_frames(uid)                                     # [L, T, H]
+    >>> dict(zip(run.labels, run.predict_proba([x])[0]))                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from heads.data import Normaliser, collate, frame_stats
+from heads.models import HEADS
+
+MODELS = "models"
+
+
+def save_torch_fold(out: str | os.PathLike, fold: int, model: torch.nn.Module, config: dict) -> None:
+    """Write ``models/fold_<k>.safetensors`` and its JSON ``config`` (``kind, model, model_kwargs, labels,
+    normalisation, feature_settings``, anything else useful such as ``best_epoch``)."""
+    folder = Path(out) / MODELS
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / f"fold_{fold}.safetensors")
+    (folder / f"fold_{fold}.json").write_text(json.dumps({"fold": fold, **config}, indent=1) + "\n")
+
+
+def save_sklearn_fold(out: str | os.PathLike, fold: int, payload: dict) -> None:
+    """Write ``models/fold_<k>.joblib``: ``kind, model, estimator, labels, normalisation, feature_settings``."""
+    folder = Path(out) / MODELS
+    folder.mkdir(parents=True, exist_ok=True)
+    joblib.dump({"fold": fold, **payload}, folder / f"fold_{fold}.joblib")
+
+
+def _torch_models() -> dict[str, Callable[..., torch.nn.Module]]:
+    from baselines.mfcc_cnn import MfccCnn  # imported here: baselines builds on heads
+
+    return {**HEADS, "mfcc_cnn": MfccCnn}
+
+
+def _select_layers(x: np.ndarray, settings: dict) -> np.ndarray:
+    """Keep the trained layers of ``[L, ...]`` input holding either all the store's layers or just those."""
+    used = settings.get("used_layers") or list(range(x.shape[0]))
+    return x if x.shape[0] == len(used) else x[used]
+
+
+def _prepare(kind: str, x: np.ndarray, settings: dict) -> np.ndarray:
+    if kind == "mfcc_cnn":
+        from baselines.mfcc_cnn import log_mel
+
+        return log_mel(np.asarray(x, np.float32), **settings["log_mel"])
+    return _select_layers(np.asarray(x, np.float32), settings)
+
+
+@dataclass
+class Run:
+    """A trained run: every fold's model, used together.
+
+    Attributes:
+        path: the run directory.
+        kind: ``head``, ``mfcc_cnn`` or ``sklearn``.
+        model: ``conv``, ``linear``, ``mfcc_cnn``, ``rf`` or ``svm``.
+        labels: class names, the columns of :meth:`predict_proba`.
+        normalisation: ``global``, ``speaker`` or ``none``.
+        feature_settings: the feature store's attrs (``layers``: hidden-state indices it held) plus
+            ``used_layers`` (positions in the store's layers the model reads), ``hidden_states`` (their
+            hidden-state indices) and ``max_frames`` (central crop at evaluation); mfcc_cnn: ``log_mel``.
+        folds: per fold, the loaded model and its config.
+    """
+
+    path: Path
+    kind: str
+    model: str
+    labels: list[str]
+    normalisation: str
+    feature_settings: dict
+    folds: list[tuple[object, dict]]
+
+    def predict_proba(self, inputs: Sequence[np.ndarray], *, batch_size: int = 16) -> np.ndarray:
+        """Mean class probabilities ``[N, C]`` over the fold models.
+
+        Args:
+            inputs: one array per utterance, of the kind the run was trained on:
+                heads: frames ``[L, T, H]``, either every layer the store held
+                (``feature_settings["layers"]``) or only those used (``feature_settings["used_layers"]``);
+                sklearn: pooled features ``[L, D]`` (``FeatureStore.pooled``; eGeMAPS ``[1, 88]``);
+                mfcc_cnn: mono waveforms ``[N]`` at ``feature_settings["sample_rate"]``.
+                With ``speaker`` normalisation the statistics come from ``inputs`` themselves: pass the
+                utterances of one speaker together.
+            batch_size: utterances per forward pass.
+        """
+        prepared = [_prepare(self.kind, x, self.feature_settings) for x in inputs]
+        if self.kind == "sklearn":
+            return np.mean([self._sklearn_proba(est, cfg, prepared) for est, cfg in self.folds], axis=0)
+        return np.mean([self._torch_proba(m, cfg, prepared, batch_size) for m, cfg in self.folds], axis=0)
+
+    def _sklearn_proba(self, estimator, cfg: dict, prepared: list[np.ndarray]) -> np.ndarray:
+        from baselines.models import speaker_standardise
+
+        X = np.stack([x.reshape(-1) for x in prepared])
+        return estimator.predict_proba(speaker_standardise(X) if self.normalisation == "speaker" else X)
+
+    @torch.no_grad()
+    def _torch_proba(self, model, cfg: dict, prepared: list[np.ndarray], batch_size: int) -> np.ndarray:
+        if self.normalisation == "speaker":
+            normalise = Normaliser("global", {"": frame_stats(lambda i: prepared[i], range(len(prepared)))})
+        else:
+            normalise = Normaliser.from_dict(cfg["normalisation"])
+        max_frames = self.feature_settings.get("max_frames")
+        out = []
+        for start in range(0, len(prepared), batch_size):
+            chunk = []
+            for x in prepared[start:start + batch_size]:
+                if max_frames and x.shape[1] > max_frames:
+                    offset = (x.shape[1] - max_frames) // 2
+                    x = x[:, offset:offset + max_frames]
+                chunk.append(normalise(x))
+            out.append(torch.softmax(model(*collate(chunk)), dim=-1).numpy())
+        return np.concatenate(out)
+
+
+def _load_torch(path: Path, builders: dict) -> tuple[object, dict]:
+    cfg = json.loads(path.read_text())
+    model = builders[cfg["model"]](**cfg["model_kwargs"])
+    model.load_state_dict(load_file(path.with_suffix(".safetensors")))
+    return model.eval(), cfg
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Load every fold model of a run directory written by ``heads.train`` or ``baselines.train``.
+
+    Raises:
+        FileNotFoundError: no fold model under ``run_dir/models``.
+    """
+    folder = Path(run_dir) / MODELS
+    configs = sorted(folder.glob("fold_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    if configs:
+        builders = _torch_models()
+        folds = [_load_torch(p, builders) for p in configs]
+    else:
+        payloads = sorted(folder.glob("fold_*.joblib"), key=lambda p: int(p.stem.split("_")[1]))
+        if not payloads:
+            raise FileNotFoundError(f"{folder}: expected fold_<k>.json + .safetensors or fold_<k>.joblib "
+                                    "files; found none. Point at a run directory written by heads.train or "
+                                    "baselines.train.")
+        folds = [(p["estimator"], p) for p in map(joblib.load, payloads)]
+    first = folds[0][1]
+    return Run(Path(run_dir), first["kind"], first["model"], list(first["labels"]),
+               first["normalisation"]["mode"], first["feature_settings"], folds)

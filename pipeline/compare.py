@@ -1,0 +1,218 @@
+"""The comparison stage: one table of every system, with confidence intervals, significance, plots and a report.
+
+Reads run directories (``heads.train``, ``baselines.train``), groups runs that differ only in their seed into
+systems (``pipeline.runs``), recomputes every figure from ``predictions.csv`` with the definitions of
+``pipeline.metrics`` (so heads and baselines are scored by one code path; a run whose own ``metrics.json``
+disagrees is named in the report), and writes into ``--out``:
+
+* ``table.md``, ``table.csv``, ``table.tex``: one row per system (columns :data:`COLUMNS`, then :data:`EXTRA`),
+  one table per label set: runs of different label sets are never ranked together.
+* ``metrics.json``: ``{system: {ua, wa, macro_f1, ...}}`` for ``dvc metrics show/diff``.
+* ``leakage.csv``, ``cross_corpus.csv`` (header only when there is nothing to show), ``report.md``,
+  ``figures/*.png`` and ``plots/{confusion,train_loss,val_loss,val_acc}/<system>.csv`` for ``dvc plots``.
+
+Usage:
+    python -m pipeline.compare data/runs/rf_egemaps data/runs/conv_egemaps --out data/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import report, stats
+from pipeline.audits import cross_corpus, leakage
+from pipeline.metrics import SCORES, scores
+from pipeline.runs import Run, System, augmented, group_systems, load_run
+
+COLUMNS = ["system", "ua", "wa", "macro_f1", "ua_std", "wa_std", "macro_f1_std", "ua_ci_low", "ua_ci_high",
+           "n_test", "n_speakers", "p_value"]
+EXTRA = ["label_set", "model", "feature_set", "features", "augmentation", "split_scheme", "speaker_independent",
+         "n_folds", "normalisation", "corpora", "n_runs", "seeds", "baseline", "note", "runs"]
+FORMATS = ("md", "csv", "latex")
+#: Claims in a run's metrics.json further than this from the recomputed figure are reported.
+_TOLERANCE = 1e-4
+
+
+@dataclass
+class Result:
+    """A system and its figures: ``row`` (one table row), the UA structure, fold figures and notes."""
+
+    system: System
+    row: dict
+    structure: stats.UAStructure
+    folds: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+def summarise(system: System, *, resamples: int, seed: int, speaker_of: Callable | None = None) -> Result:
+    """Fold figures (mean and population std over every fold of every run), bootstrap CI and counts.
+
+    Args:
+        system: the runs of one configuration.
+        resamples: bootstrap resamples.
+        seed: bootstrap seed.
+        speaker_of: id → speaker (from a manifest); otherwise the runs' ``test_speakers``/``n_speakers``.
+    """
+    index = {name: i for i, name in enumerate(system.labels)}
+    rows, notes = [], []
+    for r, run in enumerate(system.runs):
+        own = []
+        for fold, group in run.predictions.groupby("fold", sort=True):
+            own.append({"run": r, "fold": int(fold),
+                        **scores(group["true"].map(index).to_numpy(), group["pred"].map(index).to_numpy())})
+        rows += own
+        for key in SCORES:
+            claimed, found = run.metrics.get(key), float(np.mean([f[key] for f in own]))
+            if claimed is not None and abs(float(claimed) - found) > _TOLERANCE:
+                notes.append(f"{run.path}: metrics.json says {key} = {float(claimed):.4f}, its predictions.csv "
+                             f"gives {found:.4f}; the table uses the predictions.")
+    folds = pd.DataFrame(rows)
+    structure = stats.ua_structure([run.predictions for run in system.runs])
+    low, high = stats.bootstrap_ci(structure, resamples=resamples, seed=seed)
+    figures = {key: float(folds[key].mean()) for key in SCORES}
+    figures.update({f"{key}_std": float(folds[key].std(ddof=0)) for key in SCORES})
+    if not low <= figures["ua"] <= high:
+        notes.append(f"the bootstrap interval [{low:.4f}, {high:.4f}] misses ua = {figures['ua']:.4f}.")
+    p = system.protocol
+    row = {"system": system.name, **figures, "ua_ci_low": low, "ua_ci_high": high,
+           "n_test": len(structure.ids), "n_speakers": _speakers(system, structure.ids, speaker_of),
+           "p_value": np.nan, "label_set": system.label_group, "model": p.get("model"),
+           "feature_set": p.get("feature_set"), "features": _text(p.get("features")),
+           "augmentation": augmented(p), "split_scheme": p.get("split_scheme"),
+           "speaker_independent": p.get("speaker_independent"), "n_folds": p.get("n_folds"),
+           "normalisation": _text(p.get("normalisation")), "corpora": _text(p.get("corpora")),
+           "n_runs": len(system.runs), "seeds": _text(system.seeds), "baseline": "", "note": "",
+           "runs": " ".join(str(run.path) for run in system.runs)}
+    return Result(system, row, structure, folds, notes)
+
+
+def add_p_values(results: list[Result], *, resamples: int, seed: int, baseline: str | None = None) -> None:
+    """Set ``p_value`` (and ``baseline``, ``note``) of every row against the eGeMAPS RandomForest reference.
+
+    The reference of a system is the eGeMAPS RandomForest (or the system named by ``baseline``) of the same label
+    set and split scheme, tested on exactly the same utterances; of several, the one with the same augmentation.
+    Without one the p-value stays empty and ``note`` says why.
+
+    Raises:
+        ValueError: ``baseline`` names no system.
+    """
+    if baseline is not None and baseline not in {r.system.name for r in results}:
+        raise ValueError(f"--baseline {baseline!r} names no system; expected one of "
+                         f"{[r.system.name for r in results]}.")
+    for result in results:
+        s = result.system
+        refs = [r for r in results if r.system.label_group == s.label_group
+                and (r.system.name == baseline if baseline else r.system.is_rf_egemaps)]
+        if not refs:
+            result.row["note"] = ("no baseline run" if baseline else "no eGeMAPS RandomForest run") + \
+                " with this label set; not tested"
+            continue
+        same = [r for r in refs if np.array_equal(r.structure.ids, result.structure.ids)]
+        if not same:
+            result.row["note"] = (f"test utterances differ from {', '.join(r.system.name for r in refs)}; "
+                                  "not tested")
+            continue
+        split = [r for r in same if r.row["split_scheme"] == result.row["split_scheme"]]
+        if not split:
+            result.row["note"] = (f"no baseline under the {result.row['split_scheme']} split (only "
+                                  f"{', '.join(r.system.name for r in same)}); not tested")
+            continue
+        same = sorted(split, key=lambda r: (augmented(r.system.protocol) != augmented(s.protocol),
+                                            augmented(r.system.protocol)))
+        ref = same[0]
+        result.row["baseline"] = ref.system.name
+        result.row["p_value"] = 1.0 if ref is result else stats.paired_permutation_test(
+            result.structure, ref.structure, resamples=resamples, seed=seed)
+
+
+def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, formats: Sequence[str] = FORMATS,
+            resamples: int = 2000, seed: int = 0, manifests: Sequence[str | os.PathLike] = (),
+            baseline: str | None = None) -> pd.DataFrame:
+    """Compare run directories and write tables, plots and the report into ``out``.
+
+    Args:
+        run_dirs: run directories of ``heads.train`` / ``baselines.train``.
+        out: output directory (its ``figures/`` and ``plots/`` are rewritten).
+        formats: any of ``md``, ``csv``, ``latex``.
+        resamples: bootstrap resamples and permutation-test swaps.
+        seed: seed of both.
+        manifests: manifests giving each id's corpus and speaker (optional; otherwise the corpus is the
+            prefix of the id and speakers come from the runs).
+        baseline: name of the reference system for the p-values (default: the eGeMAPS RandomForest).
+
+    Returns:
+        The table, one row per system (all label sets).
+
+    Raises:
+        ValueError: no run directory, an unknown format, or runs that break the contract.
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not run_dirs:
+        raise ValueError(f"expected run directories and formats among {list(FORMATS)}, found "
+                         f"{len(run_dirs)} directories and formats {list(formats)}; pass e.g. "
+                         "`data/runs/rf_egemaps --format md,csv`.")
+    corpus_of, speaker_of = _manifest_lookups(manifests)
+    runs: list[Run] = [load_run(d) for d in run_dirs]
+    systems = group_systems(runs)
+    results = [summarise(s, resamples=resamples, seed=seed, speaker_of=speaker_of) for s in systems]
+    add_p_values(results, resamples=resamples, seed=seed, baseline=baseline)
+    table = pd.DataFrame([r.row for r in results], columns=COLUMNS + EXTRA)
+    report.write_all(Path(out), results, table, leakage(results), cross_corpus(results, corpus_of),
+                     formats=list(formats), resamples=resamples, seed=seed)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python -m pipeline.compare RUN_DIR... --out DIR [--format md,csv,latex]``."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--format", default=",".join(FORMATS), help="comma-separated: md, csv, latex")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples and permutation swaps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    parser.add_argument("--manifest", action="append", default=[], help="manifest(s) for corpus and speaker")
+    parser.add_argument("--baseline", help="reference system for p-values (default: eGeMAPS RandomForest)")
+    args = parser.parse_args(argv)
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    table = compare(args.runs, args.out, formats=formats, resamples=args.resamples, seed=args.seed,
+                    manifests=args.manifest, baseline=args.baseline)
+    print(table[COLUMNS].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    print(f"wrote {args.out}/report.md")
+
+
+def _manifest_lookups(manifests: Sequence[str | os.PathLike]) -> tuple[Callable, Callable | None]:
+    if not manifests:
+        return (lambda uid: str(uid).split("/")[0]), None
+    frame = pd.concat([pd.read_csv(m, usecols=["id", "corpus", "speaker"], dtype=str) for m in manifests])
+    corpus, speaker = frame.set_index("id")["corpus"].to_dict(), frame.set_index("id")["speaker"].to_dict()
+    return (lambda uid: corpus.get(uid, str(uid).split("/")[0])), speaker.get
+
+
+def _speakers(system: System, ids: np.ndarray, speaker_of: Callable | None) -> int:
+    if speaker_of is not None:
+        found = {speaker_of(i) for i in ids} - {None}
+        if found:
+            return len(found)
+    listed = {s for run in system.runs for f in run.metrics.get("folds", []) for s in f.get("test_speakers", [])}
+    if listed:
+        return len(listed)
+    return int(max(run.metrics.get("n_speakers", 0) or 0 for run in system.runs))
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return "+".join(map(str, value))
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""What every trainer reads first: manifests, split and label set, checked and cut into folds.
+
+Used by both ``heads.train`` and ``baselines.train`` so that they refuse the same inputs with the same
+messages: an unknown label set, a split with a leaked speaker (unless its scheme is ``random``, which is
+speaker-dependent and labelled so), ids of the split missing from the manifest or from the features.
+
+Example:
+    >>> exp = load_experiment(["data/manifest.csv"], "data/splits.csv", "ravdess8")   # doctest: +SKIP
+    >>> exp.require_ids(store.ids(), "data/features/egemaps.h5")                       # doctest: +SKIP
+    >>> [len(f.train) for f in exp.folds]                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pipeline.labels import select_labels
+from pipeline.split import check_speaker_independent, read_split
+
+PARTITIONS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Fold:
+    """The ids of one fold, each list sorted."""
+
+    index: int
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+
+@dataclass
+class Experiment:
+    """A checked experiment.
+
+    Attributes:
+        labels: class names; a class id is an index into this list.
+        frame: manifest rows kept by the label set, indexed by ``id``, with a ``label`` column (class id).
+        folds: one :class:`Fold` per fold of the split, restricted to ``frame``'s ids.
+        split_meta: the split's ``splits.json``.
+        label_set, merge_calm: as selected.
+        excluded: emotions left out by the label set, ``{emotion: n}``.
+        augmentation: whether augmented copies were placed into training partitions.
+    """
+
+    labels: list[str]
+    frame: pd.DataFrame
+    folds: list[Fold]
+    split_meta: dict
+    label_set: str
+    merge_calm: bool
+    excluded: dict[str, int] = field(default_factory=dict)
+    augmentation: bool = False
+
+    def y(self, ids: Sequence[str]) -> np.ndarray:
+        """Class ids of ``ids``, ``int64 [N]``."""
+        return self.frame.loc[list(ids), "label"].to_numpy(np.int64)
+
+    def speakers(self, ids: Sequence[str]) -> np.ndarray:
+        """Speakers of ``ids``."""
+        return self.frame.loc[list(ids), "speaker"].to_numpy()
+
+    def needed_ids(self) -> list[str]:
+        """Every id used by some fold, sorted."""
+        return sorted({i for f in self.folds for part in (f.train, f.val, f.test) for i in part})
+
+    def require_ids(self, available: Iterable[str], source: str) -> None:
+        """Refuse features that lack utterances of the split.
+
+        Raises:
+            ValueError: naming how many ids are missing and a few of them.
+        """
+        have = set(available)
+        missing = [i for i in self.needed_ids() if i not in have]
+        if missing:
+            raise ValueError(f"{source} lacks {len(missing)} of the {len(self.needed_ids())} utterances this "
+                             f"split uses, e.g. {missing[:5]}; expected features for every id. Re-extract "
+                             "the features from the same manifest, or re-split.")
+
+    def protocol(self) -> dict:
+        """The split and label part of a run's ``protocol`` block."""
+        return {
+            "split_scheme": self.split_meta.get("scheme"),
+            "speaker_independent": bool(self.split_meta.get("speaker_independent", False)),
+            "n_folds": len(self.folds),
+            "label_set": self.label_set,
+            "merge_calm": self.merge_calm,
+            "augmentation": self.augmentation,
+            "corpora": sorted(self.frame["corpus"].unique().tolist()),
+        }
+
+
+def read_manifests(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Concatenate manifests (the original, then augmented copies with ``source_id``).
+
+    Raises:
+        ValueError: an id listed twice.
+    """
+    frame = pd.concat([pd.read_csv(p, dtype={"id": str, "speaker": str}) for p in paths], ignore_index=True)
+    dup = frame["id"][frame["id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"{len(dup)} ids appear in more than one manifest row, e.g. {dup.head(3).tolist()}; "
+                         "expected each id once. Pass each manifest only once.")
+    return frame
+
+
+def _place_copies(splits: pd.DataFrame, manifest: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    if "source_id" not in manifest or not manifest["source_id"].notna().any():
+        return splits, False
+    from pipeline.augment import place_augmented
+
+    placed = place_augmented(splits, manifest[manifest["source_id"].notna()])
+    return placed, len(placed) > len(splits)
+
+
+def load_experiment(manifests: Sequence[str | os.PathLike], split: str | os.PathLike, label_set: str, *,
+                    merge_calm: bool = False, augmentation: bool = True) -> Experiment:
+    """Read and check the manifests and the split, select the labels and cut the folds.
+
+    Args:
+        manifests: manifest CSVs; rows with a ``source_id`` are augmented copies, placed into the training
+            partition of the folds where their source trains (``pipeline.augment.place_augmented``).
+        split: ``splits.csv`` (its ``splits.json`` beside it).
+        label_set: a name from ``pipeline.labels.label_set_names()``.
+        merge_calm: map calm onto neutral.
+        augmentation: use the augmented copies found in ``manifests`` (``False`` drops them).
+
+    Raises:
+        ValueError: unknown label set; split ids absent from the manifests; a speaker in two partitions of a
+            fold of a split that claims speaker independence (or whose scheme is not ``random``).
+    """
+    manifest = read_manifests(manifests)
+    if not augmentation and "source_id" in manifest:
+        manifest = manifest[manifest["source_id"].isna()].reset_index(drop=True)
+    selection = select_labels(manifest, label_set, merge_calm=merge_calm)  # refuses unknown label sets
+    splits, meta = read_split(split)
+    unknown = sorted(set(splits["id"]) - set(manifest["id"]))
+    if unknown:
+        raise ValueError(f"{split}: {len(unknown)} ids are in no manifest, e.g. {unknown[:5]}; expected the "
+                         "split to be made from these manifests. Pass the manifest the split was made from.")
+    splits, augmentation = _place_copies(splits, manifest)
+    if meta.get("scheme") != "random" or meta.get("speaker_independent"):
+        check_speaker_independent(splits, manifest)
+    frame = selection.frame.set_index("id", drop=False)
+    frame["label"] = frame["emotion"].map({name: i for i, name in enumerate(selection.labels)})
+    kept = splits[splits["id"].isin(frame.index)]
+    folds = []
+    for index, group in kept.groupby("fold", sort=True):
+        parts = {p: sorted(group.loc[group["partition"] == p, "id"]) for p in PARTITIONS}
+        folds.append(Fold(int(index), parts["train"], parts["val"], parts["test"]))
+    return Experiment(selection.labels, frame, folds, meta, label_set, selection.merge_calm,
+                      selection.excluded, augmentation)

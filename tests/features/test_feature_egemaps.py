@@ -1,0 +1,43 @@
+"""Stage egemaps: eGeMAPSv02 functionals and LLDs, incremental, bad audio reported."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from features.egemaps import egemaps_features, extract_egemaps, main
+from features.store import FeatureStore
+
+
+def test_features_of_one_waveform(write_audio, tmp_path):
+    wave, rate = sf.read(write_audio(tmp_path / "a.wav", seconds=1.5), dtype="float32")
+    f, lld = egemaps_features(wave, rate)
+    assert f.shape == (88,) and f.dtype == np.float32 and np.isfinite(f).all()
+    assert lld.shape[1] == 25 and abs(lld.shape[0] - 148) <= 3  # one frame per 10 ms
+    with pytest.raises(ValueError, match="too short|long enough"):
+        egemaps_features(np.full(400, 0.1, np.float32), 16000)
+
+
+def test_store_on_ravdess_incremental_with_skips(ravdess_root, make_manifest, tmp_path):
+    files = sorted((ravdess_root / "Actor_03").glob("*.flac"))[:3]
+    sf.write(tmp_path / "tiny.wav", np.full(400, 0.1, np.float32), 16000)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    manifest = make_manifest(files + [tmp_path / "tiny.wav", tmp_path / "empty.wav"])
+    out = tmp_path / "e.h5"
+    summary = main(["--manifest", str(manifest), "--out", str(out), "--workers", "2"])
+    assert (summary["computed"], summary["skipped"], summary["stored"]) == (3, 2, 3)
+    reasons = pd.read_csv(f"{out}.skips.csv").set_index("id")["reason"].to_dict()
+    assert reasons == {f"synth/{tmp_path.name}/tiny": "too_short", f"synth/{tmp_path.name}/empty": "empty"}
+    with FeatureStore(out) as fs:
+        assert fs.attrs["kind"] == "egemaps" and fs.num_layers == 1
+        assert len(fs.attrs["functional_names"]) == 88 and len(fs.attrs["lld_names"]) == 25
+        for uid, path in zip(fs.ids(), sorted(files), strict=True):
+            assert fs.pooled(uid).shape == (1, 88) and fs.frames(uid, 0).shape[1] == 25
+            wave, rate = sf.read(path, dtype="float32")
+            f, lld = egemaps_features(wave, rate)
+            np.testing.assert_allclose(fs.pooled(uid)[0], f, rtol=1e-5)
+            np.testing.assert_array_equal(fs.frames(uid, 0), lld)
+    again = extract_egemaps([manifest], out, workers=1)
+    assert (again["computed"], again["reused"], again["stored"]) == (0, 3, 3)

@@ -1,0 +1,202 @@
+"""Stage extract: exactness, incremental and resumable builds, invalidation, bad audio, CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from features import extract as extract_mod
+from features.encoder import Encoder
+from features.extract import extract, main
+from features.store import FeatureStore, atomic_path
+from pipeline.audio import load_audio
+
+
+@pytest.fixture
+def forward_calls(monkeypatch):
+    """Record the batch shape of every encoder forward pass."""
+    calls = []
+    original = Encoder.forward
+
+    def spy(self, batch, **kw):
+        calls.append(batch.shape)
+        return original(self, batch, **kw)
+
+    monkeypatch.setattr(Encoder, "forward", spy)
+    return calls
+
+
+def _ravdess_manifest(ravdess_root, tmp_path, manifest_rows):
+    files = sorted((ravdess_root / "Actor_01").glob("*.flac"))[:4] + sorted((ravdess_root / "Actor_02").glob("*.flac"))[:2]
+    rows = manifest_rows(files, corpus="ravdess")
+    dup = rows.iloc[[0]].assign(id=rows["id"].iloc[0] + "-copy")  # same length as row 0: batched with it
+    path = tmp_path / "manifest.csv"
+    pd.concat([rows, dup]).to_csv(path, index=False)
+    return path, pd.concat([rows, dup])
+
+
+@pytest.mark.parametrize("storage, rtol", [("float16", 2e-3), ("float32", 1e-5)])
+def test_cached_frames_equal_direct_forward_on_ravdess(ravdess_root, tiny_encoder_dir, direct_forward, tmp_path,
+                                                       forward_calls, manifest_rows, storage, rtol):
+    manifest, rows = _ravdess_manifest(ravdess_root, tmp_path, manifest_rows)
+    assert rows["duration_s"].nunique() >= 4  # mixed lengths
+    summary = extract([manifest], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
+                      storage_dtype=storage)
+    assert summary["computed"] == len(rows) and summary["skipped"] == 0
+    assert max(shape[0] for shape in forward_calls) == 2  # the equal-length pair shared a batch
+    with FeatureStore(tmp_path / "f.h5") as fs:
+        assert sorted(fs.ids()) == sorted(rows["id"]) and fs.num_layers == 4
+        assert fs.attrs["storage_dtype"] == storage and fs.attrs["kind"] == "wav2vec2"
+        for row in rows.itertuples():
+            want = direct_forward(load_audio(row.path, sample_rate=16000))
+            assert fs.num_frames(row.id) == want.shape[1]
+            for layer in range(fs.num_layers):
+                got = fs.frames(row.id, layer)
+                scale = np.abs(want[layer]).max()
+                np.testing.assert_allclose(got, want[layer], rtol=rtol, atol=rtol * scale)
+            np.testing.assert_allclose(fs.pooled(row.id)[:, :32], want.mean(1), rtol=1e-4, atol=1e-4)
+
+
+def test_incremental_reuse_add_remove_change(synth_files, make_manifest, tiny_encoder_dir, tmp_path, forward_calls,
+                                             write_audio):
+    out = tmp_path / "f.h5"
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu"}
+    first = extract([make_manifest(synth_files[:4])], out, **kw)
+    assert first["computed"] == 4
+    before = {u: FeatureStore(out).frames(u, 2) for u in FeatureStore(out).ids()}
+    forward_calls.clear()
+    mtime = out.stat().st_mtime_ns
+    again = extract([make_manifest(synth_files[:4])], out, **kw)
+    assert again == {**again, "computed": 0, "reused": 4, "removed": 0} and forward_calls == []
+    assert out.stat().st_mtime_ns == mtime  # nothing rewritten
+    more = extract([make_manifest(synth_files)], out, **kw)
+    assert (more["computed"], more["reused"], more["stored"]) == (2, 4, 6)
+    write_audio(synth_files[0], seconds=0.9, seed=99)  # same path and id, new content
+    changed = extract([make_manifest(synth_files[:3])], out, **kw)
+    assert (changed["computed"], changed["reused"], changed["removed"], changed["stored"]) == (1, 2, 3, 3)
+    with FeatureStore(out) as fs:
+        assert len(fs) == 3
+        kept = [u for u in fs.ids() if u.endswith("u1")][0]
+        np.testing.assert_array_equal(fs.frames(kept, 2), before[kept])
+
+
+def test_settings_change_rebuilds_instead_of_mixing(synth_files, make_manifest, tiny_encoder_dir, tmp_path, capsys):
+    out, manifest = tmp_path / "f.h5", make_manifest(synth_files[:3])
+    extract([manifest], out, encoder=str(tiny_encoder_dir), device="cpu")
+    for change in [{"max_seconds": 0.5}, {"dtype": "bfloat16"}, {"layers": "0,3"}]:
+        summary = extract([manifest], out, encoder=str(tiny_encoder_dir), device="cpu", **change)
+        assert summary["computed"] == 3 and summary["reused"] == 0
+        assert "rebuilding" in capsys.readouterr().out
+    with FeatureStore(out) as fs:
+        assert fs.attrs["layers"] == [0, 3] and fs.attrs["dtype"] == "float32" and fs.num_layers == 2
+    summary = extract([manifest], out, encoder=str(tiny_encoder_dir), device="cpu", max_seconds=0.5)
+    with FeatureStore(out) as fs:
+        assert fs.attrs["max_seconds"] == 0.5 and all(fs.num_frames(u) == 25 for u in fs.ids())
+
+
+def test_bad_audio_is_reported_not_dropped(synth_files, make_manifest, tiny_encoder_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.wav").write_bytes(b"")
+    (bad / "garbage.wav").write_bytes(b"RIFF not really audio" * 20)
+    sf.write(bad / "short.wav", np.full(100, 0.1, np.float32), 16000)
+    sf.write(bad / "nan.wav", np.array([0.1, np.nan] * 4000, np.float32), 16000, subtype="FLOAT")
+    paths = synth_files[:2] + sorted(bad.iterdir()) + [bad / "missing.wav"]
+    skips = tmp_path / "skips.csv"
+    summary = extract([make_manifest(paths)], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
+                      skips=skips)
+    assert (summary["computed"], summary["skipped"], summary["stored"]) == (2, 5, 2)
+    report = pd.read_csv(skips).set_index("id")["reason"].to_dict()
+    assert report == {"synth/bad/empty": "empty", "synth/bad/garbage": "unreadable", "synth/bad/short": "too_short",
+                      "synth/bad/nan": "non_finite", "synth/bad/missing": "missing"}
+
+
+def test_empty_and_repeated_manifests(tmp_path, make_manifest, synth_files, tiny_encoder_dir):
+    empty = tmp_path / "empty.csv"
+    pd.DataFrame(columns=["id", "path", "duration_s"]).to_csv(empty, index=False)
+    main(["--manifest", str(empty), "--manifest", str(make_manifest(synth_files[:1])), "--out",
+          str(tmp_path / "f.h5"), "--encoder", str(tiny_encoder_dir), "--device", "cpu", "--layers", "1,2"])
+    with FeatureStore(tmp_path / "f.h5") as fs:
+        assert len(fs) == 1 and fs.attrs["layers"] == [1, 2]
+    assert (tmp_path / "f.h5.skips.csv").read_text().strip() == "id,path,reason,detail"
+    main(["--manifest", str(empty), "--out", str(tmp_path / "e.h5"), "--encoder", str(tiny_encoder_dir)])
+    with FeatureStore(tmp_path / "e.h5") as fs:
+        assert fs.ids() == []
+    twice = make_manifest(synth_files[:1], name="again.csv")
+    with pytest.raises(ValueError, match="unique ids"):
+        extract([twice, twice], tmp_path / "f.h5", encoder=str(tiny_encoder_dir))
+    with pytest.raises(ValueError, match="--layers"):
+        extract([twice], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), layers="0,9")
+
+
+def test_long_file_is_streamed_in_windows(tmp_path, write_audio, make_manifest, tiny_encoder_dir, forward_calls):
+    long = write_audio(tmp_path / "long" / "a.wav", seconds=9.0)
+    extract([make_manifest([long])], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
+            chunk_seconds=1.0)
+    assert len(forward_calls) == 9 and max(s[1] for s in forward_calls) < 6 * 16000
+    with FeatureStore(tmp_path / "f.h5") as fs:
+        assert fs.num_frames("synth/long/a") == 450 and fs.attrs["chunk_seconds"] == 1.0
+
+
+def test_killed_run_resumes_to_the_same_store(tmp_path, write_audio, make_manifest, tiny_encoder_dir):
+    files = [write_audio(tmp_path / "a" / f"s{i % 3}" / f"u{i:02d}.wav", seconds=1.0 + 0.05 * i, seed=i)
+             for i in range(24)]
+    manifest = make_manifest(files)
+    out = tmp_path / "killed" / "f.h5"
+    cmd = [sys.executable, "-m", "features.extract", "--manifest", str(manifest), "--out", str(out), "--encoder",
+           str(tiny_encoder_dir), "--device", "cpu", "--part-entries", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out.with_name("f.h5.parts")
+    deadline = time.monotonic() + 60
+    while len(list(parts.glob("part-*.h5"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the run finished before it could be killed"
+    n_parts = len(list(parts.glob("part-*.h5")))
+    assert 3 <= n_parts < 24
+    resumed = extract([manifest], out, encoder=str(tiny_encoder_dir), device="cpu")
+    assert resumed["reused"] >= n_parts and resumed["computed"] == 24 - resumed["reused"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["f.h5", "f.h5.skips.csv"]  # no parts, no debris
+    clean = tmp_path / "clean.h5"
+    extract([manifest], clean, encoder=str(tiny_encoder_dir), device="cpu")
+    with FeatureStore(out) as a, FeatureStore(clean) as b:
+        assert a.ids() == b.ids() and len(a) == 24
+        for uid in a.ids():
+            np.testing.assert_array_equal(a.all_frames(uid), b.all_frames(uid))
+            np.testing.assert_array_equal(a.pooled(uid), b.pooled(uid))
+
+
+def test_kill_during_merge_keeps_old_store(synth_files, make_manifest, tiny_encoder_dir, tmp_path, monkeypatch):
+    out = tmp_path / "f.h5"
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu"}
+    extract([make_manifest(synth_files[:2])], out, **kw)
+
+    @contextlib.contextmanager
+    def killed_before_rename(path):
+        with atomic_path(path) as tmp:
+            yield tmp
+            assert tmp.stat().st_size > 0  # the merged copy was written ...
+            raise KeyboardInterrupt         # ... and the process dies before os.replace
+
+    monkeypatch.setattr("features.cache.atomic_path", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        extract([make_manifest(synth_files)], out, **kw)
+    monkeypatch.undo()
+    with FeatureStore(out) as fs:
+        assert len(fs) == 2  # the old store, whole
+    summary = extract([make_manifest(synth_files)], out, **kw)
+    assert (summary["computed"], summary["reused"], summary["stored"]) == (0, 6, 6)
+
+
+def test_versions_recorded():
+    assert {"torch", "transformers", "numpy", "h5py"} <= set(extract_mod.versions())

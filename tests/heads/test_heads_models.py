@@ -1,0 +1,40 @@
+"""Heads: shapes, zero-initialised layer weights, pooling that ignores padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heads.models import HEADS, LayerWeights, build_head, masked_mean
+
+
+def test_masked_mean_ignores_padding():
+    x = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)
+    pooled = masked_mean(x, torch.tensor([3, 1]))
+    assert torch.allclose(pooled, torch.stack([x[0].mean(0), x[1, 0]]))
+
+
+def test_layer_weights_start_equal():
+    weights = LayerWeights(4)
+    assert torch.equal(weights.logits, torch.zeros(4))
+    assert torch.allclose(weights.weights(), torch.full((4,), 0.25))
+    x = torch.randn(2, 4, 5, 3)
+    assert torch.allclose(weights(x), x.mean(dim=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_heads_shape_and_padding_invariance(name):
+    torch.manual_seed(0)
+    head = build_head(name, num_layers=3, input_dim=6, num_classes=5).eval()
+    x = torch.randn(2, 3, 7, 6)
+    lengths = torch.tensor([7, 4])
+    logits = head(x, lengths)
+    assert logits.shape == (2, 5)
+    padded = x.clone()
+    padded[1, :, 4:] = 100.0  # garbage beyond the true length changes nothing
+    assert torch.allclose(head(padded, lengths), logits, atol=1e-5)
+
+
+def test_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="unknown head 'mlp'; expected one of"):
+        build_head("mlp", num_layers=1, input_dim=2, num_classes=2)

@@ -1,0 +1,271 @@
+"""The comparison stage (pipeline.compare) on synthetic run directories written in the run format."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import zlib
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.compare import COLUMNS, compare, main
+from pipeline.metrics import prediction_frame, write_run
+
+FOUR = ["neutral", "happy", "sad", "angry"]
+SIX = ["neutral", "happy", "sad", "angry", "fearful", "disgust"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def utterances(*, corpus: str = "ravdess", speakers: int = 6, per_class: int = 4, labels=FOUR) -> pd.DataFrame:
+    """``id, speaker, corpus, true``: every speaker says every label ``per_class`` times."""
+    rows = [{"id": f"{corpus}/Actor_{s:02d}/{label}-{k}", "speaker": f"{corpus}_{s:02d}", "corpus": corpus,
+             "true": label} for s in range(1, speakers + 1) for label in labels for k in range(per_class)]
+    return pd.DataFrame(rows)
+
+
+def synthetic_run(root: Path, name: str, *, model="rf", feature_set="egemaps", accuracy=0.6, seed=0,
+                  scheme="speaker_kfold", labels=FOUR, label_set="four", data=None, folds=3, head=False, layers=0,
+                  augmentation=False, **protocol) -> Path:
+    """Write a run directory under ``root`` with ``pipeline.metrics.write_run``.
+
+    ``accuracy`` is the chance of a correct prediction, ``head`` adds a history, ``layers`` layer weights and
+    ``protocol`` more protocol fields; speakers go to folds round-robin (``random``: utterances do).
+    """
+    data = utterances(labels=labels) if data is None else data
+    rng = np.random.default_rng([zlib.crc32(name.encode()), seed])
+    speakers = sorted(data["speaker"].unique())
+    if scheme == "random":
+        fold = rng.permutation(len(data)) % folds
+    else:
+        fold = data["speaker"].map({s: i % folds for i, s in enumerate(speakers)}).to_numpy()
+    true = data["true"].map(labels.index).to_numpy()
+    wrong = (true + rng.integers(1, len(labels), len(data))) % len(labels)
+    pred = np.where(rng.random(len(data)) < accuracy, true, wrong)
+    proba = np.full((len(data), len(labels)), 0.1 / (len(labels) - 1))
+    proba[np.arange(len(data)), pred] = 0.9
+    frames = []
+    for f in range(folds):
+        m = fold == f
+        frames.append(prediction_frame(data["id"][m], f, true[m], proba[m], labels))
+    history = weights = None
+    if head:
+        history = pd.DataFrame([{"fold": f, "epoch": e, "train_loss": 1.5 / (e + 1), "val_loss": 1.6 / (e + 1) ** .5,
+                                 "val_acc": accuracy * (1 - 0.5 / (e + 1))} for f in range(folds) for e in range(6)])
+    if layers:
+        raw = rng.random((folds, layers)) + np.linspace(0, 1, layers)
+        weights = {"layers": list(range(layers)), "folds": (raw / raw.sum(1, keepdims=True)).tolist()}
+    proto = {"system": f"{model}_{feature_set}", "model": model, "feature_set": feature_set,
+             "features": "functionals" if feature_set == "egemaps" else "layers 0-12", "split_scheme": scheme,
+             "speaker_independent": scheme != "random", "n_folds": folds, "normalisation": "per_speaker",
+             "label_set": label_set, "merge_calm": False, "seed": seed, "augmentation": augmentation,
+             "corpora": sorted(data["corpus"].unique()), **protocol}
+    out = root / "runs" / f"{name}_{seed}"
+    write_run(out, labels=labels, predictions=pd.concat(frames, ignore_index=True),
+              speakers=data.set_index("id")["speaker"], protocol=proto, history=history, layer_weights=weights)
+    return out
+
+
+@pytest.fixture
+def make_run(tmp_path):
+    """``make_run(name, **kw)``: :func:`synthetic_run` under the test's temporary directory."""
+    return functools.partial(synthetic_run, tmp_path)
+
+
+def is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == PNG and matplotlib.image.imread(path).size > 0
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_rf_and_head_give_three_parseable_tables_and_real_figures(make_run, tmp_path):
+    rf = make_run("rf", accuracy=0.5)
+    conv = make_run("conv", model="conv", accuracy=0.8, head=True, layers=13, feature_set="wav2vec2")
+    out = tmp_path / "compare"
+    table = compare([rf, conv], out, resamples=300)
+
+    csv = pd.read_csv(out / "table.csv")
+    assert list(csv.columns[: len(COLUMNS)]) == COLUMNS
+    assert list(csv["system"]) == ["rf_egemaps@speaker_kfold", "conv_wav2vec2@speaker_kfold"]
+    assert (csv.ua_ci_low <= csv.ua).all() and (csv.ua <= csv.ua_ci_high).all()
+    assert csv.loc[0, "p_value"] == 1.0 and 0 < csv.loc[1, "p_value"] < 0.05
+    assert (csv.n_test == 96).all() and (csv.n_speakers == 6).all()
+    assert table.loc[1, "ua"] == pytest.approx(json.loads((conv / "metrics.json").read_text())["ua"])
+
+    md = markdown_tables((out / "table.md").read_text())
+    assert len(md) == 1 and len({len(row) for row in md[0]}) == 1 and len(md[0]) == 2 + 2
+    assert "**" in md[0][3][1] and "**" not in md[0][2][1]  # conv has the best UA
+
+    tex = (out / "table.tex").read_text()
+    assert tex.count("{") == tex.count("}") and tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
+    spec = re.search(r"\\begin\{tabular\}\{(\w+)\}", tex).group(1)
+    body = tex.split(r"\hline")[1:-1]
+    rows = [r for part in body for r in part.split(r"\\") if r.strip()]
+    assert len(rows) == 3 and all(r.count("&") == len(spec) - 1 for r in rows)
+    assert r"rf\_egemaps" in tex and r"\textbf{" in tex and "95 \\%" in tex
+
+    figures = sorted((out / "figures").glob("*.png"))
+    names = {p.name for p in figures}
+    assert {"confusion_rf_egemaps_speaker_kfold.png", "curves_conv_wav2vec2_speaker_kfold.png",
+            "layer_weights.png", "per_class_f1_four.png"} <= names
+    assert "curves_rf_egemaps_speaker_kfold.png" not in names
+    assert all(is_png(p) for p in figures)
+
+    report = (out / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert links and all((out / link).is_file() for link in links)
+    assert "speaker-independent split `speaker_kfold` with 3 fold(s)" in report
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == set(csv.system) and set(metrics[csv.system[0]]) >= {"ua", "wa", "macro_f1"}
+    assert pd.read_csv(out / "plots" / "confusion" / "rf_egemaps_speaker_kfold.csv").columns.tolist() == ["true", "pred"]
+    assert pd.read_csv(out / "plots" / "val_acc" / "conv_wav2vec2_speaker_kfold.csv").shape == (6, 2)
+
+
+def test_seeds_of_one_system_are_one_row_over_all_folds(make_run, tmp_path):
+    runs = [make_run("conv", model="conv", seed=s, accuracy=0.5 + 0.1 * s, head=True) for s in range(3)]
+    table = compare(runs, tmp_path / "out", formats=["csv"], resamples=200)
+    assert len(table) == 1 and table.loc[0, "n_runs"] == 3 and table.loc[0, "seeds"] == "0+1+2"
+    fold_ua = [f["ua"] for r in runs for f in json.loads((r / "metrics.json").read_text())["folds"]]
+    assert table.loc[0, "ua"] == pytest.approx(np.mean(fold_ua))
+    assert table.loc[0, "ua_std"] == pytest.approx(np.std(fold_ua))
+    assert table.loc[0, "ua_ci_low"] <= table.loc[0, "ua"] <= table.loc[0, "ua_ci_high"]
+    assert table.loc[0, "note"].startswith("no eGeMAPS RandomForest") and np.isnan(table.loc[0, "p_value"])
+    assert not (tmp_path / "out" / "table.md").exists()
+
+
+def test_identical_predictions_give_p_one(make_run, tmp_path):
+    rf = make_run("rf")
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    for name in ("predictions.csv", "metrics.json"):
+        (twin / name).write_bytes((rf / name).read_bytes())
+    metrics = json.loads((twin / "metrics.json").read_text())
+    metrics["protocol"].update(model="svm", system="svm_egemaps")
+    (twin / "metrics.json").write_text(json.dumps(metrics))
+    table = compare([rf, twin], tmp_path / "out", resamples=200)
+    assert table["p_value"].tolist() == [1.0, 1.0]
+
+
+def test_label_sets_get_separate_tables_and_are_never_ranked_together(make_run, tmp_path):
+    rf4 = make_run("rf4", accuracy=0.7)
+    conv6 = make_run("conv6", model="conv", labels=SIX, label_set="six", data=utterances(labels=SIX))
+    out = tmp_path / "out"
+    table = compare([rf4, conv6], out, resamples=200)
+    assert table["label_set"].tolist() == ["four", "six"]
+    assert np.isnan(table.loc[1, "p_value"]) and "with this label set" in table.loc[1, "note"]
+    md = markdown_tables((out / "table.md").read_text())
+    assert [len(t) for t in md] == [3, 3]
+    assert not any("**" in cell for t in md for row in t for cell in row)  # one row per table: nothing to rank
+    assert (out / "table.tex").read_text().count(r"\begin{tabular}") == 2
+    assert "2 label sets" in (out / "report.md").read_text()
+    assert is_png(out / "figures" / "per_class_f1_six.png")
+
+
+def test_same_system_name_with_other_labels_is_disambiguated(make_run, tmp_path):
+    a = make_run("a", label_set="four")
+    b = make_run("b", labels=SIX, label_set="six", data=utterances(labels=SIX))
+    table = compare([a, b], tmp_path / "out", formats=["csv"], resamples=100)
+    assert table["system"].tolist() == ["rf_egemaps@speaker_kfold[label_set=four]",
+                                        "rf_egemaps@speaker_kfold[label_set=six]"]
+
+
+def test_different_test_utterances_are_not_paired(make_run, tmp_path):
+    rf = make_run("rf", data=utterances(speakers=6))
+    conv = make_run("conv", model="conv", data=utterances(speakers=4))
+    table = compare([rf, conv], tmp_path / "out", resamples=200)
+    assert np.isnan(table.loc[1, "p_value"]) and "test utterances differ" in table.loc[1, "note"]
+    assert "test utterances differ" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_leakage_audit_puts_random_and_speaker_split_side_by_side(make_run, tmp_path):
+    honest = make_run("conv_k", model="conv", feature_set="wav2vec2", accuracy=0.5, head=True)
+    leaky = make_run("conv_r", model="conv", feature_set="wav2vec2", accuracy=0.9, scheme="random",
+                     head=True)
+    rf = make_run("rf")
+    out = tmp_path / "out"
+    table = compare([honest, leaky, rf], out, resamples=200)
+    audit = pd.read_csv(out / "leakage.csv")
+    assert len(audit) == 1 and audit.loc[0, "leaky_split"] == "random" and audit.loc[0, "split"] == "speaker_kfold"
+    ua = table.set_index("system")["ua"]
+    assert audit.loc[0, "ua_diff"] == pytest.approx(ua["conv_wav2vec2@random"] - ua["conv_wav2vec2@speaker_kfold"])
+    assert audit.loc[0, "ua_diff"] > 0.2
+    # same utterances, but no RF under the random split: a paired test across splits would mix two effects
+    row = table.set_index("system").loc["conv_wav2vec2@random"]
+    assert np.isnan(row["p_value"]) and "no baseline under the random split" in row["note"]
+    assert "Leakage audit" in (out / "report.md").read_text()
+
+
+def test_cross_corpus_matrix_from_runs_with_train_corpora(make_run, tmp_path):
+    both = pd.concat([utterances(corpus="ravdess"), utterances(corpus="cremad")], ignore_index=True)
+    within = make_run("within", data=utterances(corpus="ravdess"), accuracy=0.9, label_set="common")
+    # fold 0 trains on ravdess and tests on cremad; fold 1 the other way round
+    cross_data = both.assign(speaker=both["corpus"])
+    across = make_run("across", data=cross_data, folds=2, accuracy=0.5, scheme="corpus_holdout",
+                      label_set="common", train_corpora={"0": ["ravdess"], "1": ["cremad"]})
+    out = tmp_path / "out"
+    compare([within, across], out, resamples=100)
+    cross = pd.read_csv(out / "cross_corpus.csv")
+    cells = cross.set_index(["train", "test"])["ua"]
+    assert set(cells.index) == {("ravdess", "ravdess"), ("ravdess", "cremad"), ("cremad", "ravdess")}
+    assert cells["ravdess", "ravdess"] > cells["ravdess", "cremad"]
+    assert "| train \\ test |" in (out / "report.md").read_text()
+
+
+def test_one_corpus_gives_an_empty_cross_corpus_file_and_no_leakage_rows(make_run, tmp_path):
+    out = tmp_path / "out"
+    compare([make_run("rf")], out, resamples=100)
+    assert pd.read_csv(out / "cross_corpus.csv").empty and pd.read_csv(out / "leakage.csv").empty
+    assert "Only one corpus" in (out / "report.md").read_text()
+
+
+def test_a_run_whose_metrics_disagree_with_its_predictions_is_named(make_run, tmp_path):
+    rf = make_run("rf")
+    metrics = json.loads((rf / "metrics.json").read_text())
+    metrics["ua"] += 0.1
+    (rf / "metrics.json").write_text(json.dumps(metrics))
+    compare([rf], tmp_path / "out", resamples=100)
+    assert "metrics.json says ua" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cli_writes_the_chosen_formats_and_clears_stale_figures(make_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "confusion_gone.png").write_bytes(PNG)
+    main([str(make_run("rf")), "--out", str(out), "--format", "md,latex", "--resamples", "100"])
+    assert (out / "table.md").is_file() and (out / "table.tex").is_file() and not (out / "table.csv").exists()
+    assert not (out / "figures" / "confusion_gone.png").exists()
+    assert "rf_egemaps@speaker_kfold" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"formats": ["html"]}, ValueError, "formats among"),
+    ({"baseline": "nope"}, ValueError, "names no system"),
+])
+def test_bad_arguments_are_refused(make_run, tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        compare([make_run("rf")], tmp_path / "out", resamples=10, **kwargs)
+
+
+def test_missing_or_malformed_run_directories_are_refused(make_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected a run directory"):
+        compare([tmp_path / "nowhere"], tmp_path / "out")
+    rf = make_run("rf")
+    pd.read_csv(rf / "predictions.csv").drop(columns="pred").to_csv(rf / "predictions.csv", index=False)
+    with pytest.raises(ValueError, match="lacks columns"):
+        compare([rf], tmp_path / "out")
+    with pytest.raises(ValueError, match="more than once"):
+        compare([make_run("x"), make_run("x")], tmp_path / "out")
