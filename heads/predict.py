@@ -40,6 +40,7 @@ from pipeline.audio import AudioError, audio_info, check_samples, load_audio, st
 MIN_SECONDS = 0.25
 MIN_SEGMENT_SECONDS = 0.5
 DEFAULT_SEGMENT_SECONDS = 3.0
+BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 def _probabilities(labels: Sequence[str], p: np.ndarray) -> dict[str, float]:
@@ -66,8 +67,8 @@ def classify_windows(windows: Iterable[tuple[float, float, np.ndarray]], *, run:
 
     def advance(start: float, end: float) -> None:
         nonlocal done
-        if progress is not None:
-            progress.update(round(max(0.0, end - max(start, done)), 3))
+        if progress is not None:  # resampled ends can pass the header's duration by a few samples
+            progress.update(max(0.0, min(end, progress.total) - max(start, done, progress.n)))
         done = max(done, end)
 
     def flush() -> Iterator[tuple[float, float, np.ndarray]]:
@@ -157,12 +158,13 @@ def predict_file(path: str, *, run: Run, inputs: RunInputs, segment_seconds: flo
     whole = duration <= max_whole_seconds
     segment = segment_seconds or (None if whole else DEFAULT_SEGMENT_SECONDS)
     result: dict = {"file": str(path), "duration_s": round(duration, 3)}
-    with tqdm(total=round(duration, 2), unit="s", unit_scale=True, desc=os.path.basename(path),
+    with tqdm(total=duration, unit="s", unit_scale=True, desc=os.path.basename(path), bar_format=BAR,
               disable=not verbose, leave=False) as bar:
         if whole:  # one pass over the whole utterance, as training saw its utterances
             wave = load_audio(path, sample_rate=inputs.sample_rate)
             p = run.predict_proba(inputs([wave]))[0]
             blocks: Iterable[np.ndarray] = [wave]
+            bar.update(0.0 if segment else duration)
         else:
             blocks = stream_audio(path, sample_rate=inputs.sample_rate, block_seconds=block_seconds)
         if segment:
