@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 def leakage(results: list[Result]) -> pd.DataFrame:
     """The same system under a speaker-dependent split (``random``) and a speaker-independent one, side by side."""
     columns = ["system", "label_set", "leaky_split", "leaky_ua", "split", "ua", "ua_diff",
-               "leaky_macro_f1", "macro_f1", "macro_f1_diff"]
+               "leaky_macro_f1", "macro_f1", "macro_f1_diff", "leaky_n_test", "n_test"]
     drop = {"split_scheme", "speaker_independent", "n_folds", "seed"}
     pairs: dict[tuple, list[Result]] = {}
     for r in results:
@@ -45,7 +45,8 @@ def leakage(results: list[Result]) -> pd.DataFrame:
                              "leaky_split": lk.row["split_scheme"], "leaky_ua": lk.row["ua"],
                              "split": hr.row["split_scheme"], "ua": hr.row["ua"],
                              "ua_diff": lk.row["ua"] - hr.row["ua"], "leaky_macro_f1": lk.row["macro_f1"],
-                             "macro_f1": hr.row["macro_f1"], "macro_f1_diff": lk.row["macro_f1"] - hr.row["macro_f1"]})
+                             "macro_f1": hr.row["macro_f1"], "macro_f1_diff": lk.row["macro_f1"] - hr.row["macro_f1"],
+                             "leaky_n_test": lk.row["n_test"], "n_test": hr.row["n_test"]})
     return pd.DataFrame(rows, columns=columns)
 
 

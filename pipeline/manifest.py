@@ -93,7 +93,7 @@ def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8,
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(_inspect, [path for path, _ in candidates])
         bar = tqdm(results, total=len(candidates), desc=f"manifest {corpus}", unit="file", disable=not progress)
-        for (path, parsed), (audio, reason, detail) in zip(candidates, bar):
+        for (path, parsed), (audio, reason, detail) in zip(candidates, bar, strict=True):
             if reason:
                 rejects.append({"path": os.path.abspath(path), "corpus": corpus, "reason": reason, "detail": detail})
                 continue
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.corpus) != len(args.root):
         parser.error("give one --root per --corpus")
-    sources = dict(zip(args.corpus, args.root))
+    sources = dict(zip(args.corpus, args.root, strict=True))
     if args.sources:
         sources.update({name: entry["root"] for name, entry in json.loads(Path(args.sources).read_text()).items()})
     if not sources:

@@ -187,7 +187,7 @@ def curves_plot(path: Path, history: pd.DataFrame, title: str) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{title} (thin: folds)", fontsize=10)
+    fig.suptitle(f"{title} (thin: folds; bold: mean of the folds still training)", fontsize=10)
     fig.savefig(path, dpi=110)
 
 
@@ -282,10 +282,11 @@ def write_report(out: Path, results: list, table: pd.DataFrame, leakage: pd.Data
         lines += ["No system was run under both a `random` and a speaker-independent split; run the same "
                   "system with `split.scheme: random` to see how much speaker leakage inflates its scores.", ""]
     else:
-        lines += ["| System | Label set | Leaky split | UA | Speaker-indep. split | UA | UA difference | "
-                  "Macro-F1 difference |", "|---|---|---|---:|---|---:|---:|---:|"]
-        lines += [f"| `{r.system}` | {r.label_set} | {r.leaky_split} | {fmt(r.leaky_ua)} | {r.split} | "
-                  f"{fmt(r.ua)} | {r.ua_diff:+.3f} | {r.macro_f1_diff:+.3f} |" for r in leakage.itertuples()]
+        lines += ["| System | Label set | Leaky split (test utt.) | UA | Speaker-indep. split (test utt.) | UA | "
+                  "UA difference | Macro-F1 difference |", "|---|---|---|---:|---|---:|---:|---:|"]
+        lines += [f"| `{r.system}` | {r.label_set} | {r.leaky_split} ({r.leaky_n_test}) | {fmt(r.leaky_ua)} | "
+                  f"{r.split} ({r.n_test}) | {fmt(r.ua)} | {r.ua_diff:+.3f} | {r.macro_f1_diff:+.3f} |"
+                  for r in leakage.itertuples()]
         lines += ["", "A positive difference is what speaker leakage adds. Details: [leakage.csv](leakage.csv).", ""]
     lines += ["## Cross-corpus matrix (UA; rows: training corpora, columns: test corpus)", ""]
     if cross.empty:

@@ -6,6 +6,7 @@ number of speech utterances) and ``parser(root) -> parse``, where ``parse(path)`
 ``DC/a01.wav`` layout is the one exception the corpus itself defines), and any letter case is accepted.
 
 Example:
+    >>> from pathlib import Path
     >>> from pipeline.corpora import CORPORA
     >>> parse = CORPORA["emodb"].parser(None)
     >>> parse(Path("wav/03a01Fa.wav")).emotion
@@ -15,7 +16,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 
 

@@ -9,7 +9,7 @@ from pipeline.manifest import COLUMNS, main, scan_corpus
 
 
 def _reasons(rejects):
-    return {p.split("/")[-1]: r for p, r in zip(rejects["path"], rejects["reason"])}
+    return {p.split("/")[-1]: r for p, r in zip(rejects["path"], rejects["reason"], strict=True)}
 
 
 def test_bad_ravdess_files_become_rejects(tmp_path, write_audio):
@@ -81,7 +81,7 @@ def test_every_corpus_convention(tmp_path, write_audio):
     }
     for corpus, rows in expected.items():
         manifest, rejects = scan_corpus(corpus, tmp_path / corpus, progress=False)
-        got = sorted(zip(manifest.speaker, manifest.gender, manifest.emotion))
+        got = sorted(zip(manifest.speaker, manifest.gender, manifest.emotion, strict=True))
         assert got == sorted(rows), corpus
         assert manifest["id"].str.startswith(f"{corpus}/").all()
         assert len(rejects) == (1 if corpus == "cremad" else 0)  # the demographics CSV is listed, not hidden
