@@ -16,6 +16,8 @@ Schemes (each corpus of a multi-corpus manifest is split on its own, then the fo
   CREMA-D: 5 folds. Other corpora, or ``--folds K``: K groups balanced by utterance count and gender.
   Each fold validates on the next group (taken from its training speakers). TESS has only two speakers,
   so its folds have no validation speaker (a validation split of the training speaker would leak).
+- ``cross_corpus``: one fold per corpus of a multi-corpus manifest: train on that corpus (its ``actor_holdout``
+  validation and test speakers validate), test on every other corpus. Train with the ``common`` label set.
 - ``random``: stratified (by emotion) random 80/10/10 split of utterances. Speaker-DEPENDENT: kept only
   to show how much leakage inflates scores; ``splits.json`` marks it so.
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SCHEMES = ("actor_holdout", "speaker_kfold", "random")
+SCHEMES = ("actor_holdout", "speaker_kfold", "cross_corpus", "random")
 PARTITIONS = ("train", "val", "test")
 #: Speaker-group folds of each corpus's usual protocol: ``None`` means leave one speaker out.
 PROTOCOL_FOLDS = {"ravdess": 6, "cremad": 5, "tess": None, "savee": None, "emodb": None}
@@ -90,6 +92,19 @@ def _kfold_rows(utterances: pd.DataFrame, n_folds: int | None) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
+def _cross_corpus_rows(manifest: pd.DataFrame, corpora: list[str]) -> pd.DataFrame:
+    if len(corpora) < 2:
+        raise ValueError(f"cross_corpus needs a manifest of at least 2 corpora; found {corpora}. Enable more "
+                         "corpora in params.yaml (corpora.enabled).")
+    rows = []
+    for fold, train_corpus in enumerate(corpora):
+        own = manifest["corpus"] == train_corpus
+        assign = holdout_groups(list(manifest.loc[own, "speaker"].unique()))
+        partition = manifest["speaker"].map(assign).replace({"test": "val"}).where(own, "test")
+        rows.append(pd.DataFrame({"fold": fold, "id": manifest["id"].values, "partition": partition.values}))
+    return pd.concat(rows, ignore_index=True)
+
+
 def _random_rows(utterances: pd.DataFrame, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     partition = pd.Series("train", index=utterances.index)
@@ -122,8 +137,8 @@ def make_split(manifest: pd.DataFrame, *, scheme: str, seed: int = 0, n_folds: i
     if scheme == "speaker_kfold" and n_folds is None and len(corpora) > 1:
         counts = [PROTOCOL_FOLDS.get(c) or manifest.loc[manifest.corpus == c, "speaker"].nunique() for c in corpora]
         n_folds = min(counts)  # every utterance is tested exactly once across the joined folds
-    parts = []
-    for corpus in corpora:
+    parts = [_cross_corpus_rows(manifest, corpora)] if scheme == "cross_corpus" else []
+    for corpus in corpora if scheme != "cross_corpus" else []:
         utterances = manifest[manifest["corpus"] == corpus].reset_index(drop=True)
         if scheme == "random":
             parts.append(_random_rows(utterances, seed))

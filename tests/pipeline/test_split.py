@@ -122,3 +122,19 @@ def test_real_ravdess_splits(ravdess_root, tmp_path):
         splits = make_split(manifest, scheme=scheme)
         check_speaker_independent(splits, manifest)
     assert splits.fold.nunique() == 6
+
+
+def test_cross_corpus_trains_on_one_corpus_and_tests_on_the_others():
+    savee = _manifest("savee", ["DC", "JE", "JK", "KL"])
+    manifest = pd.concat([RAVDESS, savee], ignore_index=True)
+    splits = make_split(manifest, scheme="cross_corpus")
+    corpus = splits["id"].map(manifest.set_index("id")["corpus"])
+    assert splits.fold.nunique() == 2
+    for fold, train_corpus in enumerate(["ravdess", "savee"]):
+        sel = splits.fold == fold
+        assert set(corpus[sel & (splits.partition == "train")]) == {train_corpus}
+        assert set(corpus[sel & (splits.partition == "val")]) == {train_corpus}
+        assert train_corpus not in set(corpus[sel & (splits.partition == "test")])
+    check_speaker_independent(splits, manifest)
+    with pytest.raises(ValueError, match="at least 2 corpora"):
+        make_split(RAVDESS, scheme="cross_corpus")
