@@ -9,6 +9,8 @@ HDF5 writes included). Each dtype runs in a fresh process, so ``peak_rss_mb`` is
 - ``ceiling_ratio``: throughput / (dense matmul FLOP/s measured in this dtype in the same process /
   encoder FLOPs per second of audio, counted from its conv and linear layers and attention for these files).
 - ``cosine_vs_float32``: mean cosine similarity of the pooled features ``[L, 2H]`` with the float32 run.
+- ``peak_rss_mb``: peak memory of the whole process tree (encoder workers included) during extraction,
+  sampled as proportional set size so pages the forked workers share with their parent count once.
 
 Example:
     python -m features.bench --audio-seconds 300 --json bench.json
@@ -22,6 +24,7 @@ import multiprocessing
 import os
 import resource
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -48,11 +51,13 @@ def encoder_flops(config, num_samples: int) -> float:
     return flops + config.num_hidden_layers * per_layer
 
 
-def matmul_flops_per_s(dtype: str, device: str, *, size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` dense ``size x size`` matmul rate in ``dtype`` on ``device``."""
+def _matmul_rate(dtype: str, device: str, size: int, repeats: int, threads: int | None = None) -> float:
+    """Best-of-``repeats`` rate of one dense ``size x size`` matmul (FLOP/s)."""
     import torch
 
     from features.encoder import DTYPES
+    if threads:
+        torch.set_num_threads(threads)
     a = torch.randn(size, size, device=device).to(DTYPES[dtype])
     b = torch.randn(size, size, device=device).to(DTYPES[dtype])
     best = float("inf")
@@ -65,6 +70,17 @@ def matmul_flops_per_s(dtype: str, device: str, *, size: int = 2048, repeats: in
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best
+
+
+def matmul_flops_per_s(dtype: str, device: str, *, procs: int = 1, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's dense matmul rate in ``dtype``: the best of one process using every thread and (on CPU)
+    ``procs`` single-thread processes at once (summed), as extraction uses the cores either way."""
+    rate = _matmul_rate(dtype, device, size, repeats)
+    if device == "cpu" and procs > 1:
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_matmul_rate, dtype, device, size, repeats, 1) for _ in range(procs)]
+            rate = max(rate, sum(f.result() for f in futures))
+    return rate
 
 
 def pick_files(*, manifest: str | None, corpus: Path, audio_seconds: float) -> pd.DataFrame:
@@ -85,6 +101,39 @@ def pick_files(*, manifest: str | None, corpus: Path, audio_seconds: float) -> p
     return picked[picked["duration_s"].cumsum() <= audio_seconds + mean]
 
 
+def _tree_memory_mb(pid: int) -> float:
+    """Proportional set size (shared pages split between sharers) of a process and its descendants, MiB."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) / 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # gone meanwhile, or no /proc (then only ru_maxrss is reported)
+            continue
+    return total
+
+
+class _PeakMemory(threading.Thread):
+    """Samples :func:`_tree_memory_mb` of this process tree every ``period`` seconds."""
+
+    def __init__(self, period: float = 0.2):
+        super().__init__(daemon=True)
+        self.period, self.peak, self._stop_event = period, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.period):
+            self.peak = max(self.peak, _tree_memory_mb(os.getpid()))
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def _run_one(model_dir: str, manifest: str, out: str, dtype: str, device: str, threads: int) -> dict:
     """One dtype, in its own process: warm up, measure the matmul ceiling, time the real extraction."""
     import torch
@@ -94,11 +143,15 @@ def _run_one(model_dir: str, manifest: str, out: str, dtype: str, device: str, t
     torch.set_num_threads(threads)
     enc = load_encoder(model_dir, device=device, dtype=dtype)
     enc.hidden_states(np.random.default_rng(0).standard_normal(3 * enc.sample_rate).astype(np.float32))
-    peak = matmul_flops_per_s(dtype, enc.device.type, size=8192 if enc.device.type == "cuda" else 2048)
+    procs = 1 if enc.device.type == "cuda" else threads
+    peak = matmul_flops_per_s(dtype, enc.device.type, procs=procs, size=8192 if enc.device.type == "cuda" else 2048)
     load = os.getloadavg()[0]
+    memory = _PeakMemory()
+    memory.start()
     start = time.perf_counter()
-    summary = extract([manifest], out, encoder=enc)
+    summary = extract([manifest], out, encoder=enc, procs=procs)
     wall = time.perf_counter() - start
+    peak_mb = memory.stop()
     rows = pd.read_csv(manifest)
     flops = sum(encoder_flops(enc.model.config, int(round(d * enc.sample_rate))) for d in rows["duration_s"])
     audio = summary["audio_seconds"]
@@ -107,8 +160,8 @@ def _run_one(model_dir: str, manifest: str, out: str, dtype: str, device: str, t
             "wall_seconds": round(wall, 3), "throughput": round(audio / wall, 3),
             "ceiling_ratio": float(f"{audio / wall / (peak / flops_per_audio_s):.4g}"),
             "matmul_gflops": round(peak / 1e9, 1), "encoder_gflop_per_audio_s": round(flops_per_audio_s / 1e9, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "threads": threads, "files": len(rows), "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
+            "peak_rss_mb": round(peak_mb, 1),
+            "procs": procs, "threads": threads if procs == 1 else 1, "files": len(rows), "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
 
 
 def _cosine(store_a: str, store_b: str) -> float:
@@ -132,7 +185,7 @@ def bench(*, device: str = "auto", audio_seconds: float = 300.0, dtypes: Sequenc
         dtypes: default ``float32, bfloat16`` (plus ``float16`` on CUDA).
         manifest: a manifest to take files from instead of ``corpus``.
         corpus: folder of audio files (default ``../shared/corpora/ravdess``).
-        threads: torch threads (default: every core).
+        threads: cores to use (default: all): on CPU that many single-thread encoder processes.
         config: a ``Wav2Vec2Config`` (default: base); tests pass a tiny one.
         isolate: run each dtype in a fresh process (own peak RSS, no cross-talk); tests turn it off.
     """

@@ -15,6 +15,7 @@ A kill at any moment leaves the old store intact plus whole parts (reused next r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -22,6 +23,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from features.store import FeatureStore, StoreWriter, atomic_path
@@ -76,14 +78,48 @@ def _same(a: dict, b: dict) -> bool:
     return strip(a) == strip(b)
 
 
-def _pid_alive(name: str) -> bool:
+def _pid_alive(pid: str) -> bool:
+    """Whether the process that owns a temporary file (pid in its name) still runs."""
     try:
-        os.kill(int(name.rsplit("-", 1)[-1]), 0)
+        os.kill(int(pid), 0)
         return True
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
         return True
+
+
+class PartWriter:
+    """One part file: entries go to ``<path>.tmp``, which :meth:`close` fsyncs and renames to ``path``.
+
+    Args:
+        path: the final part file name (from :meth:`StoreBuild.reserve_part`).
+        meta: the store settings.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict):
+        self.path, self.meta, self.count = Path(path), meta, 0
+        self._writer: StoreWriter | None = None
+
+    def add(self, uid: str, *, source: str, **kw) -> None:
+        """Add one utterance: ``frames=[L, T, H]`` (+ ``pooled``), or ``pieces=..., num_frames=, hidden_size=``
+        as for :class:`features.store.StoreWriter`; other keywords become entry attributes."""
+        if self._writer is None:
+            self._writer = StoreWriter(self.path.with_name(self.path.name + ".tmp"), self.meta)
+        if "pieces" in kw:
+            self._writer.add_pieces(uid, source=source, **kw)
+        else:
+            self._writer.add(uid, source=source, **kw)
+        self.count += 1
+
+    def close(self) -> None:
+        """Publish the part (nothing happens when it holds no entry)."""
+        if self._writer is not None:
+            self._writer.close()
+            with open(self._writer.path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self._writer.path, self.path)
+            self._writer = None
 
 
 class StoreBuild:
@@ -101,16 +137,17 @@ class StoreBuild:
         self.parts_dir = self.out.with_name(self.out.name + ".parts")
         self.rebuild_reason: str | None = None
         self._available: dict[str, dict[str, Path]] = {}   # uid -> {source hash: file holding it}
-        self._writer, self._n_in_part, self._n_parts = None, 0, 0
+        self._part: PartWriter | None = None
+        self._n_parts = 0
 
     def _scan(self) -> None:
         for tmp in self.out.parent.glob(self.out.name + ".tmp-*"):
-            if not _pid_alive(tmp.name):
+            if not _pid_alive(tmp.name.rsplit("-", 1)[-1]):
                 tmp.unlink(missing_ok=True)
         files = sorted(self.parts_dir.glob("part-*.h5")) if self.parts_dir.is_dir() else []
         for tmp in self.parts_dir.glob("part-*.h5.tmp") if self.parts_dir.is_dir() else []:
-            tmp.unlink()
-        self._n_parts = max((int(f.stem.split("-")[1]) for f in files), default=0)
+            if not _pid_alive(tmp.name.split("-")[1]):
+                tmp.unlink(missing_ok=True)
         if self.out.exists():
             try:
                 with FeatureStore(self.out) as fs:
@@ -154,37 +191,28 @@ class StoreBuild:
         self._wanted = dict(zip(rows["id"], rows["source"], strict=True))
         done = [s in self._available.get(u, {}) for u, s in self._wanted.items()]
         self.reused = sum(done)
-        return rows[[not d for d in done]], skips
+        return rows.loc[~np.array(done, dtype=bool)], skips
 
-    def _roll(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            tmp = self._writer.path
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, tmp.with_suffix(""))
-            self._writer = None
-        self._n_in_part = 0
+    def reserve_part(self) -> Path:
+        """A fresh part file name (for a worker process's :class:`PartWriter`)."""
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self._n_parts += 1
+        return self.parts_dir / f"part-{os.getpid()}-{self._n_parts:05d}.h5"  # pid: no clash with any old run
 
     def add(self, uid: str, *, source: str, **kw) -> None:
-        """Store one computed utterance: ``frames=[L, T, H]`` (+ ``pooled``) or ``pieces=..., num_frames=,
-        hidden_size=`` as for :class:`features.store.StoreWriter`."""
-        if self._writer is None:
-            self.parts_dir.mkdir(parents=True, exist_ok=True)
-            self._n_parts += 1
-            path = self.parts_dir / f"part-{self._n_parts:05d}.h5.tmp"
-            self._writer = StoreWriter(path, self.meta)
-        if "pieces" in kw:
-            self._writer.add_pieces(uid, source=source, **kw)
-        else:
-            self._writer.add(uid, source=source, **kw)
-        self._n_in_part += 1
-        if self._n_in_part >= self.part_entries:
-            self._roll()
+        """Store one computed utterance (arguments as for :meth:`PartWriter.add`), in rolling part files."""
+        if self._part is None:
+            self._part = PartWriter(self.reserve_part(), self.meta)
+        self._part.add(uid, source=source, **kw)
+        if self._part.count >= self.part_entries:
+            self._part.close()
+            self._part = None
 
     def finish(self) -> dict:
         """Merge parts and kept entries into a fresh store, atomically; returns counts."""
-        self._roll()
+        if self._part is not None:
+            self._part.close()
+            self._part = None
         self._available = {}
         self._scan()
         keep = {u: held[self._wanted[u]] for u, held in self._available.items()
@@ -205,6 +233,6 @@ class StoreBuild:
                 h.close()
         for part in self.parts_dir.glob("part-*.h5") if self.parts_dir.is_dir() else []:
             part.unlink()
-        if self.parts_dir.is_dir():
+        with contextlib.suppress(OSError):
             self.parts_dir.rmdir()
         return {"stored": len(keep), "removed": stale}

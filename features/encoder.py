@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_ENCODER = "facebook/wav2vec2-base"
@@ -196,6 +197,10 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
         raise ValueError(f"{name}: expected a raw-waveform encoder of the wav2vec2 family (wav2vec2, HuBERT, "
                          f"WavLM), found model_type {model.config.model_type!r}. Pass such a checkpoint to --encoder.")
     model = model.to(dev, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    for module in model.modules():  # weight norm of the positional conv: computed once, not every forward
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     local = Path(name)
     rev = _fingerprint_dir(local) if local.is_dir() else (getattr(model.config, "_commit_hash", None) or revision)
     return Encoder(model, extractor, name=name, revision=rev, device=dev, dtype=dtype,

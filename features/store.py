@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -148,6 +149,14 @@ def mean_std(frames: np.ndarray) -> np.ndarray:
     return np.concatenate([x.mean(axis=1), x.std(axis=1)], axis=-1).astype(np.float32)
 
 
+def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x.astype(dtype)``; float32 -> float16 through torch when it is loaded (10x faster than numpy's)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and dtype == np.float16 and x.dtype == np.float32:
+        return torch.from_numpy(np.ascontiguousarray(x)).half().numpy()
+    return x.astype(dtype, copy=False)
+
+
 class _Moments:
     """Streaming per-layer mean and variance (Chan et al.'s pairwise merge), float64."""
 
@@ -155,9 +164,8 @@ class _Moments:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
 
     def update(self, piece: np.ndarray) -> None:  # piece [L, t, H]
-        x = np.asarray(piece, dtype=np.float64)
-        n_b, mean_b = x.shape[1], x.mean(axis=1)
-        m2_b = ((x - mean_b[:, None, :]) ** 2).sum(axis=1)
+        n_b, mean_b = piece.shape[1], piece.mean(axis=1, dtype=np.float64)
+        m2_b = piece.var(axis=1, dtype=np.float64) * n_b
         n = self.n + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
@@ -220,12 +228,12 @@ class StoreWriter:
             if piece.shape[0] != n_layers or piece.shape[2] != hidden_size or at + piece.shape[1] > num_frames:
                 raise ValueError(f"{uid}: piece of shape {piece.shape} at frame {at} does not fit "
                                  f"[{n_layers}, {num_frames}, {hidden_size}].")
-            with np.errstate(over="ignore"):
-                stored = piece.astype(self.storage_dtype, copy=False)
-            if not np.isfinite(stored).all():
+            if piece.size and not (np.isfinite(hi := piece.max()) and np.isfinite(lo := piece.min())
+                                   and max(hi, -lo) <= np.finfo(self.storage_dtype).max):
                 raise ValueError(f"{uid}: values out of {self.storage_dtype} range (max |x| = "
                                  f"{np.abs(piece).max():.4g}); expected finite features. "
                                  "Store as float32 (--storage-dtype float32).")
+            stored = _cast(piece, self.storage_dtype)
             data[:, at:at + piece.shape[1]] = stored
             if pooled is None:
                 moments.update(piece)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from heads.data import Normaliser, Reader, batches
 
@@ -100,7 +101,8 @@ def evaluate(model: nn.Module, data: FoldData, ids: Sequence[str], config: Train
 
 
 def fit(model: nn.Module, data: FoldData, train_ids: Sequence[str], val_ids: Sequence[str],
-        config: TrainConfig, rng: np.random.Generator, *, num_classes: int) -> tuple[pd.DataFrame, int]:
+        config: TrainConfig, rng: np.random.Generator, *, num_classes: int,
+        desc: str = "train") -> tuple[pd.DataFrame, int]:
     """Train ``model`` in place; restore the epoch of lowest validation loss (the last one without val ids).
 
     Returns:
@@ -114,7 +116,8 @@ def fit(model: nn.Module, data: FoldData, train_ids: Sequence[str], val_ids: Seq
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     y_val = np.array([data.labels[i] for i in val_ids], dtype=np.int64)
     rows, best_loss, best_epoch, best_state = [], float("inf"), 0, None
-    for epoch in range(1, config.epochs + 1):
+    progress = tqdm(range(1, config.epochs + 1), desc=desc, unit="epoch", leave=False)
+    for epoch in progress:
         model.train()
         total, count = 0.0, 0
         order = _epoch_order(list(train_ids), y_train, config.balance, rng)
@@ -130,10 +133,13 @@ def fit(model: nn.Module, data: FoldData, train_ids: Sequence[str], val_ids: Seq
             proba, val_loss = evaluate(model, data, val_ids, config, loss_fn)
             val_acc = float(np.mean(proba.argmax(axis=1) == y_val))
         rows.append({"epoch": epoch, "train_loss": total / count, "val_loss": val_loss, "val_acc": val_acc})
+        progress.set_postfix(train_loss=f"{total / count:.3f}", val_loss=f"{val_loss:.3f}",
+                             val_acc=f"{val_acc:.3f}")
         if not len(val_ids) or val_loss < best_loss:
             best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(model.state_dict())
         elif config.patience and epoch - best_epoch >= config.patience:
             break
+    progress.close()
     if best_state is not None:  # None only when every validation loss was NaN
         model.load_state_dict(best_state)
     return pd.DataFrame(rows), best_epoch

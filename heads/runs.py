@@ -114,7 +114,10 @@ class Run:
         from baselines.models import speaker_standardise
 
         X = np.stack([x.reshape(-1) for x in prepared])
-        return estimator.predict_proba(speaker_standardise(X) if self.normalisation == "speaker" else X)
+        proba = np.zeros((len(X), len(self.labels)))
+        proba[:, cfg["classes"]] = estimator.predict_proba(
+            speaker_standardise(X) if self.normalisation == "speaker" else X)
+        return proba
 
     @torch.no_grad()
     def _torch_proba(self, model, cfg: dict, prepared: list[np.ndarray], batch_size: int) -> np.ndarray:

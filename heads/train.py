@@ -62,7 +62,7 @@ def run_folds(exp: Experiment, *, read: Reader, build_model: Callable[[], torch.
         data = FoldData(read, normalise, labels, speakers)
         model = build_model()
         fold_history, best_epoch = fit(model, data, fold.train, fold.val, config, rng,
-                                       num_classes=len(exp.labels))
+                                       num_classes=len(exp.labels), desc=f"fold {fold.index}")
         proba, _ = evaluate(model, data, fold.test, config)
         predictions.append(prediction_frame(fold.test, fold.index, exp.y(fold.test), proba, exp.labels))
         history.append(fold_history.assign(fold=fold.index))

@@ -44,15 +44,16 @@ def _ravdess_manifest(ravdess_root, tmp_path, manifest_rows):
     return path, pd.concat([rows, dup])
 
 
-@pytest.mark.parametrize("storage, rtol", [("float16", 2e-3), ("float32", 1e-5)])
+@pytest.mark.parametrize("storage, rtol, procs", [("float16", 2e-3, 1), ("float32", 1e-5, 2)])
 def test_cached_frames_equal_direct_forward_on_ravdess(ravdess_root, tiny_encoder_dir, direct_forward, tmp_path,
-                                                       forward_calls, manifest_rows, storage, rtol):
+                                                       forward_calls, manifest_rows, storage, rtol, procs):
     manifest, rows = _ravdess_manifest(ravdess_root, tmp_path, manifest_rows)
     assert rows["duration_s"].nunique() >= 4  # mixed lengths
     summary = extract([manifest], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
-                      storage_dtype=storage)
+                      storage_dtype=storage, procs=procs, part_entries=3)
     assert summary["computed"] == len(rows) and summary["skipped"] == 0
-    assert max(shape[0] for shape in forward_calls) == 2  # the equal-length pair shared a batch
+    if procs == 1:  # (worker processes' calls are not seen by the spy)
+        assert max(shape[0] for shape in forward_calls) == 2  # the equal-length pair shared a batch
     with FeatureStore(tmp_path / "f.h5") as fs:
         assert sorted(fs.ids()) == sorted(rows["id"]) and fs.num_layers == 4
         assert fs.attrs["storage_dtype"] == storage and fs.attrs["kind"] == "wav2vec2"
@@ -69,7 +70,7 @@ def test_cached_frames_equal_direct_forward_on_ravdess(ravdess_root, tiny_encode
 def test_incremental_reuse_add_remove_change(synth_files, make_manifest, tiny_encoder_dir, tmp_path, forward_calls,
                                              write_audio):
     out = tmp_path / "f.h5"
-    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu"}
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "procs": 1}
     first = extract([make_manifest(synth_files[:4])], out, **kw)
     assert first["computed"] == 4
     before = {u: FeatureStore(out).frames(u, 2) for u in FeatureStore(out).ids()}
@@ -141,7 +142,7 @@ def test_empty_and_repeated_manifests(tmp_path, make_manifest, synth_files, tiny
 def test_long_file_is_streamed_in_windows(tmp_path, write_audio, make_manifest, tiny_encoder_dir, forward_calls):
     long = write_audio(tmp_path / "long" / "a.wav", seconds=9.0)
     extract([make_manifest([long])], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
-            chunk_seconds=1.0)
+            chunk_seconds=1.0, procs=1)
     assert len(forward_calls) == 9 and max(s[1] for s in forward_calls) < 6 * 16000
     with FeatureStore(tmp_path / "f.h5") as fs:
         assert fs.num_frames("synth/long/a") == 450 and fs.attrs["chunk_seconds"] == 1.0

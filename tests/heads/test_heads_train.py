@@ -177,8 +177,8 @@ def test_augmented_copies_train_only_where_their_source_trains(experiment, tmp_p
         entries = {uid: (store.all_frames(uid), None) for uid in store.ids()}
     entries.update({row.id: (entries[row.source_id][0] * 1.01, None) for row in copies.itertuples()})
     write_store(tmp_path / "with_copies.h5", entries, {"kind": "wav2vec2"})
-    common = {"features": str(tmp_path / "with_copies.h5"), "manifests": [str(manifest), str(tmp_path / "augmented.csv")],
-              "split": str(split), "head": "linear", "label_set": "four", "config": TrainConfig(epochs=2)}
+    common = {"features": str(tmp_path / "with_copies.h5"),
+              "manifests": [str(manifest), str(tmp_path / "augmented.csv")], "split": str(split), "head": "linear", "label_set": "four", "config": TrainConfig(epochs=2)}
     metrics = train_heads(out=str(tmp_path / "run"), **common)
     assert metrics["protocol"]["augmentation"] is True and metrics["n_test"] == 144
     assert not pd.read_csv(tmp_path / "run" / "predictions.csv")["id"].str.contains("@aug").any()

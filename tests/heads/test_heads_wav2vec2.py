@@ -29,11 +29,11 @@ def wav2vec2_store(tmp_path_factory, tiny_encoder_dir):
             for k in range(2):
                 t = np.arange(int(rng.uniform(0.6, 1.2) * 16000)) / 16000
                 x = 0.2 * sum(np.sin(2 * np.pi * j * f0 * (1 + 0.03 * s) * t) / j for j in range(1, 5))
-                path = write_audio(root / "audio" / f"{s}_{emotion}_{k}.wav", x + 0.005 * rng.standard_normal(len(t)),
-                                   16000)
+                noise = 0.005 * rng.standard_normal(len(t))
+                path = write_audio(root / "audio" / f"{s}_{emotion}_{k}.wav", x + noise, 16000)
                 rows.append({"id": f"syn/syn_{s}/{emotion}_{k}", "path": str(path), "corpus": "syn",
-                             "speaker": f"syn_{s}", "gender": "male", "emotion": emotion, "duration_s": len(t) / 16000,
-                             "sample_rate": 16000, "channels": 1})
+                             "speaker": f"syn_{s}", "gender": "male", "emotion": emotion,
+                             "duration_s": len(t) / 16000, "sample_rate": 16000, "channels": 1})
     manifest = pd.DataFrame(rows)
     manifest.to_csv(root / "manifest.csv", index=False)
     splits = make_split(manifest, scheme="speaker_kfold", n_folds=3)
