@@ -73,6 +73,13 @@ def write_skips(path: str | os.PathLike, skips: Iterable[dict]) -> Path:
     return path
 
 
+def advance(bar, seconds: float) -> None:
+    """Advance a tqdm bar by seconds of audio; the total (from rounded manifest durations) grows if needed."""
+    if bar.total is not None and bar.n + seconds > bar.total:
+        bar.total = bar.n + seconds
+    bar.update(seconds)
+
+
 def _same(a: dict, b: dict) -> bool:
     strip = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if k != "versions"}))  # noqa: E731
     return strip(a) == strip(b)

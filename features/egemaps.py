@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from features.cache import StoreBuild, read_manifests, write_skips
+from features.cache import StoreBuild, advance, read_manifests, write_skips
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 
 
@@ -119,7 +119,7 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
             build.add(row.id, source=row.source, frames=lld[None], pooled=f[None], path=row.path,
                       duration_s=seconds)
             computed, done_s = computed + 1, done_s + seconds
-            bar.update(seconds)
+            advance(bar, seconds)
     counts = build.finish()
     skips = write_skips(skips or f"{out}.skips.csv", skipped)
     summary = {"computed": computed, "reused": build.reused, "skipped": len(skipped), **counts,

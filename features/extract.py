@@ -1,10 +1,12 @@
 """Stage ``extract``: frozen wav2vec2-family hidden states of every manifest row into an HDF5 store.
 
-Each row's audio is decoded (mono, resampled with soxr to the encoder's rate, optionally cropped) in background
-threads, normalised by the encoder's own feature extractor and run through the frozen encoder with all hidden
-states. Only inputs of identical length share a batch (GroupNorm: padding would change every frame). The store
-is built incrementally and kill-safely by :class:`features.cache.StoreBuild`; rows whose audio cannot be used
-are listed in the skips report.
+Each row's audio is decoded (mono, resampled with soxr to the encoder's rate, optionally cropped) in a
+background thread, normalised by the encoder's own feature extractor and run through the frozen encoder with
+all hidden states. Only inputs of identical length share a batch (GroupNorm: padding would change every frame);
+inputs longer than a window are windowed (see :mod:`features.encoder`) and streamed into the store. On CPU the
+rows are shared by one single-thread process per core (forked after the model is loaded); on CUDA one process
+feeds the GPU, with several decoding threads. The store is built incrementally and kill-safely by
+:class:`features.cache.StoreBuild`; rows whose audio cannot be used are listed in the skips report.
 
 Example:
     python -m features.extract --manifest data/manifest.csv --manifest data/augmented/manifest.csv \\
@@ -30,7 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from features.cache import PartWriter, StoreBuild, read_manifests, write_skips
+from features.cache import PartWriter, StoreBuild, advance, read_manifests, write_skips
 from features.encoder import DEFAULT_ENCODER, Encoder, load_encoder
 from pipeline.audio import AudioError, load_audio
 
@@ -43,6 +45,11 @@ def versions() -> dict:
     import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
             "h5py": h5py.__version__, "soxr": soxr.__version__}
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -126,6 +133,7 @@ def encode_rows(enc: Encoder, rows: Sequence[dict], job: Job, add: Callable[...,
 
 
 _WORKER: dict = {}
+_FORK = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
 def _init_worker(enc: Encoder) -> None:
@@ -194,19 +202,20 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         seconds = (pd.to_numeric(todo["duration_s"], errors="coerce").fillna(0) - offset_seconds).clip(lower=0)
         total = float(seconds.clip(upper=max_seconds).sum() if max_seconds else seconds.sum())
     records = todo[["id", "path", "source"]].to_dict("records")
-    procs = 1 if cuda else (procs or len(os.sched_getaffinity(0)))
+    procs = 1 if cuda else (procs or cpu_cores())
     done_s, computed = 0.0, 0
     with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not records) as bar:
         if procs > 1 and len(records) > 1:
-            tasks = [records[i:i + part_entries] for i in range(0, len(records), part_entries)]
-            with ProcessPoolExecutor(min(procs, len(tasks)), mp_context=multiprocessing.get_context("fork"),
+            size = max(1, min(part_entries, -(-len(records) // (8 * procs))))  # >= 8 tasks a process: even finish
+            tasks = [records[i:i + size] for i in range(0, len(records), size)]
+            with ProcessPoolExecutor(min(procs, len(tasks)), mp_context=_FORK,
                                      initializer=_init_worker, initargs=(enc,)) as pool:
                 futures = [pool.submit(_work, t, str(build.reserve_part()), meta, job) for t in tasks]
                 for future in as_completed(futures):
                     seconds, n, task_skips = future.result()
                     done_s, computed = done_s + seconds, computed + n
                     skipped.extend(task_skips)
-                    bar.update(seconds)
+                    advance(bar, seconds)
         else:
             for seconds, skip in encode_rows(enc, records, job, build.add):
                 if skip:
@@ -214,7 +223,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                 else:
                     computed += 1
                 done_s += seconds
-                bar.update(seconds)
+                advance(bar, seconds)
     counts = build.finish()
     skips = write_skips(skips or f"{out}.skips.csv", skipped)
     summary = {"computed": computed, "reused": build.reused, "skipped": len(skipped), **counts,
