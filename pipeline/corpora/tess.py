@@ -13,8 +13,12 @@ NAME = "tess"
 SPEAKERS = 2
 FILES = 2800
 EMOTIONS = {"angry": "angry", "disgust": "disgust", "fear": "fearful", "happy": "happy", "neutral": "neutral",
-            "ps": "surprised", "pleasant_surprise": "surprised", "pleasant_surprised": "surprised", "sad": "sad"}
-_PATTERN = re.compile(r"^(OAF|YAF)_(.+?)_(" + "|".join(sorted(EMOTIONS, key=len, reverse=True)) + r")$",
+            "ps": "surprised", "sad": "sad",
+            # spellings seen in redistributed copies
+            "anger": "angry", "disgusted": "disgust", "fearful": "fearful", "happiness": "happy", "sadness": "sad",
+            "pleasant_surprise": "surprised", "pleasant_surprised": "surprised", "pleasant-surprise": "surprised",
+            "surprise": "surprised", "surprised": "surprised"}
+_PATTERN = re.compile(r"^(OAF|YAF)_(.+?)_(" + "|".join(re.escape(e) for e in sorted(EMOTIONS, key=len, reverse=True)) + r")$",
                       re.IGNORECASE)
 
 
