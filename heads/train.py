@@ -137,6 +137,29 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
                          protocol=protocol)
 
 
+#: Defaults of the command line per (head, feature kind), equal to params.yaml's ``train.<head>_<kind>``
+#: blocks, so that a bare ``python -m heads.train`` trains what ``dvc repro`` trains. eGeMAPS settings were
+#: chosen on RAVDESS validation accuracy; the wav2vec2 ones are untuned (no pretrained weights on the
+#: development machines). Anything not listed falls back to :class:`TrainConfig` and the head's own defaults.
+RECOMMENDED: dict[tuple[str, str], dict] = {
+    ("conv", "egemaps"): {"epochs": 80, "patience": 10, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 32,
+                          "max_frames": 0, "dropout": 0.5, "hidden": 256},
+    ("conv", "wav2vec2"): {"epochs": 40, "patience": 5, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
+                           "max_frames": 250, "dropout": 0.2, "hidden": 128},
+    ("linear", "wav2vec2"): {"epochs": 40, "patience": 5, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
+                             "max_frames": 250, "dropout": 0.0},
+}
+
+
+def apply_defaults(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
+    """Fill every option left unset (``None``) from ``defaults``, then from :class:`TrainConfig`."""
+    fallback = {**asdict(TrainConfig()), **defaults}
+    for key, value in fallback.items():
+        if getattr(args, key, "absent") is None:
+            setattr(args, key, value)
+    return args
+
+
 def _flag(text: str) -> bool:
     if text.lower() in {"true", "1", "yes"}:
         return True
@@ -158,12 +181,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--normalisation", default="global", choices=NORMALISATIONS)
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    parser.add_argument("--patience", type=int, default=TrainConfig.patience)
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--max-frames", type=int, default=None, help="crop longer utterances (memory)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--patience", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--max-frames", type=int, default=None,
+                        help="random training crop / central evaluation crop in frames (0: whole utterances)")
     parser.add_argument("--balance", default=TrainConfig.balance, choices=BALANCES)
     parser.add_argument("--dropout", type=float, default=None)
     parser.add_argument("--cache-mb", type=int, default=2048, help="frame cache budget in MiB")
@@ -172,6 +196,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The optimisation settings of parsed options (unset ones from :class:`TrainConfig`)."""
+    apply_defaults(args, {})
     return TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, max_frames=args.max_frames or None, balance=args.balance)
 
@@ -187,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        with FeatureStore(args.features) as store:
+            kind = store.attrs.get("kind", "wav2vec2")
+    except (OSError, ValueError) as err:
+        print(f"error: cannot read the feature store {args.features} ({err}); expected an HDF5 store written "
+              "by features.extract or features.egemaps.", file=sys.stderr)
+        return 2
+    apply_defaults(args, RECOMMENDED.get((args.head, kind), {}))
     head_kwargs = {"dropout": args.dropout, "hidden": args.hidden if args.head == "conv" else None}
     head_kwargs = {k: v for k, v in head_kwargs.items() if v is not None}
     try:

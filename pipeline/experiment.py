@@ -153,6 +153,10 @@ def load_experiment(manifests: Sequence[str | os.PathLike], split: str | os.Path
     folds = []
     for index, group in kept.groupby("fold", sort=True):
         parts = {p: sorted(group.loc[group["partition"] == p, "id"]) for p in PARTITIONS}
+        empty = [p for p in ("train", "test") if not parts[p]]
+        if empty:
+            raise ValueError(f"fold {index} of {split} has no {' and no '.join(empty)} utterances of label set "
+                             f"{label_set!r}; expected both partitions non-empty. Check the split and label set.")
         folds.append(Fold(int(index), parts["train"], parts["val"], parts["test"]))
     return Experiment(selection.labels, frame, folds, meta, label_set, selection.merge_calm,
                       selection.excluded, augmentation)

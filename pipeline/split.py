@@ -110,7 +110,7 @@ def _random_rows(utterances: pd.DataFrame, seed: int) -> pd.DataFrame:
     partition = pd.Series("train", index=utterances.index)
     for _, group in utterances.groupby("emotion"):
         order = rng.permutation(group.index.to_numpy())
-        n_test, n_val = round(0.1 * len(order)), round(0.1 * len(order))
+        n_test = n_val = max(1, round(0.1 * len(order))) if len(order) >= 3 else 0
         partition[order[:n_test]] = "test"
         partition[order[n_test:n_test + n_val]] = "val"
     return pd.DataFrame({"fold": 0, "id": utterances["id"].values, "partition": partition.values})

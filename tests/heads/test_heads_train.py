@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -184,3 +185,20 @@ def test_augmented_copies_train_only_where_their_source_trains(experiment, tmp_p
     assert not pd.read_csv(tmp_path / "run" / "predictions.csv")["id"].str.contains("@aug").any()
     off = train_heads(out=str(tmp_path / "off"), augmentation=False, **common)
     assert off["protocol"]["augmentation"] is False
+
+
+def test_cli_defaults_follow_the_feature_kind():
+    """A bare command line trains with the settings params.yaml gives the DVC stage of that system."""
+    import argparse
+
+    import yaml
+
+    from heads.train import RECOMMENDED, apply_defaults
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())["train"]
+    for (head, kind), defaults in RECOMMENDED.items():
+        assert params[f"{head}_{kind}"] == defaults, (head, kind)
+    args = apply_defaults(argparse.Namespace(epochs=None, lr=3e-4, dropout=None, hidden=None, max_frames=None,
+                                             patience=None, weight_decay=None, batch_size=None, balance="weights"),
+                          RECOMMENDED[("conv", "egemaps")])
+    assert (args.epochs, args.lr, args.dropout, args.hidden) == (80, 3e-4, 0.5, 256)

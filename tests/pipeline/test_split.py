@@ -138,3 +138,10 @@ def test_cross_corpus_trains_on_one_corpus_and_tests_on_the_others():
     check_speaker_independent(splits, manifest)
     with pytest.raises(ValueError, match="at least 2 corpora"):
         make_split(RAVDESS, scheme="cross_corpus")
+
+
+def test_random_split_keeps_a_test_utterance_of_small_classes():
+    small = _manifest("ravdess", ["01", "02"], per=2)  # 4 utterances per emotion
+    splits = make_split(small, scheme="random")
+    test = splits[splits.partition == "test"].merge(small, on="id")
+    assert sorted(test.emotion.value_counts().to_dict().items()) == [(e, 1) for e in ("angry", "happy", "neutral", "sad")]
