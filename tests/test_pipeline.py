@@ -36,7 +36,7 @@ def _params(corpus: Path, encoder: Path) -> dict:
     params["corpora"] = {"enabled": ["ravdess"], "sources": {"ravdess": str(corpus)}}
     params["augment"]["copies"] = 1
     params["features"]["encoder"] = str(encoder)
-    for name, settings in params["train"].items():
+    for settings in params["train"].values():
         if isinstance(settings, dict):
             settings.update({k: v for k, v in {"epochs": 2, "patience": 1, "batch_size": 8, "n_estimators": 20,
                                                "hidden": 16}.items() if k in settings})
