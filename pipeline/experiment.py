@@ -93,6 +93,8 @@ class Experiment:
             "merge_calm": self.merge_calm,
             "augmentation": self.augmentation,
             "corpora": sorted(self.frame["corpus"].unique().tolist()),
+            "train_corpora": {str(f.index): sorted(self.frame.loc[f.train, "corpus"].unique().tolist())
+                              for f in self.folds},
         }
 
 
