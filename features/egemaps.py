@@ -15,6 +15,7 @@ import argparse
 import functools
 import multiprocessing
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -140,4 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as err:  # a clear message, not a traceback
+        sys.exit(f"error: {err}")
