@@ -243,3 +243,14 @@ class StoreBuild:
         with contextlib.suppress(OSError):
             self.parts_dir.rmdir()
         return {"stored": len(keep), "removed": stale}
+
+
+def finish(stage: str, build: StoreBuild, *, out, skips, skipped: list[dict], computed: int,
+           audio_seconds: float) -> dict:
+    """Merge the build, write the skips file and print and return the run's summary."""
+    counts = build.finish()
+    skips = write_skips(skips or f"{out}.skips.csv", skipped)
+    print(f"{stage}: {computed} computed ({audio_seconds:.1f} s of audio), {build.reused} reused, {len(skipped)} "
+          f"skipped (see {skips}), {counts['removed']} removed; {counts['stored']} utterances in {out}")
+    return {"computed": computed, "reused": build.reused, "skipped": len(skipped), **counts,
+            "audio_seconds": round(audio_seconds, 2)}

@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from features.cache import StoreBuild, advance, read_manifests, write_skips
+from features.cache import StoreBuild, advance, finish, read_manifests
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 
 
@@ -121,13 +121,8 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
                       duration_s=seconds)
             computed, done_s = computed + 1, done_s + seconds
             advance(bar, seconds)
-    counts = build.finish()
-    skips = write_skips(skips or f"{out}.skips.csv", skipped)
-    summary = {"computed": computed, "reused": build.reused, "skipped": len(skipped), **counts,
-               "audio_seconds": round(done_s, 2)}
-    print(f"egemaps: {computed} computed ({done_s:.1f} s of audio), {build.reused} reused, {len(skipped)} "
-          f"skipped (see {skips}), {counts['removed']} removed; {counts['stored']} utterances in {out}")
-    return summary
+    return finish("egemaps", build, out=out, skips=skips, skipped=skipped, computed=computed,
+                  audio_seconds=done_s)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

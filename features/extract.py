@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from features.cache import PartWriter, StoreBuild, advance, read_manifests, write_skips
+from features.cache import PartWriter, StoreBuild, advance, finish, read_manifests
 from features.encoder import DEFAULT_ENCODER, Encoder, load_encoder
 from pipeline.audio import AudioError, load_audio
 
@@ -225,13 +225,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                     computed += 1
                 done_s += seconds
                 advance(bar, seconds)
-    counts = build.finish()
-    skips = write_skips(skips or f"{out}.skips.csv", skipped)
-    summary = {"computed": computed, "reused": build.reused, "skipped": len(skipped), **counts,
-               "audio_seconds": round(done_s, 2)}
-    print(f"extract: {computed} computed ({done_s:.1f} s of audio), {build.reused} reused, {len(skipped)} "
-          f"skipped (see {skips}), {counts['removed']} removed; {counts['stored']} utterances in {out}")
-    return summary
+    return finish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
+                  audio_seconds=done_s)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
