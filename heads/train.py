@@ -142,8 +142,8 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
 #: chosen on RAVDESS validation accuracy; the wav2vec2 ones are untuned (no pretrained weights on the
 #: development machines). Anything not listed falls back to :class:`TrainConfig` and the head's own defaults.
 RECOMMENDED: dict[tuple[str, str], dict] = {
-    ("conv", "egemaps"): {"epochs": 80, "patience": 10, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 32,
-                          "max_frames": 0, "dropout": 0.5, "hidden": 256},
+    ("conv", "egemaps"): {"epochs": 60, "patience": 10, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 32,
+                          "max_frames": 300, "dropout": 0.5, "hidden": 256},
     ("conv", "wav2vec2"): {"epochs": 40, "patience": 5, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
                            "max_frames": 250, "dropout": 0.2, "hidden": 128},
     ("linear", "wav2vec2"): {"epochs": 40, "patience": 5, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,

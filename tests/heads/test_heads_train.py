@@ -201,4 +201,4 @@ def test_cli_defaults_follow_the_feature_kind():
     args = apply_defaults(argparse.Namespace(epochs=None, lr=3e-4, dropout=None, hidden=None, max_frames=None,
                                              patience=None, weight_decay=None, batch_size=None, balance="weights"),
                           RECOMMENDED[("conv", "egemaps")])
-    assert (args.epochs, args.lr, args.dropout, args.hidden) == (80, 3e-4, 0.5, 256)
+    assert (args.epochs, args.lr, args.dropout, args.hidden) == (60, 3e-4, 0.5, 256)
