@@ -32,6 +32,17 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
+def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean ‖ standard deviation over the valid frames of each utterance: ``[B, T, D]`` to ``[B, 2D]``."""
+    mean = masked_mean(x, lengths)
+    var = masked_mean((x - mean[:, None, :]) ** 2, lengths)
+    return torch.cat([mean, var.clamp_min(1e-8).sqrt()], dim=-1)
+
+
+#: Pooling over frames: name to ``(function, output width multiplier)``.
+POOLING = {"mean": (masked_mean, 1), "stats": (masked_mean_std, 2)}
+
+
 class LayerWeights(nn.Module):
     """A learned convex combination of layers: softmax over a zero-initialised parameter (s3prl style).
 
@@ -83,25 +94,29 @@ class ConvHead(nn.Module):
         num_classes: ``C``.
         hidden: channels of the convolutions and width of the first linear layer.
         dropout: dropout after each convolution and before the output layer.
+        pooling: ``mean`` (Pepino et al.) or ``stats`` (mean ‖ standard deviation over valid frames).
     """
 
     def __init__(self, num_layers: int, input_dim: int, num_classes: int, *, hidden: int = 128,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, pooling: str = "mean"):
         super().__init__()
+        if pooling not in POOLING:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {sorted(POOLING)}.")
+        self.pool, width = POOLING[pooling]
         self.layer_weights = LayerWeights(num_layers)
         self.convs = nn.Sequential(
             nn.Conv1d(input_dim, hidden, kernel_size=1), nn.ReLU(), nn.Dropout(dropout),
             nn.Conv1d(hidden, hidden, kernel_size=1), nn.ReLU(), nn.Dropout(dropout),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes),
+            nn.Linear(width * hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes),
         )
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``features [B, L, T, H]``, ``lengths [B]`` to logits ``[B, C]``."""
         x = self.layer_weights(features)                 # [B, T, H]
         x = self.convs(x.transpose(1, 2)).transpose(1, 2)  # [B, T, hidden]
-        return self.classifier(masked_mean(x, lengths))
+        return self.classifier(self.pool(x, lengths))
 
 
 #: Head name to class; each is called as ``factory(num_layers=, input_dim=, num_classes=, **kwargs)``.

@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, nargs="*", default=None,
                         help="positions in the store's layers (default: all)")
     parser.add_argument("--hidden", type=int, default=None, help="conv head width")
+    parser.add_argument("--pooling", default=None, choices=["mean", "stats"],
+                        help="conv head: mean (Pepino et al.) or mean ‖ std over valid frames")
     add_training_args(parser)
     args = parser.parse_args(argv)
     if args.threads:
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
               "by features.extract or features.egemaps.", file=sys.stderr)
         return 2
     apply_defaults(args, RECOMMENDED.get((args.head, kind), {}))
-    head_kwargs = {"dropout": args.dropout, "hidden": args.hidden if args.head == "conv" else None}
+    conv_only = {"hidden": args.hidden, "pooling": args.pooling} if args.head == "conv" else {}
+    head_kwargs = {"dropout": args.dropout, **conv_only}
     head_kwargs = {k: v for k, v in head_kwargs.items() if v is not None}
     try:
         metrics = train_heads(features=args.features, manifests=args.manifest, split=args.split, head=args.head,

@@ -38,3 +38,20 @@ def test_heads_shape_and_padding_invariance(name):
 def test_unknown_head_is_refused():
     with pytest.raises(ValueError, match="unknown head 'mlp'; expected one of"):
         build_head("mlp", num_layers=1, input_dim=2, num_classes=2)
+
+
+def test_stats_pooling_is_mean_and_std_of_valid_frames_only():
+    from heads.models import masked_mean_std
+
+    x = torch.tensor([[[1.0], [3.0], [100.0]], [[2.0], [2.0], [2.0]]])
+    pooled = masked_mean_std(x, torch.tensor([2, 3]))
+    assert torch.allclose(pooled, torch.tensor([[2.0, 1.0], [2.0, 0.0]]), atol=1e-3)
+
+
+def test_conv_head_with_stats_pooling_ignores_padding_and_checks_its_name():
+    head = build_head("conv", num_layers=2, input_dim=4, num_classes=3, pooling="stats").eval()
+    x = torch.randn(1, 2, 5, 4)
+    padded = torch.cat([x, torch.randn(1, 2, 3, 4)], dim=2)
+    assert torch.allclose(head(x, torch.tensor([5])), head(padded, torch.tensor([5])), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        build_head("conv", num_layers=1, input_dim=4, num_classes=3, pooling="max")
