@@ -143,7 +143,7 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
 #: development machines). Anything not listed falls back to :class:`TrainConfig` and the head's own defaults.
 RECOMMENDED: dict[tuple[str, str], dict] = {
     ("conv", "egemaps"): {"epochs": 60, "patience": 10, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 32,
-                          "max_frames": 300, "dropout": 0.5, "hidden": 256},
+                          "max_frames": 300, "dropout": 0.5, "hidden": 256, "pooling": "stats"},
     ("conv", "wav2vec2"): {"epochs": 40, "patience": 5, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
                            "max_frames": 250, "dropout": 0.2, "hidden": 128},
     ("linear", "wav2vec2"): {"epochs": 40, "patience": 5, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
