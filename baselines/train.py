@@ -27,7 +27,7 @@ from features.store import FeatureStore
 from heads.data import LRUCache
 from heads.fit import TrainConfig
 from heads.runs import save_sklearn_fold
-from heads.train import add_training_args, config_from_args, run_folds
+from heads.train import add_training_args, config_from_args, report, run_folds
 from pipeline.experiment import load_experiment
 from pipeline.metrics import prediction_frame, scores, write_run
 
@@ -136,26 +136,21 @@ def main(argv: list[str] | None = None) -> int:
               "merge_calm": args.merge_calm, "augmentation": args.augmentation,
               "normalisation": args.normalisation, "seed": args.seed,
               "system": args.system}
-    try:
+    def train() -> dict:
         if args.model == "mfcc_cnn":
             model_kwargs = {} if args.dropout is None else {"dropout": args.dropout}
-            metrics = train_mfcc_cnn(**common, config=config_from_args(args), model_kwargs=model_kwargs,
-                                     log_mel_settings={"n_mels": args.n_mels, "n_mfcc": args.n_mfcc},
-                                     cache_mb=args.cache_mb)
-        else:
-            if not args.features:
-                raise ValueError(f"--model {args.model} reads utterance-level features; expected --features "
-                                 "F.h5, found none. Pass the eGeMAPS (or wav2vec2) feature store.")
-            settings = ({"n_estimators": args.n_estimators, "n_jobs": args.n_jobs} if args.model == "rf"
-                        else {"C": args.C})
-            metrics = train_sklearn(**common, features=args.features, model=args.model, layers=args.layers,
-                                    settings=settings)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: ua {metrics['ua']:.3f} ± {metrics['ua_std']:.3f}, wa {metrics['wa']:.3f}, "
-          f"macro_f1 {metrics['macro_f1']:.3f}", file=sys.stderr)
-    return 0
+            return train_mfcc_cnn(**common, config=config_from_args(args), model_kwargs=model_kwargs,
+                                  log_mel_settings={"n_mels": args.n_mels, "n_mfcc": args.n_mfcc},
+                                  cache_mb=args.cache_mb)
+        if not args.features:
+            raise ValueError(f"--model {args.model} reads utterance-level features; expected --features "
+                             "F.h5, found none. Pass the eGeMAPS (or wav2vec2) feature store.")
+        settings = ({"n_estimators": args.n_estimators, "n_jobs": args.n_jobs} if args.model == "rf"
+                    else {"C": args.C})
+        return train_sklearn(**common, features=args.features, model=args.model, layers=args.layers,
+                             settings=settings)
+
+    return report(args.out, train)
 
 
 if __name__ == "__main__":

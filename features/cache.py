@@ -254,3 +254,10 @@ def finish(stage: str, build: StoreBuild, *, out, skips, skipped: list[dict], co
           f"skipped (see {skips}), {counts['removed']} removed; {counts['stored']} utterances in {out}")
     return {"computed": computed, "reused": build.reused, "skipped": len(skipped), **counts,
             "audio_seconds": round(audio_seconds, 2)}
+
+
+def add_store_args(parser) -> None:
+    """The arguments every store-building command takes: manifests, output store, skips file."""
+    parser.add_argument("--manifest", action="append", required=True, help="manifest CSV (repeatable)")
+    parser.add_argument("--out", required=True, help="the HDF5 store to build or update")
+    parser.add_argument("--skips", help="CSV of rows not stored (default: <out>.skips.csv)")

@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from features.cache import StoreBuild, advance, finish, read_manifests
+from features.cache import StoreBuild, add_store_args, advance, finish, read_manifests
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 
 
@@ -127,9 +127,7 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
 
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m features.egemaps", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", action="append", required=True, help="manifest CSV (repeatable)")
-    p.add_argument("--out", required=True, help="the HDF5 store to build or update")
-    p.add_argument("--skips", help="CSV of rows not stored (default: <out>.skips.csv)")
+    add_store_args(p)
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     a = p.parse_args(argv)
     return extract_egemaps(a.manifest, a.out, skips=a.skips, workers=a.workers)

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from features.cache import PartWriter, StoreBuild, advance, finish, read_manifests
+from features.cache import PartWriter, StoreBuild, add_store_args, advance, finish, read_manifests
 from features.encoder import DEFAULT_ENCODER, Encoder, load_encoder
 from pipeline.audio import AudioError, load_audio
 
@@ -231,9 +231,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
 
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m features.extract", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", action="append", required=True, help="manifest CSV (repeatable)")
-    p.add_argument("--out", required=True, help="the HDF5 store to build or update")
-    p.add_argument("--skips", help="CSV of rows not stored (default: <out>.skips.csv)")
+    add_store_args(p)
     p.add_argument("--encoder", default=os.environ.get("SER_ENCODER") or DEFAULT_ENCODER,
                    help="hub id or local folder (default: $SER_ENCODER or %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

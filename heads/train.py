@@ -160,6 +160,19 @@ def apply_defaults(args: argparse.Namespace, defaults: dict) -> argparse.Namespa
     return args
 
 
+def report(out: str, train: Callable[[], dict]) -> int:
+    """Run a trainer for a command line: expected errors become one ``error:`` line (exit 2), success prints
+    the headline figures (exit 0)."""
+    try:
+        metrics = train()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{out}: ua {metrics['ua']:.3f} ± {metrics['ua_std']:.3f}, wa {metrics['wa']:.3f}, "
+          f"macro_f1 {metrics['macro_f1']:.3f}", file=sys.stderr)
+    return 0
+
+
 def _flag(text: str) -> bool:
     if text.lower() in {"true", "1", "yes"}:
         return True
@@ -226,18 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     conv_only = {"hidden": args.hidden, "pooling": args.pooling} if args.head == "conv" else {}
     head_kwargs = {"dropout": args.dropout, **conv_only}
     head_kwargs = {k: v for k, v in head_kwargs.items() if v is not None}
-    try:
-        metrics = train_heads(features=args.features, manifests=args.manifest, split=args.split, head=args.head,
-                              label_set=args.label_set, out=args.out, merge_calm=args.merge_calm,
-                              augmentation=args.augmentation,
-                              normalisation=args.normalisation, layers=args.layers, config=config_from_args(args),
-                              head_kwargs=head_kwargs, seed=args.seed, cache_mb=args.cache_mb, system=args.system)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: ua {metrics['ua']:.3f} ± {metrics['ua_std']:.3f}, wa {metrics['wa']:.3f}, "
-          f"macro_f1 {metrics['macro_f1']:.3f}", file=sys.stderr)
-    return 0
+    return report(args.out, lambda: train_heads(
+        features=args.features, manifests=args.manifest, split=args.split, head=args.head,
+        label_set=args.label_set, out=args.out, merge_calm=args.merge_calm, augmentation=args.augmentation,
+        normalisation=args.normalisation, layers=args.layers, config=config_from_args(args),
+        head_kwargs=head_kwargs, seed=args.seed, cache_mb=args.cache_mb, system=args.system))
 
 
 if __name__ == "__main__":
