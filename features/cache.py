@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features.store import FeatureStore, StoreWriter, atomic_path
+from features.store import FeatureStore, StoreWriter
 
 SKIP_COLUMNS = ["id", "path", "reason", "detail"]
 
@@ -119,14 +119,30 @@ class PartWriter:
             self._writer.add(uid, source=source, **kw)
         self.count += 1
 
-    def close(self) -> None:
-        """Publish the part (nothing happens when it holds no entry)."""
-        if self._writer is not None:
-            self._writer.close()
-            with open(self._writer.path, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(self._writer.path, self.path)
-            self._writer = None
+    def close(self, *, publish: bool = True) -> Path | None:
+        """Close the part and publish it with :func:`publish_part`, or leave that to the caller
+        (``publish=False``: a worker process hands the syncing to its idle parent). Returns the file written,
+        or None when the part holds no entry."""
+        if self._writer is None:
+            return None
+        self._writer.close()
+        written, self._writer = self._writer.path, None
+        return publish_part(written) if publish else written
+
+
+def replace_synced(tmp: Path, target: Path) -> None:
+    """fsync a closed file, then rename it onto ``target`` (atomic: ``target`` is old or new, never partial)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def publish_part(tmp: str | os.PathLike) -> Path:
+    """Publish a closed ``part-*.h5.tmp`` as ``part-*.h5`` with :func:`replace_synced`: a part is always whole."""
+    tmp = Path(tmp)
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    replace_synced(tmp, final)
+    return final
 
 
 class StoreBuild:
@@ -146,6 +162,8 @@ class StoreBuild:
         self._available: dict[str, dict[str, Path]] = {}   # uid -> {source hash: file holding it}
         self._part: PartWriter | None = None
         self._n_parts = 0
+        self._assembly: StoreWriter | None = None      # the new store, filled as parts complete
+        self._absorbed: dict[str, str] = {}             # uid -> source hash already in it
 
     def _scan(self) -> None:
         for tmp in self.out.parent.glob(self.out.name + ".tmp-*"):
@@ -195,6 +213,7 @@ class StoreBuild:
                 skips.append({"id": uid, "path": path, "reason": "missing", "detail": str(err)})
         rows = rows.assign(source=sources)
         rows = rows[rows["source"].notna()]
+        self.wanted = rows  # every row with readable bytes, done or not
         self._wanted = dict(zip(rows["id"], rows["source"], strict=True))
         done = [s in self._available.get(u, {}) for u, s in self._wanted.items()]
         self.reused = sum(done)
@@ -206,19 +225,43 @@ class StoreBuild:
         self._n_parts += 1
         return self.parts_dir / f"part-{os.getpid()}-{self._n_parts:05d}.h5"  # pid: no clash with any old run
 
-    def add(self, uid: str, *, source: str, **kw) -> None:
-        """Store one computed utterance (arguments as for :meth:`PartWriter.add`), in rolling part files."""
+    def add(self, uid: str, *, source: str, roll: bool = True, **kw) -> None:
+        """Store one computed utterance (arguments as for :meth:`PartWriter.add`) in rolling part files: with
+        ``roll``, the part is published once it holds ``part_entries``; otherwise when :meth:`roll` says."""
         if self._part is None:
             self._part = PartWriter(self.reserve_part(), self.meta)
         self._part.add(uid, source=source, **kw)
-        if self._part.count >= self.part_entries:
-            self._part.close()
+        if roll:
+            self.roll()
+
+    def roll(self) -> None:
+        """Publish the current part if it holds ``part_entries`` utterances or more."""
+        if self._part is not None and self._part.count >= self.part_entries:
+            self.absorb(self._part.close())
             self._part = None
+
+    def absorb(self, part: Path) -> None:
+        """Copy a published part's entries into the new store while the work goes on, so that :meth:`finish`
+        has little left to copy. The part stays until the new store is in place (a kill loses nothing)."""
+        if self._assembly is None:
+            self._assembly = StoreWriter(self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}"), self.meta)
+        with FeatureStore(part) as fs:
+            for uid in fs.ids():
+                self._assembly.copy_entry(fs, uid)
+                self._absorbed[uid] = fs.entry_attrs(uid).get("source", "")
+
+    def _discard_assembly(self) -> None:
+        if self._assembly is not None:
+            self._assembly.close()
+            self._assembly.path.unlink(missing_ok=True)
+        self._assembly, self._absorbed = None, {}
 
     def finish(self) -> dict:
         """Merge parts and kept entries into a fresh store, atomically; returns counts."""
         if self._part is not None:
-            self._part.close()
+            part = self._part.close()
+            if part is not None:
+                self.absorb(part)
             self._part = None
         self._available = {}
         self._scan()
@@ -227,17 +270,25 @@ class StoreBuild:
         stale = sum(1 for u, held in self._available.items() if self.out in held.values() and u not in keep)
         from_parts = any(f != self.out for f in keep.values())
         if self.out.exists() and self.rebuild_reason is None and not stale and not from_parts:
+            self._discard_assembly()
             return {"stored": len(keep), "removed": 0}
+        if any(keep.get(u) is None or self._wanted[u] != src for u, src in self._absorbed.items()):
+            self._discard_assembly()  # not expected: absorbed entries are this run's; start over to be safe
+        writer = self._assembly or StoreWriter(self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}"), self.meta)
         handles: dict[Path, FeatureStore] = {}
         try:
-            with atomic_path(self.out) as tmp, StoreWriter(tmp, self.meta) as writer:
-                for uid in sorted(keep):
-                    if keep[uid] not in handles:
-                        handles[keep[uid]] = FeatureStore(keep[uid])
-                    writer.copy_entry(handles[keep[uid]], uid)
+            for uid in sorted(set(keep) - set(self._absorbed)):
+                if keep[uid] not in handles:
+                    handles[keep[uid]] = FeatureStore(keep[uid])
+                writer.copy_entry(handles[keep[uid]], uid)
+            writer.close()
+            replace_synced(writer.path, self.out)
         finally:
             for h in handles.values():
                 h.close()
+            writer.close()
+            writer.path.unlink(missing_ok=True)
+            self._assembly, self._absorbed = None, {}
         for part in self.parts_dir.glob("part-*.h5") if self.parts_dir.is_dir() else []:
             part.unlink()
         with contextlib.suppress(OSError):

@@ -2,10 +2,11 @@
 
 Each row's audio is decoded (mono, resampled with soxr to the encoder's rate, optionally cropped) in a
 background thread, normalised by the encoder's own feature extractor and run through the frozen encoder with
-all hidden states. Only inputs of identical length share a batch (GroupNorm: padding would change every frame);
-inputs longer than a window are windowed (see :mod:`features.encoder`) and streamed into the store. On CPU the
-rows are shared by one single-thread process per core (forked after the model is loaded); on CUDA one process
-feeds the GPU, with several decoding threads. The store is built incrementally and kill-safely by
+all hidden states. Rows of nearly equal length share a forward pass, planned over all rows by
+:func:`plan_batches` (each stays exact: see :meth:`features.encoder.Encoder.forward`); inputs longer than a window
+are windowed (see :mod:`features.encoder`) and streamed into the store. On CPU the passes are shared by one
+single-thread process per core (forked after the model is loaded); on CUDA one process feeds the GPU, with
+several decoding threads. The store is built incrementally and kill-safely by
 :class:`features.cache.StoreBuild`; rows whose audio cannot be used are listed in the skips report.
 
 Example:
@@ -33,7 +34,15 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from features.cache import PartWriter, StoreBuild, add_store_args, advance, finish, read_manifests
+from features.cache import (
+    PartWriter,
+    StoreBuild,
+    add_store_args,
+    advance,
+    finish,
+    publish_part,
+    read_manifests,
+)
 from features.encoder import DEFAULT_ENCODER, Encoder, load_encoder
 from pipeline.audio import AudioError, load_audio
 
@@ -80,6 +89,8 @@ class Job:
     max_s: float | None = None
     batch_seconds: float = 60.0
     decode_workers: int = 1
+    max_batch: int = 4
+    max_padding: float = 0.1
 
 
 def decoded(rows: Sequence[dict], enc: Encoder, job: Job, lookahead: int = 16
@@ -98,39 +109,118 @@ def decoded(rows: Sequence[dict], enc: Encoder, job: Job, lookahead: int = 16
                 yield row, None, err
 
 
-def encode_rows(enc: Encoder, rows: Sequence[dict], job: Job, add: Callable[..., None]
-                ) -> Iterator[tuple[float, dict | None]]:
-    """Encode rows (``id, path, source``): equal-length batches, long inputs windowed and streamed.
+def plan_batches(rows: pd.DataFrame, todo: set[str], job: Job, enc: Encoder) -> list[list[dict]]:
+    """Group every wanted row, not only those still to do, into forward passes; keep the passes with work.
 
-    Each result goes to ``add(uid, source=..., frames=... | pieces=..., ...)``; yields, per row,
-    ``(seconds of audio encoded, skip record or None)``.
+    Rows are sorted longest first (manifest ``duration_s`` after the crop); a pass holds up to
+    ``job.max_batch`` neighbours within ``job.max_padding`` of its longest and ``job.batch_seconds`` of padded
+    audio; inputs long enough to be windowed, or without a duration, run alone. Because passes are planned
+    over all rows and a part file only ever holds whole passes, a resumed run makes exactly the passes an
+    uninterrupted one makes (results are bitwise reproducible even where a library's arithmetic depends on
+    the batch). A pass is computed whole; only its rows in ``todo`` are stored.
+
+    Returns:
+        Passes of row dicts ``id, path, source, todo``.
     """
-    batch: list[tuple[dict, np.ndarray]] = []
+    seconds = pd.to_numeric(rows.get("duration_s", pd.Series(np.nan, index=rows.index)), errors="coerce")
+    seconds = (seconds - job.offset_s).clip(lower=0)
+    if job.max_s:
+        seconds = seconds.clip(upper=job.max_s)
+    rows = rows.assign(_seconds=seconds).sort_values("_seconds", kind="stable", ascending=False, na_position="last")
+    longest_single = enc.max_single_samples / enc.sample_rate
+    batches: list[list[dict]] = []
+    for row in rows[["id", "path", "source", "_seconds"]].to_dict("records"):
+        length = row.pop("_seconds")
+        row["todo"] = row["id"] in todo
+        alone = not np.isfinite(length) or length > longest_single
+        last = batches[-1] if batches else None
+        if (last and not alone and last[0]["_length"] is not None and len(last) < job.max_batch
+                and (len(last) + 1) * last[0]["_length"] <= job.batch_seconds
+                and length >= (1 - job.max_padding) * last[0]["_length"]):
+            last.append(row)
+        else:
+            batches.append([row])
+        row["_length"] = None if alone else length
+    batches = [b for b in batches if any(r["todo"] for r in b)]
+    for batch in batches:
+        for row in batch:
+            del row["_length"]
+    return batches
 
-    def flush() -> None:
-        if batch:
-            states = enc.forward(np.stack([w for _, w in batch]), layers=job.layers)
-            for (row, wave), frames in zip(batch, states, strict=True):
-                add(row["id"], source=row["source"], frames=frames, path=row["path"],
-                    duration_s=len(wave) / enc.sample_rate)
-            batch.clear()
 
-    for row, wave, err in decoded(rows, enc, job):
-        if err is not None:
-            yield 0.0, {"id": row["id"], "path": row["path"], "reason": getattr(err, "reason", "missing"),
-                        "detail": str(err)}
-            continue
-        if batch and (len(wave) != len(batch[0][1]) or (len(batch) + 1) * len(wave) > job.batch_seconds * enc.sample_rate):
-            flush()
-        if len(wave) <= enc.max_single_samples:
-            batch.append((row, wave))
-        else:  # long: windowed, streamed piece by piece into the store
-            flush()
-            add(row["id"], source=row["source"], pieces=enc.iter_hidden_states(wave, layers=job.layers, normalised=True),
-                num_frames=enc.num_frames(len(wave)), hidden_size=enc.hidden_size, path=row["path"],
-                duration_s=len(wave) / enc.sample_rate)
-        yield len(wave) / enc.sample_rate, None
-    flush()
+def encode_rows(enc: Encoder, batches: Sequence[Sequence[dict]], job: Job, add: Callable[..., None],
+                end_batch: Callable[[], None] = lambda: None) -> Iterator[tuple[float, dict | None]]:
+    """Encode passes of rows (``id, path, source, todo``, from :func:`plan_batches`); long inputs are
+    windowed and streamed. :meth:`Encoder.forward` keeps every row of a pass exact.
+
+    Each result of a ``todo`` row goes to ``add(uid, source=..., frames=... | pieces=..., ...)``, then
+    ``end_batch()`` runs after each pass. Yields, per ``todo`` row, ``(seconds of audio encoded, skip record
+    or None)``.
+    """
+    flat = [row for batch in batches for row in batch]
+    waves = decoded(flat, enc, job)
+    for batch in batches:
+        ready = []
+        for row, wave, err in islice(waves, len(batch)):
+            if err is None:
+                ready.append((row, wave))
+            elif row["todo"]:
+                yield 0.0, {"id": row["id"], "path": row["path"], "reason": getattr(err, "reason", "missing"),
+                            "detail": str(err)}
+        short = [(row, wave) for row, wave in ready if len(wave) <= enc.max_single_samples]
+        states = enc.forward([w for _, w in short], layers=job.layers) if short else []
+        results = {row["id"]: frames for (row, _), frames in zip(short, states, strict=True)}
+        for row, wave in ready:
+            if not row["todo"]:
+                continue
+            meta = {"path": row["path"], "duration_s": len(wave) / enc.sample_rate}
+            if row["id"] in results:
+                add(row["id"], source=row["source"], frames=results[row["id"]], **meta)
+            else:  # long: windowed, streamed piece by piece into the store
+                add(row["id"], source=row["source"], num_frames=enc.num_frames(len(wave)),
+                    pieces=enc.iter_hidden_states(wave, layers=job.layers, normalised=True),
+                    hidden_size=enc.hidden_size, **meta)
+            yield len(wave) / enc.sample_rate, None
+        end_batch()
+
+
+def split_tasks(batches: list[list], procs: int, most: int) -> list[list[list]]:
+    """Cut the passes into tasks for ``procs`` processes, shrinking as the work runs out (guided scheduling):
+    each task holds about half a process's share of the utterances left (at most ``most``, at least one
+    pass). Rows come longest first, so the processes finish within about one short pass of each other."""
+    tasks, start, left = [], 0, sum(len(b) for b in batches)
+    while start < len(batches):
+        target = max(1, min(most, -(-left // (2 * procs))))
+        task, size = [], 0
+        while start < len(batches) and (not task or size + len(batches[start]) <= target):
+            task.append(batches[start])
+            size, start = size + len(batches[start]), start + 1
+        tasks.append(task)
+        left -= size
+    return tasks
+
+
+def tune_malloc() -> None:
+    """glibc only: keep freed memory for reuse rather than handing it back to the kernel after every forward
+    pass, which made each large activation fault its pages in afresh (about 3 % of CPU time)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest it may be; larger blocks stay mmap-ed
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Encode on one thread here, as every worker process does: results then never depend on the thread
+    count (a store resumed on another machine, or with other ``--procs``, equals an uninterrupted one)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tune_malloc()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 _WORKER: dict = {}
@@ -141,24 +231,26 @@ def _init_worker(enc: Encoder) -> None:
     """Worker process (forked, so the model is shared copy-on-write): one thread, dies with its parent."""
     import torch
     torch.set_num_threads(1)
+    tune_malloc()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphan outlives a kill
     _WORKER["enc"] = enc
 
 
-def _work(rows: list[dict], part: str, meta: dict, job: Job) -> tuple[float, int, list[dict]]:
-    """One task in a worker: encode ``rows`` into one part file; returns (seconds, computed, skips)."""
+def _work(batches: list[list[dict]], part: str, meta: dict, job: Job) -> tuple[float, int, list[dict], Path | None]:
+    """One task in a worker: encode whole passes into one part file, closed but left to the parent to publish
+    (fsync waits on the disk; the parent is idle); returns (seconds, computed, skips, the unpublished part)."""
     writer = PartWriter(part, meta)
-    results = list(encode_rows(_WORKER["enc"], rows, job, writer.add))
-    writer.close()
-    return sum(s for s, _ in results), sum(k is None for _, k in results), [k for _, k in results if k]
+    results = list(encode_rows(_WORKER["enc"], batches, job, writer.add))
+    written = writer.close(publish=False)
+    return sum(s for s, _ in results), sum(k is None for _, k in results), [k for _, k in results if k], written
 
 
 def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, encoder: str | Encoder = DEFAULT_ENCODER,
             device: str = "auto", dtype: str = "float32", layers: str = "all", max_seconds: float | None = None,
             offset_seconds: float = 0.0, storage_dtype: str = "float16", skips: str | os.PathLike | None = None,
             chunk_seconds: float = 30.0, batch_seconds: float = 60.0, procs: int | None = None,
-            workers: int | None = None, part_entries: int = 16) -> dict:
+            workers: int | None = None, part_entries: int = 16, max_batch: int | None = None) -> dict:
     """Build or update the wav2vec2 feature store ``out`` for the rows of ``manifests``.
 
     On CPU, ``procs`` forked processes of one thread each share the rows (faster than one process with
@@ -175,10 +267,11 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         storage_dtype: ``float16`` or ``float32`` for frames (pooled statistics are always float32).
         skips: CSV of rows not stored (default ``<out>.skips.csv``).
         chunk_seconds: inputs longer than this (plus 2 x 2 s context) are windowed.
-        batch_seconds: most audio per batch of equal-length inputs.
-        procs: encoder processes (default: one per core on CPU, 1 on CUDA).
+        batch_seconds: most audio (padded) per forward pass.
+        procs: single-thread encoder processes on CPU (default: one per core); 1 on CUDA.
         workers: decoding threads per process (default 1 on CPU, 8 on CUDA).
         part_entries: utterances per part file (the most work a kill can lose).
+        max_batch: most utterances per forward pass (default 4 on CPU, 64 on CUDA).
 
     Returns:
         ``{"computed", "reused", "skipped", "stored", "removed", "audio_seconds"}``.
@@ -188,7 +281,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         encoder, device=device, dtype=dtype, chunk_seconds=chunk_seconds)
     cuda = enc.device.type == "cuda"
     job = Job(parse_layers(layers, enc.num_layers), offset_seconds, max_seconds, batch_seconds,
-              workers or (8 if cuda else 1))
+              workers or (8 if cuda else 1), max_batch or (64 if cuda else 4))
     meta = {"kind": "wav2vec2", "encoder": enc.name, "revision": enc.revision, "sample_rate": enc.sample_rate,
             "layers": job.layers, "dtype": enc.dtype, "storage_dtype": storage_dtype, "max_seconds": max_seconds,
             "offset_seconds": offset_seconds, "chunk_seconds": enc.chunk_seconds,
@@ -197,34 +290,36 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
     todo, skipped = build.plan(rows)
     if build.rebuild_reason:
         print(f"extract: rebuilding {out}: {build.rebuild_reason}")
+    batches = plan_batches(build.wanted, set(todo["id"]), job, enc)
     total = None
     if "duration_s" in todo:
-        todo = todo.sort_values("duration_s", kind="stable", ascending=False)  # equal lengths become neighbours
         seconds = (pd.to_numeric(todo["duration_s"], errors="coerce").fillna(0) - offset_seconds).clip(lower=0)
         total = float(seconds.clip(upper=max_seconds).sum() if max_seconds else seconds.sum())
-    records = todo[["id", "path", "source"]].to_dict("records")
     procs = 1 if cuda else (procs or cpu_cores())
     done_s, computed = 0.0, 0
-    with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not records) as bar:
-        if procs > 1 and len(records) > 1:
-            size = max(1, min(part_entries, -(-len(records) // (8 * procs))))  # >= 8 tasks a process: even finish
-            tasks = [records[i:i + size] for i in range(0, len(records), size)]
+    with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar:
+        if procs > 1 and sum(map(len, batches)) > 1:
+            tasks = split_tasks(batches, procs, part_entries)
             with ProcessPoolExecutor(min(procs, len(tasks)), mp_context=_FORK,
                                      initializer=_init_worker, initargs=(enc,)) as pool:
                 futures = [pool.submit(_work, t, str(build.reserve_part()), meta, job) for t in tasks]
                 for future in as_completed(futures):
-                    seconds, n, task_skips = future.result()
+                    seconds, n, task_skips, written = future.result()
+                    if written is not None:
+                        build.absorb(publish_part(written))
                     done_s, computed = done_s + seconds, computed + n
                     skipped.extend(task_skips)
                     advance(bar, seconds)
         else:
-            for seconds, skip in encode_rows(enc, records, job, build.add):
-                if skip:
-                    skipped.append(skip)
-                else:
-                    computed += 1
-                done_s += seconds
-                advance(bar, seconds)
+            add = lambda uid, **kw: build.add(uid, roll=False, **kw)  # noqa: E731 (parts roll between passes)
+            with contextlib.nullcontext() if cuda else single_thread():
+                for seconds, skip in encode_rows(enc, batches, job, add, end_batch=build.roll):
+                    if skip:
+                        skipped.append(skip)
+                    else:
+                        computed += 1
+                    done_s += seconds
+                    advance(bar, seconds)
     return finish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
                   audio_seconds=done_s)
 
@@ -241,15 +336,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--max-seconds", type=lambda s: None if s in {"", "null", "None"} else float(s), default=None)
     p.add_argument("--offset-seconds", type=float, default=0.0)
     p.add_argument("--chunk-seconds", type=float, default=30.0, help="longer inputs are windowed")
-    p.add_argument("--batch-seconds", type=float, default=60.0, help="most audio per equal-length batch")
-    p.add_argument("--procs", type=int, default=None, help="encoder processes (default: one per core on CPU)")
+    p.add_argument("--batch-seconds", type=float, default=60.0, help="most audio (padded) per forward pass")
+    p.add_argument("--procs", type=int, default=None, help="single-thread encoder processes on CPU (default: one per core)")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default 1 on CPU, 8 on CUDA)")
     p.add_argument("--part-entries", type=int, default=16, help="utterances per part file (kill-safety grain)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="most utterances per forward pass (default 4 on CPU, 64 on CUDA)")
     a = p.parse_args(argv)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     return extract(a.manifest, a.out, encoder=a.encoder, device=a.device, dtype=a.dtype, layers=a.layers,
                    max_seconds=a.max_seconds, offset_seconds=a.offset_seconds, storage_dtype=a.storage_dtype,
-                   skips=a.skips, chunk_seconds=a.chunk_seconds, batch_seconds=a.batch_seconds, procs=a.procs, workers=a.workers, part_entries=a.part_entries)
+                   skips=a.skips, chunk_seconds=a.chunk_seconds, batch_seconds=a.batch_seconds, procs=a.procs, workers=a.workers,
+                   part_entries=a.part_entries, max_batch=a.max_batch)
 
 
 if __name__ == "__main__":

@@ -164,8 +164,15 @@ class _Moments:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
 
     def update(self, piece: np.ndarray) -> None:  # piece [L, t, H]
-        n_b, mean_b = piece.shape[1], piece.mean(axis=1, dtype=np.float64)
-        m2_b = piece.var(axis=1, dtype=np.float64) * n_b
+        n_b = piece.shape[1]
+        torch = sys.modules.get("torch")
+        if torch is not None and piece.dtype == np.float32:  # two float32 passes in torch: 6x faster, ~1e-7 apart
+            x = torch.from_numpy(np.ascontiguousarray(piece))
+            mean = x.mean(dim=1, keepdim=True)
+            mean_b, m2_b = mean[:, 0].double().numpy(), (x - mean).square_().sum(dim=1).double().numpy()
+        else:
+            mean_b = piece.mean(axis=1, dtype=np.float64)
+            m2_b = piece.var(axis=1, dtype=np.float64) * n_b
         n = self.n + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)

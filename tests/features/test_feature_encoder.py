@@ -87,3 +87,39 @@ def test_cuda_requested_without_gpu(tiny_encoder_dir):
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="--device cpu"):
         load_encoder(tiny_encoder_dir, device="cuda")
+
+
+def test_fast_cpu_kernels_replace_the_convolutions(enc, direct_forward):
+    # the tiny model has wav2vec2-base's structure: GroupNorm first layer, grouped positional convolution
+    assert enc.fast_kernels == ["feature_encoder", "positional_conv"]
+    wave = _wave(1.3, seed=3)
+    np.testing.assert_allclose(enc.hidden_states(wave), direct_forward(wave), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_kernels_on_a_layer_norm_encoder_with_conv_bias(tmp_path):
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(1)
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(16, 16, 16), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2),
+                            feat_extract_norm="layer", conv_bias=True, num_conv_pos_embeddings=16,
+                            num_conv_pos_embedding_groups=4, do_stable_layer_norm=True)
+    model = Wav2Vec2Model(config).eval()
+    model.save_pretrained(tmp_path)
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(tmp_path)
+    enc = load_encoder(tmp_path, device="cpu")
+    assert enc.fast_kernels == ["feature_encoder", "positional_conv"]
+    wave = enc.normalise(_wave(0.9, seed=4))
+    with torch.no_grad():
+        want = torch.stack(model(torch.from_numpy(wave)[None], output_hidden_states=True).hidden_states, 1)[0]
+    np.testing.assert_allclose(enc.hidden_states(wave), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_lengths_in_one_pass_equal_single_passes_bit_for_bit(enc):
+    waves = [enc.normalise(_wave(s, seed=i)) for i, s in enumerate([1.31, 1.2, 1.27, 0.5])]
+    together = enc.forward(waves)
+    assert [t.shape[1] for t in together] == [enc.num_frames(len(w)) for w in waves]
+    for wave, frames in zip(waves, together, strict=True):
+        np.testing.assert_array_equal(frames, enc.forward([wave])[0])
+    np.testing.assert_array_equal(enc.forward(waves[1:3])[1], together[2])  # whatever its batch-mates
