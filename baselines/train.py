@@ -58,7 +58,7 @@ def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model:
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
     with FeatureStore(features) as store:
         exp.require_ids(store.ids(), str(features))
-        used = list(range(store.num_layers)) if not layers else [int(i) for i in layers]
+        used = store.layer_positions(layers)
         ids = exp.needed_ids()
         X = np.stack([store.pooled(uid)[used].reshape(-1) for uid in ids])
         attrs = dict(store.attrs)

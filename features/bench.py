@@ -130,7 +130,7 @@ class _PeakMemory(threading.Thread):
 
     def __init__(self, period: float = 0.2, step: float = 1.02):
         super().__init__(daemon=True)
-        self.period, self.step, self.peak, self.reads = period, step, 0.0, 0
+        self.period, self.step, self.peak = period, step, 0.0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -138,7 +138,7 @@ class _PeakMemory(threading.Thread):
         while not self._stop_event.wait(self.period):
             rss = _tree_memory_mb(os.getpid(), cheap=True)
             if rss > high * self.step:
-                high, self.reads = rss, self.reads + 1
+                high = rss
                 self.peak = max(self.peak, _tree_memory_mb(os.getpid()))
 
     def stop(self) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features.store import FeatureStore, StoreWriter
+from features.store import FeatureStore, StoreWriter, replace_synced, temporary_sibling
 
 SKIP_COLUMNS = ["id", "path", "reason", "detail"]
 
@@ -130,13 +130,6 @@ class PartWriter:
         return publish_part(written) if publish else written
 
 
-def replace_synced(tmp: Path, target: Path) -> None:
-    """fsync a closed file, then rename it onto ``target`` (atomic: ``target`` is old or new, never partial)."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-
-
 def publish_part(tmp: str | os.PathLike) -> Path:
     """Publish a closed ``part-*.h5.tmp`` as ``part-*.h5`` with :func:`replace_synced`: a part is always whole."""
     tmp = Path(tmp)
@@ -213,7 +206,7 @@ class StoreBuild:
                 skips.append({"id": uid, "path": path, "reason": "missing", "detail": str(err)})
         rows = rows.assign(source=sources)
         rows = rows[rows["source"].notna()]
-        self.wanted = rows  # every row with readable bytes, done or not
+        self.wanted_rows = rows  # every row with readable bytes, done or not
         self._wanted = dict(zip(rows["id"], rows["source"], strict=True))
         done = [s in self._available.get(u, {}) for u, s in self._wanted.items()]
         self.reused = sum(done)
@@ -244,7 +237,7 @@ class StoreBuild:
         """Copy a published part's entries into the new store while the work goes on, so that :meth:`finish`
         has little left to copy. The part stays until the new store is in place (a kill loses nothing)."""
         if self._assembly is None:
-            self._assembly = StoreWriter(self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}"), self.meta)
+            self._assembly = StoreWriter(temporary_sibling(self.out), self.meta)
         with FeatureStore(part) as fs:
             for uid in fs.ids():
                 self._assembly.copy_entry(fs, uid)
@@ -274,7 +267,7 @@ class StoreBuild:
             return {"stored": len(keep), "removed": 0}
         if any(keep.get(u) is None or self._wanted[u] != src for u, src in self._absorbed.items()):
             self._discard_assembly()  # not expected: absorbed entries are this run's; start over to be safe
-        writer = self._assembly or StoreWriter(self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}"), self.meta)
+        writer = self._assembly or StoreWriter(temporary_sibling(self.out), self.meta)
         handles: dict[Path, FeatureStore] = {}
         try:
             for uid in sorted(set(keep) - set(self._absorbed)):

@@ -85,10 +85,11 @@ class MatmulFeatureEncoder:
                 raise NotImplementedError(f"{type(layer).__name__}: normalisation {type(norm).__name__}")
             weight = conv.weight.detach()                                      # [out, in, k]
             (kernel,), (stride,) = conv.kernel_size, conv.stride
-            blocks = [weight[:, :, j:j + stride].permute(2, 1, 0).reshape(-1, weight.shape[0])
-                      for j in range(0, kernel, stride)]                        # [w * in, out] each
+            # a waveform's windows are copied and multiplied once; wider inputs by kernel slices of one stride
+            starts = [0] if weight.shape[1] == 1 else range(0, kernel, stride)
+            width = kernel if weight.shape[1] == 1 else stride
+            blocks = [weight[:, :, j:j + width].permute(2, 1, 0).reshape(-1, weight.shape[0]) for j in starts]
             self.layers.append({"kernel": kernel, "stride": stride, "in": weight.shape[1], "blocks": blocks,
-                                "weight": weight.permute(2, 1, 0).reshape(-1, weight.shape[0]),
                                 "bias": None if conv.bias is None else conv.bias.detach(),
                                 "norm": norm, "activation": layer.activation})
 
@@ -99,7 +100,7 @@ class MatmulFeatureEncoder:
         norm = spec["norm"]
         if c_in == 1:  # windows of a waveform are small: copy them, and fold a per-channel GroupNorm
             windows = x[:, 0].unfold(0, k, s)                                  # [T, k] view
-            weight = spec["weight"]
+            (weight,) = spec["blocks"]
             if isinstance(norm, torch.nn.GroupNorm):
                 w64, a64 = weight.double(), windows.double()
                 mean_in = a64.mean(dim=0)
@@ -136,8 +137,15 @@ class MatmulFeatureEncoder:
         return torch.stack(outs).transpose(1, 2)
 
 
-#: Frames of each utterance while :meth:`Encoder.forward` runs a mixed-length batch (None otherwise).
-_BATCH_FRAMES: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("ser_batch_frames", default=None)
+#: ``(samples, frames)`` of each utterance while :meth:`Encoder.forward` runs a mixed-length batch, else None.
+_MIXED_BATCH: contextvars.ContextVar[tuple[list[int], list[int]] | None] = contextvars.ContextVar(
+    "ser_mixed_batch", default=None)
+
+
+def _batch_frames(batch_size: int) -> list[int] | None:
+    """Each utterance's frames when a mixed-length batch of ``batch_size`` is running, else None."""
+    mixed = _MIXED_BATCH.get()
+    return mixed[1] if mixed is not None and len(mixed[1]) == batch_size else None
 UNPADDED_ATTENTION = "ser_unpadded_sdpa"
 
 
@@ -149,8 +157,8 @@ def unpadded_attention(module, query, key, value, attention_mask, **kwargs):
     a batch it is plain sdpa.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    frames = _BATCH_FRAMES.get()
-    if frames is None or query.shape[0] != len(frames):
+    frames = _batch_frames(query.shape[0])
+    if frames is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [B, T, heads, D]
     for b, n in enumerate(frames):
@@ -175,8 +183,8 @@ class ChannelsLastConv1d:
                        "dilation": (1, conv.dilation[0]), "groups": conv.groups}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        frames = _BATCH_FRAMES.get()
-        if frames is None or x.shape[0] != len(frames):
+        frames = _batch_frames(x.shape[0])
+        if frames is None:
             return self._conv(x)
         width = x.shape[2] + 2 * self.kwargs["padding"][1] - self.weight.shape[3] + 1
         # channels-last like a single pass's output, so that later elementwise ops group values the same way
@@ -220,18 +228,19 @@ def use_fast_cpu_kernels(model, dtype: torch.dtype) -> list[str]:
 
 
 class Unpadded:
-    """Wraps a feature encoder's forward so that, while :attr:`lengths` is set, each row of a zero-padded
-    batch is encoded from its own first ``lengths[b]`` samples and the outputs are zero-padded to ``[B, C, T]``
-    (padding would change every frame of a GroupNorm feature encoder)."""
+    """Wraps a feature encoder's forward so that, while a mixed-length batch runs, each row of the zero-padded
+    batch is encoded from its own samples and the outputs are zero-padded to ``[B, C, T]`` (padding would
+    change every frame of a GroupNorm feature encoder)."""
 
     def __init__(self, inner):
-        self.inner, self.lengths = inner, None
+        self.inner = inner
 
     def __call__(self, input_values: torch.Tensor) -> torch.Tensor:
-        if self.lengths is None:
+        mixed = _MIXED_BATCH.get()
+        if mixed is None or len(mixed[0]) != input_values.shape[0]:
             return self.inner(input_values)
         # clone: each row starts 64-byte aligned, as a single pass's input does (MKL's results can depend on it)
-        outs = [self.inner(input_values[b:b + 1, :n].clone())[0].transpose(0, 1) for b, n in enumerate(self.lengths)]
+        outs = [self.inner(input_values[b:b + 1, :n].clone())[0].transpose(0, 1) for b, n in enumerate(mixed[0])]
         padded = outs[0].new_zeros(len(outs), max(o.shape[0] for o in outs), outs[0].shape[1])
         for b, o in enumerate(outs):
             padded[b, :o.shape[0]] = o
@@ -246,10 +255,11 @@ class Encoder:
         sample_rate: the rate the encoder expects (Hz).
         num_layers: hidden states returned, ``L`` (transformer input + every layer: 13 for base).
         hidden_size: ``H``.  stride, receptive_field: samples per frame and samples seen by one frame.
+        fast_kernels: modules replaced by :func:`use_fast_cpu_kernels` (empty off CPU).
     """
 
     def __init__(self, model, feature_extractor, *, name: str, revision: str | None, device: torch.device,
-                 dtype: str, chunk_seconds: float, overlap_seconds: float):
+                 dtype: str, chunk_seconds: float, overlap_seconds: float, fast_kernels: Sequence[str] = ()):
         cfg = model.config
         self.model, self.feature_extractor = model, feature_extractor
         self.name, self.revision, self.device, self.dtype = name, revision, device, dtype
@@ -265,8 +275,8 @@ class Encoder:
         self.context_frames = max(0, round(overlap_seconds * self.sample_rate / self.stride))
         self.chunk_seconds = self.window_frames * self.stride / self.sample_rate
         self.overlap_seconds = self.context_frames * self.stride / self.sample_rate
-        self._unpadded = Unpadded(model.feature_extractor.forward)
-        model.feature_extractor.forward = self._unpadded
+        self.fast_kernels = list(fast_kernels)
+        model.feature_extractor.forward = Unpadded(model.feature_extractor.forward)
 
     def num_frames(self, num_samples: int) -> int:
         """Frames ``T`` the encoder produces for ``num_samples`` input samples (0 when too short)."""
@@ -293,10 +303,10 @@ class Encoder:
                 layers: Sequence[int] | None = None) -> np.ndarray | list[np.ndarray]:
         """One forward pass over already-normalised inputs.
 
-        Inputs of equal length run as they are. Inputs of different lengths run exactly too: each one's
-        convolutional features are computed from its own samples (GroupNorm sees no padding), and the
-        transformer runs over them zero-padded with an attention mask, which leaves every real frame as a
-        single pass computes it (up to float rounding) while the layers multiply larger matrices.
+        Inputs of equal length run as they are. Inputs of different lengths run exactly too: the per-frame
+        layers multiply the zero-padded batch (larger matrices), while each input's convolutions run on its
+        own samples and its positional convolution and attention on its own frames, so every result equals
+        that input's single pass bit for bit.
 
         Args:
             batch: ``[B, N]`` float32, or a list of ``[N_i]`` arrays, normalised with :meth:`normalise`.
@@ -319,13 +329,11 @@ class Encoder:
             x = x.pin_memory().to(self.device, non_blocking=True)
             mask = None if mask is None else mask.to(self.device)
         x = x.to(DTYPES[self.dtype])
-        self._unpadded.lengths = lengths if mixed else None
-        token = _BATCH_FRAMES.set([self.num_frames(n) for n in lengths] if mixed else None)
+        token = _MIXED_BATCH.set((lengths, [self.num_frames(n) for n in lengths]) if mixed else None)
         try:
             states = self.model(x, attention_mask=mask, output_hidden_states=True).hidden_states
         finally:
-            self._unpadded.lengths = None
-            _BATCH_FRAMES.reset(token)
+            _MIXED_BATCH.reset(token)
         picked = states if layers is None else [states[i] for i in layers]
         out = torch.stack(picked, dim=1).float().cpu().numpy()
         if isinstance(batch, np.ndarray):
@@ -425,7 +433,5 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
         model.set_attn_implementation(UNPADDED_ATTENTION)
     local = Path(name)
     rev = _fingerprint_dir(local) if local.is_dir() else (getattr(model.config, "_commit_hash", None) or revision)
-    enc = Encoder(model, extractor, name=name, revision=rev, device=dev, dtype=dtype,
-                  chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds)
-    enc.fast_kernels = fast_kernels
-    return enc
+    return Encoder(model, extractor, name=name, revision=rev, device=dev, dtype=dtype,
+                   chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds, fast_kernels=fast_kernels)

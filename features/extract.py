@@ -129,23 +129,19 @@ def plan_batches(rows: pd.DataFrame, todo: set[str], job: Job, enc: Encoder) -> 
     rows = rows.assign(_seconds=seconds).sort_values("_seconds", kind="stable", ascending=False, na_position="last")
     longest_single = enc.max_single_samples / enc.sample_rate
     batches: list[list[dict]] = []
+    open_longest = None  # the longest input of the last pass, None when that pass takes no more
     for row in rows[["id", "path", "source", "_seconds"]].to_dict("records"):
         length = row.pop("_seconds")
         row["todo"] = row["id"] in todo
         alone = not np.isfinite(length) or length > longest_single
-        last = batches[-1] if batches else None
-        if (last and not alone and last[0]["_length"] is not None and len(last) < job.max_batch
-                and (len(last) + 1) * last[0]["_length"] <= job.batch_seconds
-                and length >= (1 - job.max_padding) * last[0]["_length"]):
-            last.append(row)
+        if (not alone and open_longest is not None and len(batches[-1]) < job.max_batch
+                and (len(batches[-1]) + 1) * open_longest <= job.batch_seconds
+                and length >= (1 - job.max_padding) * open_longest):
+            batches[-1].append(row)
         else:
             batches.append([row])
-        row["_length"] = None if alone else length
-    batches = [b for b in batches if any(r["todo"] for r in b)]
-    for batch in batches:
-        for row in batch:
-            del row["_length"]
-    return batches
+            open_longest = None if alone else length
+    return [b for b in batches if any(r["todo"] for r in b)]
 
 
 def encode_rows(enc: Encoder, batches: Sequence[Sequence[dict]], job: Job, add: Callable[..., None],
@@ -290,7 +286,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
     todo, skipped = build.plan(rows)
     if build.rebuild_reason:
         print(f"extract: rebuilding {out}: {build.rebuild_reason}")
-    batches = plan_batches(build.wanted, set(todo["id"]), job, enc)
+    batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
     total = None
     if "duration_s" in todo:
         seconds = (pd.to_numeric(todo["duration_s"], errors="coerce").fillna(0) - offset_seconds).clip(lower=0)

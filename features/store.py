@@ -28,7 +28,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -93,6 +93,19 @@ class FeatureStore:
     def num_layers(self) -> int:
         """Number of stored layers ``L`` (13 for all of wav2vec2-base, 1 for eGeMAPS)."""
         return len(self.attrs["layers"])
+
+    def layer_positions(self, layers: Sequence[int] | None) -> list[int]:
+        """Positions in the stored layers to use: all when ``layers`` is empty or None, else checked.
+
+        Raises:
+            ValueError: a position outside ``0 .. num_layers - 1``.
+        """
+        used = list(range(self.num_layers)) if not layers else [int(i) for i in layers]
+        bad = [i for i in used if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"--layers {bad}: expected positions 0..{self.num_layers - 1} of the store's "
+                             f"layers {self.attrs['layers']}.")
+        return used
 
     def ids(self) -> list[str]:
         """Utterance ids (the manifest's ``id``), sorted by their escaped names."""
@@ -256,20 +269,31 @@ class StoreWriter:
         src._h5.copy(src._group(uid), self._utts, name=escape_id(uid))
 
 
+def temporary_sibling(path: Path) -> Path:
+    """``<path>.tmp-<pid>``: where a new version of ``path`` is written (the pid tells a live writer's file
+    from a killed one's garbage)."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def replace_synced(tmp: Path, target: Path) -> None:
+    """fsync a closed file, then rename it onto ``target`` (atomic: ``target`` is old or new, never partial)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; on success fsync it and ``os.replace`` it onto ``path``.
+    """Yield a temporary sibling of ``path``; on success :func:`replace_synced` it onto ``path``.
 
     On an exception (or a kill) the target is untouched; a leftover ``*.tmp-<pid>`` is garbage.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_synced(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -115,11 +115,7 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
     with FeatureStore(features) as store:
         exp.require_ids(store.ids(), str(features))
-        used = list(range(store.num_layers)) if not layers else [int(i) for i in layers]
-        bad = [i for i in used if not 0 <= i < store.num_layers]
-        if bad:
-            raise ValueError(f"--layers {bad}: expected positions 0..{store.num_layers - 1} of the store's "
-                             f"layers {store.attrs['layers']}.")
+        used = store.layer_positions(layers)
         input_dim = store.frames(exp.folds[0].train[0], used[0]).shape[1]
         kind = store.attrs.get("kind", "features")
         settings = {**store.attrs, "used_layers": used, "max_frames": config.max_frames,

@@ -15,10 +15,9 @@ import pytest
 import soundfile as sf
 
 from features import extract as extract_mod
-from features.cache import replace_synced
 from features.encoder import Encoder
 from features.extract import extract, main
-from features.store import FeatureStore
+from features.store import FeatureStore, replace_synced
 from pipeline.audio import load_audio
 
 
@@ -194,7 +193,7 @@ def test_kill_during_merge_keeps_old_store(synth_files, make_manifest, tiny_enco
         assert tmp.stat().st_size > 0  # the merged copy was written ...
         raise KeyboardInterrupt         # ... and the process dies before os.replace
 
-    monkeypatch.setattr("features.cache.replace_synced", killed_before_rename)
+    monkeypatch.setattr("features.cache.replace_synced", killed_before_rename)  # as the cache imported it
     with pytest.raises(KeyboardInterrupt):
         extract([make_manifest(synth_files)], out, **kw)
     monkeypatch.undo()
