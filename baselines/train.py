@@ -14,12 +14,12 @@ validation). ``mfcc_cnn`` computes log-mel frames from the audio itself and trai
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from baselines.mfcc_cnn import AudioFrames, MfccCnn
 from baselines.models import MODELS, build_model, speaker_standardise
@@ -27,7 +27,7 @@ from features.store import FeatureStore
 from heads.data import LRUCache
 from heads.fit import TrainConfig
 from heads.runs import save_sklearn_fold
-from heads.train import add_training_args, config_from_args, report, run_folds
+from heads.train import FoldJob, add_training_args, config_from_args, default_jobs, report, run_folds
 from pipeline.experiment import load_experiment
 from pipeline.metrics import prediction_frame, scores, write_run
 
@@ -91,7 +91,8 @@ def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model:
 def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out: str, merge_calm: bool = False,
                    augmentation: bool = True, normalisation: str = "global", config: TrainConfig | None = None,
                    log_mel_settings: dict | None = None, model_kwargs: dict | None = None, seed: int = 0,
-                   cache_mb: int = 2048, system: str | None = None) -> dict:
+                   cache_mb: int = 2048, system: str | None = None, jobs: int | None = 1,
+                   threads: int = 1) -> dict:
     """Train the MFCC-CNN on every fold from the manifests' audio; write ``out``.
 
     Args:
@@ -102,7 +103,9 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
     config = config or TrainConfig()
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
     settings = {"sample_rate": 16000, "n_mels": 64, **(log_mel_settings or {})}
-    read = LRUCache(AudioFrames(exp.frame["path"].to_dict(), settings), max_bytes=cache_mb * 2**20)
+    jobs = jobs or default_jobs(len(exp.folds))
+    read = functools.partial(LRUCache, AudioFrames(exp.frame["path"].to_dict(), settings),
+                             max_bytes=max(1, cache_mb // jobs) * 2**20)
     input_dim = settings.get("n_mfcc") or settings["n_mels"]
     kwargs = {"num_layers": 1, "input_dim": input_dim, "num_classes": len(exp.labels), **(model_kwargs or {})}
     feature_set = "mfcc" if settings.get("n_mfcc") else "logmel"
@@ -113,8 +116,9 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
     protocol = {"system": system or f"mfcc_cnn_{feature_set}", "model": "mfcc_cnn", "feature_set": feature_set,
                 "features": "audio", **exp.protocol(), "normalisation": normalisation, "seed": seed,
                 "layers": [0], "balance": config.balance}
-    return run_folds(exp, read=read, build_model=lambda: MfccCnn(**kwargs), config=config,
-                     normalisation=normalisation, seed=seed, out=out, model_config=model_config, protocol=protocol)
+    job = FoldJob(exp, read, functools.partial(MfccCnn, **kwargs), config,
+                  normalisation, seed, out, model_config, threads)
+    return run_folds(job, protocol=protocol, jobs=jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-mfcc", type=int, default=None, help="mfcc_cnn: MFCCs instead of log-mel")
     add_training_args(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     common = {"manifests": args.manifest, "split": args.split, "label_set": args.label_set, "out": args.out,
               "merge_calm": args.merge_calm, "augmentation": args.augmentation,
               "normalisation": args.normalisation, "seed": args.seed,
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             model_kwargs = {} if args.dropout is None else {"dropout": args.dropout}
             return train_mfcc_cnn(**common, config=config_from_args(args), model_kwargs=model_kwargs,
                                   log_mel_settings={"n_mels": args.n_mels, "n_mfcc": args.n_mfcc},
-                                  cache_mb=args.cache_mb)
+                                  cache_mb=args.cache_mb, jobs=args.jobs, threads=args.threads)
         if not args.features:
             raise ValueError(f"--model {args.model} reads utterance-level features; expected --features "
                              "F.h5, found none. Pass the eGeMAPS (or wav2vec2) feature store.")

@@ -91,6 +91,7 @@ class Job:
     decode_workers: int = 1
     max_batch: int = 4
     max_padding: float = 0.1
+    tail_alone: int = 0
 
 
 def decoded(rows: Sequence[dict], enc: Encoder, job: Job, lookahead: int = 16
@@ -114,7 +115,9 @@ def plan_batches(rows: pd.DataFrame, todo: set[str], job: Job, enc: Encoder) -> 
 
     Rows are sorted longest first (manifest ``duration_s`` after the crop); a pass holds up to
     ``job.max_batch`` neighbours within ``job.max_padding`` of its longest and ``job.batch_seconds`` of padded
-    audio; inputs long enough to be windowed, or without a duration, run alone. Because passes are planned
+    audio; inputs long enough to be windowed, or without a duration, run alone, and so do the
+    ``job.tail_alone`` shortest rows: they are computed last, and single passes let the processes finish
+    within a short utterance of each other. Because passes are planned
     over all rows and a part file only ever holds whole passes, a resumed run makes exactly the passes an
     uninterrupted one makes (results are bitwise reproducible even where a library's arithmetic depends on
     the batch). A pass is computed whole; only its rows in ``todo`` are stored.
@@ -130,10 +133,11 @@ def plan_batches(rows: pd.DataFrame, todo: set[str], job: Job, enc: Encoder) -> 
     longest_single = enc.max_single_samples / enc.sample_rate
     batches: list[list[dict]] = []
     open_longest = None  # the longest input of the last pass, None when that pass takes no more
-    for row in rows[["id", "path", "source", "_seconds"]].to_dict("records"):
+    first_tail = len(rows) - job.tail_alone
+    for index, row in enumerate(rows[["id", "path", "source", "_seconds"]].to_dict("records")):
         length = row.pop("_seconds")
         row["todo"] = row["id"] in todo
-        alone = not np.isfinite(length) or length > longest_single
+        alone = not np.isfinite(length) or length > longest_single or index >= first_tail
         if (not alone and open_longest is not None and len(batches[-1]) < job.max_batch
                 and (len(batches[-1]) + 1) * open_longest <= job.batch_seconds
                 and length >= (1 - job.max_padding) * open_longest):
@@ -246,7 +250,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             device: str = "auto", dtype: str = "float32", layers: str = "all", max_seconds: float | None = None,
             offset_seconds: float = 0.0, storage_dtype: str = "float16", skips: str | os.PathLike | None = None,
             chunk_seconds: float = 30.0, batch_seconds: float = 60.0, procs: int | None = None,
-            workers: int | None = None, part_entries: int = 16, max_batch: int | None = None) -> dict:
+            workers: int | None = None, part_entries: int = 16, max_batch: int | None = None,
+            tail_alone: int | None = None) -> dict:
     """Build or update the wav2vec2 feature store ``out`` for the rows of ``manifests``.
 
     On CPU, ``procs`` forked processes of one thread each share the rows (faster than one process with
@@ -268,6 +273,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         workers: decoding threads per process (default 1 on CPU, 8 on CUDA).
         part_entries: utterances per part file (the most work a kill can lose).
         max_batch: most utterances per forward pass (default 4 on CPU, 64 on CUDA).
+        tail_alone: the shortest rows that run in single passes, computed last so that the processes end
+            together (default 16 on CPU, 0 on CUDA).
 
     Returns:
         ``{"computed", "reused", "skipped", "stored", "removed", "audio_seconds"}``.
@@ -277,7 +284,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         encoder, device=device, dtype=dtype, chunk_seconds=chunk_seconds)
     cuda = enc.device.type == "cuda"
     job = Job(parse_layers(layers, enc.num_layers), offset_seconds, max_seconds, batch_seconds,
-              workers or (8 if cuda else 1), max_batch or (64 if cuda else 4))
+              workers or (8 if cuda else 1), max_batch or (64 if cuda else 4),
+              tail_alone=(0 if cuda else 16) if tail_alone is None else tail_alone)
     meta = {"kind": "wav2vec2", "encoder": enc.name, "revision": enc.revision, "sample_rate": enc.sample_rate,
             "layers": job.layers, "dtype": enc.dtype, "storage_dtype": storage_dtype, "max_seconds": max_seconds,
             "offset_seconds": offset_seconds, "chunk_seconds": enc.chunk_seconds,

@@ -15,9 +15,16 @@ validation loss with the best epoch restored, test predictions. Writes the run d
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import functools
+import multiprocessing
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -33,59 +40,126 @@ from pipeline.labels import label_set_names
 from pipeline.metrics import prediction_frame, scores, write_run
 
 
-def run_folds(exp: Experiment, *, read: Reader, build_model: Callable[[], torch.nn.Module], config: TrainConfig,
-              normalisation: str, seed: int, out: str, model_config: dict, protocol: dict) -> dict:
-    """Train, test and save one model per fold, then write the run directory.
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads, then restore the caller's setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
-    Args:
+
+def default_jobs(num_folds: int) -> int:
+    """Folds trained at once by default: one per usable CPU core, at most one per fold."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(num_folds, cores))
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """Everything one fold's training needs, picklable so that a fresh process can run it.
+
+    Attributes:
         exp: the checked experiment.
-        read: id to frames ``[L, T, H]``.
+        make_reader: builds the reader (id to frames ``[L, T, H]``) inside the process that trains.
         build_model: makes a fresh model (called after seeding).
         config: optimisation settings.
         normalisation: ``global``, ``speaker`` or ``none``.
         seed: fold ``k`` is seeded with ``seed + k`` (torch) and ``[seed, k]`` (numpy).
-        out: run directory.
+        out: run directory (each fold saves its model there).
         model_config: saved with each fold (``kind, model, model_kwargs, labels, feature_settings``).
+        threads: torch CPU threads of the fold (results depend on it; not on how many folds run at once).
+    """
+
+    exp: Experiment
+    make_reader: Callable[[], Reader]
+    build_model: Callable[[], torch.nn.Module]
+    config: TrainConfig
+    normalisation: str
+    seed: int
+    out: str
+    model_config: dict
+    threads: int = 1
+
+
+def train_fold(job: FoldJob, index: int) -> dict:
+    """Train, test and save the model of fold ``index``; return its predictions, history and figures."""
+    exp, fold = job.exp, job.exp.folds[index]
+    with torch_threads(job.threads):
+        read = job.make_reader()
+        seed_everything(job.seed + fold.index)
+        rng = np.random.default_rng([job.seed, fold.index])
+        normalise = Normaliser.fit(job.normalisation, read, fold.train, speakers=exp.frame["speaker"].to_dict(),
+                                   all_ids=fold.train + fold.val + fold.test)
+        data = FoldData(read, normalise, exp.frame["label"].to_dict(), exp.frame["speaker"].to_dict())
+        model = job.build_model()
+        history, best_epoch = fit(model, data, fold.train, fold.val, job.config, rng,
+                                  num_classes=len(exp.labels), desc=f"fold {fold.index}")
+        proba, _ = evaluate(model, data, fold.test, job.config)
+    save_torch_fold(job.out, fold.index, model, {**job.model_config, "normalisation": normalise.to_dict(),
+                                                 "best_epoch": best_epoch})
+    ua = scores(exp.y(fold.test), proba.argmax(axis=1))["ua"]
+    print(f"fold {fold.index}: best epoch {best_epoch}/{len(history)}, test ua {ua:.3f}", file=sys.stderr)
+    weights = model.layer_weights.weights().detach().numpy().round(6).tolist() \
+        if hasattr(model, "layer_weights") else None
+    return {"predictions": prediction_frame(fold.test, fold.index, exp.y(fold.test), proba, exp.labels),
+            "history": history.assign(fold=fold.index), "layer_weights": weights,
+            "extras": {"best_epoch": best_epoch, "epochs_run": len(history)}}
+
+
+def _init_fold_process() -> None:
+    """A fold process dies with its parent (Linux PR_SET_PDEATHSIG): a killed run leaves no training behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
+
+
+def run_folds(job: FoldJob, *, protocol: dict, jobs: int = 1) -> dict:
+    """Train every fold of ``job.exp`` (``jobs`` at a time, each in a fresh process when more than one), then
+    write the run directory.
+
+    Each fold runs on ``job.threads`` torch threads whatever ``jobs`` is, so a fixed seed gives the same
+    metrics on a 2-core laptop and a 64-core server.
+
+    Args:
+        job: the folds' shared settings.
         protocol: the ``protocol`` block.
+        jobs: folds trained at once.
 
     Returns:
         The metrics written.
     """
-    speakers = exp.frame["speaker"].to_dict()
-    labels = exp.frame["label"].to_dict()
-    predictions, history, weights, extras = [], [], [], {}
-    for fold in exp.folds:
-        seed_everything(seed + fold.index)
-        rng = np.random.default_rng([seed, fold.index])
-        normalise = Normaliser.fit(normalisation, read, fold.train, speakers=speakers,
-                                   all_ids=fold.train + fold.val + fold.test)
-        data = FoldData(read, normalise, labels, speakers)
-        model = build_model()
-        fold_history, best_epoch = fit(model, data, fold.train, fold.val, config, rng,
-                                       num_classes=len(exp.labels), desc=f"fold {fold.index}")
-        proba, _ = evaluate(model, data, fold.test, config)
-        predictions.append(prediction_frame(fold.test, fold.index, exp.y(fold.test), proba, exp.labels))
-        history.append(fold_history.assign(fold=fold.index))
-        extras[fold.index] = {"best_epoch": best_epoch, "epochs_run": len(fold_history)}
-        if hasattr(model, "layer_weights"):
-            weights.append(model.layer_weights.weights().detach().numpy().round(6).tolist())
-        save_torch_fold(out, fold.index, model, {**model_config, "normalisation": normalise.to_dict(),
-                                                 "best_epoch": best_epoch})
-        ua = scores(exp.y(fold.test), proba.argmax(axis=1))["ua"]
-        print(f"fold {fold.index}: best epoch {best_epoch}/{len(fold_history)}, test ua {ua:.3f}", file=sys.stderr)
-    history = pd.concat(history, ignore_index=True)[["fold", "epoch", "train_loss", "val_loss", "val_acc"]]
-    used = model_config["feature_settings"].get("used_layers", [0])
+    indices = range(len(job.exp.folds))
+    if jobs <= 1 or len(indices) == 1:
+        results = [train_fold(job, index) for index in indices]
+    else:  # spawn: a forked torch (OpenMP pool, open HDF5 handles) is not safe to train in
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_fold_process) as pool:
+            results = list(pool.map(train_fold, [job] * len(indices), indices))
+    history = pd.concat([r["history"] for r in results], ignore_index=True)
+    history = history[["fold", "epoch", "train_loss", "val_loss", "val_acc"]]
+    weights = [r["layer_weights"] for r in results if r["layer_weights"] is not None]
+    used = job.model_config["feature_settings"].get("used_layers", [0])
     layer_weights = {"layers": used, "folds": weights} if weights and len(used) > 1 else None
-    return write_run(out, labels=exp.labels, predictions=pd.concat(predictions, ignore_index=True),
-                     speakers=exp.frame["speaker"], protocol=protocol, history=history,
-                     layer_weights=layer_weights, fold_extras=extras)
+    return write_run(job.out, labels=job.exp.labels,
+                     predictions=pd.concat([r["predictions"] for r in results], ignore_index=True),
+                     speakers=job.exp.frame["speaker"], protocol=protocol, history=history,
+                     layer_weights=layer_weights,
+                     fold_extras={f.index: r["extras"] for f, r in zip(job.exp.folds, results, strict=True)})
+
+
+def store_reader(path: str, layers: Sequence[int], cache_mb: int) -> Reader:
+    """A cached reader of ``layers`` from the store at ``path`` (opened in the calling process)."""
+    return LRUCache(StoreFrames(FeatureStore(path), layers), max_bytes=cache_mb * 2**20)
 
 
 def train_heads(*, features: str, manifests: Sequence[str], split: str, head: str, label_set: str, out: str,
                 merge_calm: bool = False, augmentation: bool = True, normalisation: str = "global",
                 layers: Sequence[int] | None = None,
                 config: TrainConfig | None = None, head_kwargs: dict | None = None, seed: int = 0,
-                cache_mb: int = 2048, system: str | None = None) -> dict:
+                cache_mb: int = 2048, system: str | None = None, jobs: int | None = 1,
+                threads: int = 1) -> dict:
     """Train ``head`` on every fold and write the run directory ``out``.
 
     Args:
@@ -98,8 +172,10 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
         config: optimisation settings (default ``TrainConfig()``).
         head_kwargs: extra keyword arguments of the head (``dropout``, ``hidden``).
         seed: run seed.
-        cache_mb: LRU cache of frames, in MiB.
+        cache_mb: LRU cache of frames, in MiB, shared out among the processes.
         system: the run's name in comparisons (default ``<head>_<store kind>``).
+        jobs: folds trained at once (``None``: :func:`default_jobs`); more than one trains in fresh processes.
+        threads: torch threads per fold; the metrics depend on it, not on ``jobs``.
 
     Returns:
         The metrics written.
@@ -127,10 +203,11 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
         protocol = {"system": system or f"{head}_{kind}", "model": head, "feature_set": kind,
                     "features": str(features), **exp.protocol(), "normalisation": normalisation,
                     "seed": seed, "layers": used, "balance": config.balance}
-        read = LRUCache(StoreFrames(store, used), max_bytes=cache_mb * 2**20)
-        return run_folds(exp, read=read, build_model=lambda: build_head(head, **model_kwargs), config=config,
-                         normalisation=normalisation, seed=seed, out=out, model_config=model_config,
-                         protocol=protocol)
+    jobs = jobs or default_jobs(len(exp.folds))
+    job = FoldJob(exp, functools.partial(store_reader, str(features), used, max(1, cache_mb // jobs)),
+                  functools.partial(build_head, head, **model_kwargs), config, normalisation, seed, out,
+                  model_config, threads)
+    return run_folds(job, protocol=protocol, jobs=jobs)
 
 
 #: Defaults of the command line per (head, feature kind), equal to params.yaml's ``train.<head>_<kind>``
@@ -200,7 +277,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--balance", default=TrainConfig.balance, choices=BALANCES)
     parser.add_argument("--dropout", type=float, default=None)
     parser.add_argument("--cache-mb", type=int, default=2048, help="frame cache budget in MiB")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per fold (the metrics depend on it, not on --jobs)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="folds trained at once, each in its own process (default: one per CPU core)")
     parser.add_argument("--system", default=None, help="run name in comparisons")
 
 
@@ -222,8 +302,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="conv head: mean (Pepino et al.) or mean ‖ std over valid frames")
     add_training_args(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         with FeatureStore(args.features) as store:
             kind = store.attrs.get("kind", "wav2vec2")
@@ -239,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         features=args.features, manifests=args.manifest, split=args.split, head=args.head,
         label_set=args.label_set, out=args.out, merge_calm=args.merge_calm, augmentation=args.augmentation,
         normalisation=args.normalisation, layers=args.layers, config=config_from_args(args),
-        head_kwargs=head_kwargs, seed=args.seed, cache_mb=args.cache_mb, system=args.system))
+        head_kwargs=head_kwargs, seed=args.seed, cache_mb=args.cache_mb, system=args.system, jobs=args.jobs,
+        threads=args.threads))
 
 
 if __name__ == "__main__":

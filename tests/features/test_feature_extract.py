@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from features import extract as extract_mod
+from features.cache import boot_time
 from features.encoder import Encoder
 from features.extract import extract, main
 from features.store import FeatureStore, replace_synced
@@ -50,7 +52,7 @@ def test_cached_frames_equal_direct_forward_on_ravdess(ravdess_root, tiny_encode
     manifest, rows = _ravdess_manifest(ravdess_root, tmp_path, manifest_rows)
     assert rows["duration_s"].nunique() >= 4  # mixed lengths
     summary = extract([manifest], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
-                      storage_dtype=storage, procs=procs, part_entries=3)
+                      storage_dtype=storage, procs=procs, part_entries=3, tail_alone=0)
     assert summary["computed"] == len(rows) and summary["skipped"] == 0
     if procs == 1:  # (worker processes' calls are not seen by the spy)
         # inputs of different lengths shared a pass (their frames are checked exact below)
@@ -199,8 +201,27 @@ def test_kill_during_merge_keeps_old_store(synth_files, make_manifest, tiny_enco
     monkeypatch.undo()
     with FeatureStore(out) as fs:
         assert len(fs) == 2  # the old store, whole
+    parts = sorted(out.with_name("f.h5.parts").glob("part-*.h5"))
+    assert parts and all(os.stat(p).st_mtime >= boot_time() for p in parts)
     summary = extract([make_manifest(synth_files)], out, **kw)
     assert (summary["computed"], summary["reused"], summary["stored"]) == (0, 6, 6)
+
+
+def test_unsynced_parts_from_before_a_reboot_are_recomputed(synth_files, make_manifest, tiny_encoder_dir,
+                                                             tmp_path, monkeypatch):
+    out = tmp_path / "f.h5"
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu"}
+    monkeypatch.setattr("features.cache.StoreBuild.finish", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed after the work, before the merge: parts are left
+        extract([make_manifest(synth_files)], out, **kw)
+    monkeypatch.undo()
+    parts = sorted(out.with_name("f.h5.parts").glob("part-*.h5"))
+    assert parts
+    os.utime(parts[0], (0, 0))  # as if written before the machine's last boot (a crash may have torn it)
+    with FeatureStore(parts[0]) as fs:
+        lost = len(fs)
+    summary = extract([make_manifest(synth_files)], out, **kw)  # (in this process again: new part names)
+    assert (summary["computed"], summary["reused"], summary["stored"]) == (lost, 6 - lost, 6)
 
 
 def test_versions_recorded():
@@ -225,3 +246,7 @@ def test_passes_are_planned_over_every_row_and_split_longest_first(tiny_encoder_
     tasks = split_tasks(everything, procs=2, most=16)
     assert [b for t in tasks for b in t] == everything and len(tasks) >= 3
     assert all(len(t) == 1 for t in tasks[-2:])  # the work shrinks to single passes at the end
+    # the shortest rows run alone, so that the processes finish together
+    tail = plan_batches(rows, set(rows["id"]), replace(job, tail_alone=3), enc)
+    assert [[r["id"] for r in b] for b in tail] == [["u6"], ["u0", "u2", "u1"], ["u8", "u3"], ["u4"], ["u5"],
+                                                    ["u9"], ["u7"]]

@@ -75,7 +75,10 @@ def test_pieces_pool_like_whole(tmp_path):
         w.add_pieces("u", [frames[:, :13], frames[:, 13:14], frames[:, 14:]], num_frames=50, hidden_size=3)
         with pytest.raises(ValueError, match="expected 10 frames"):
             w.add_pieces("v", [frames[:, :4]], num_frames=10, hidden_size=3)
+        w.add_pieces("v", [frames[:, :4], frames[:, 4:10]], num_frames=10, hidden_size=3)  # the id is free again
     with FeatureStore(tmp_path / "f.h5") as fs:
+        assert fs.ids() == ["u", "v"]  # the failed entry left nothing behind
+        np.testing.assert_array_equal(fs.all_frames("v"), frames[:, :10])
         np.testing.assert_allclose(fs.pooled("u"), mean_std(frames), rtol=1e-6)
         np.testing.assert_array_equal(fs.all_frames("u"), frames)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads.models import HEADS, LayerWeights, build_head, masked_mean
+from heads.models import HEADS, FastDropout, LayerWeights, Pointwise, build_head, masked_mean
 
 
 def test_masked_mean_ignores_padding():
@@ -55,3 +55,22 @@ def test_conv_head_with_stats_pooling_ignores_padding_and_checks_its_name():
     assert torch.allclose(head(x, torch.tensor([5])), head(padded, torch.tensor([5])), atol=1e-5)
     with pytest.raises(ValueError, match="unknown pooling"):
         build_head("conv", num_layers=1, input_dim=4, num_classes=3, pooling="max")
+
+
+def test_pointwise_is_a_kernel_one_conv_over_channels_last_frames():
+    torch.manual_seed(0)
+    layer, x = Pointwise(5, 3), torch.randn(2, 7, 5)
+    expected = torch.nn.functional.conv1d(x.transpose(1, 2), layer.weight, layer.bias).transpose(1, 2)
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.weight.shape == (3, 5, 1)  # saved exactly as nn.Conv1d(5, 3, 1) is
+
+
+def test_fast_dropout_drops_at_rate_p_and_keeps_the_mean():
+    torch.manual_seed(0)
+    drop, x = FastDropout(0.3), torch.ones(200_000)
+    y = drop(x)
+    assert abs(float((y == 0).float().mean()) - 0.3) < 0.01
+    assert abs(float(y.mean()) - 1.0) < 0.01
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1.0 / 0.7))
+    assert torch.equal(drop.eval()(x), x) and torch.equal(FastDropout(0.0).train()(x), x)
+    assert torch.equal(FastDropout(1.0).train()(x), torch.zeros_like(x))

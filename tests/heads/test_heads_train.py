@@ -96,6 +96,15 @@ def test_same_seed_gives_identical_metrics(experiment, conv_run, tmp_path):
     assert (tmp_path / "history.csv").read_text() == (out / "history.csv").read_text()
 
 
+def test_folds_in_parallel_processes_give_the_same_run(experiment, conv_run, tmp_path):
+    out, metrics = conv_run
+    again = _train(experiment, tmp_path, jobs=2)  # each fold in a fresh process, one torch thread each
+    assert again == {**metrics, "protocol": again["protocol"]}
+    assert (tmp_path / "predictions.csv").read_text() == (out / "predictions.csv").read_text()
+    assert (tmp_path / "history.csv").read_text() == (out / "history.csv").read_text()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(p.name for p in (out / "models").iterdir())
+
+
 def test_early_stopping_restores_the_best_epoch():
     rng = np.random.default_rng(0)
     arrays, labels = {}, {}
