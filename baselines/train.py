@@ -92,7 +92,7 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
                    augmentation: bool = True, normalisation: str = "global", config: TrainConfig | None = None,
                    log_mel_settings: dict | None = None, model_kwargs: dict | None = None, seed: int = 0,
                    cache_mb: int = 2048, system: str | None = None, jobs: int | None = 1,
-                   threads: int = 1) -> dict:
+                   threads: int = 1, members: int = 1) -> dict:
     """Train the MFCC-CNN on every fold from the manifests' audio; write ``out``.
 
     Args:
@@ -103,7 +103,7 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
     config = config or TrainConfig()
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
     settings = {"sample_rate": 16000, "n_mels": 64, **(log_mel_settings or {})}
-    jobs = jobs or default_jobs(len(exp.folds))
+    jobs = jobs or default_jobs(len(exp.folds) * members)
     read = functools.partial(LRUCache, AudioFrames(exp.frame["path"].to_dict(), settings),
                              max_bytes=max(1, cache_mb // jobs) * 2**20)
     input_dim = settings.get("n_mfcc") or settings["n_mels"]
@@ -115,9 +115,9 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
                     "feature_settings": feature_settings}
     protocol = {"system": system or f"mfcc_cnn_{feature_set}", "model": "mfcc_cnn", "feature_set": feature_set,
                 "features": "audio", **exp.protocol(), "normalisation": normalisation, "seed": seed,
-                "layers": [0], "balance": config.balance}
+                "layers": [0], "balance": config.balance, "ensemble": members}
     job = FoldJob(exp, read, functools.partial(MfccCnn, **kwargs), config,
-                  normalisation, seed, out, model_config, threads)
+                  normalisation, seed, out, model_config, threads, members)
     return run_folds(job, protocol=protocol, jobs=jobs)
 
 
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             model_kwargs = {} if args.dropout is None else {"dropout": args.dropout}
             return train_mfcc_cnn(**common, config=config_from_args(args), model_kwargs=model_kwargs,
                                   log_mel_settings={"n_mels": args.n_mels, "n_mfcc": args.n_mfcc},
-                                  cache_mb=args.cache_mb, jobs=args.jobs, threads=args.threads)
+                                  cache_mb=args.cache_mb, jobs=args.jobs, threads=args.threads,
+                                  members=args.ensemble)
         if not args.features:
             raise ValueError(f"--model {args.model} reads utterance-level features; expected --features "
                              "F.h5, found none. Pass the eGeMAPS (or wav2vec2) feature store.")

@@ -1,10 +1,10 @@
 """Saving fold models into a run directory, and loading a whole run back for prediction.
 
 A run directory holds ``models/fold_<k>.safetensors`` + ``models/fold_<k>.json`` per fold for torch models
-(``kind`` ``head`` or ``mfcc_cnn``), or ``models/fold_<k>.joblib`` for scikit-learn baselines (``kind``
-``sklearn``). Each carries the label order, the normalisation and the feature settings (the store's attrs plus
-the layers used). :func:`load_run` returns a :class:`Run` whose ``predict_proba`` averages the folds' class
-probabilities.
+(``kind`` ``head`` or ``mfcc_cnn``; ``fold_<k>_<m>`` per member ``m`` of an ensemble), or
+``models/fold_<k>.joblib`` for scikit-learn baselines (``kind`` ``sklearn``). Each carries the label order, the
+normalisation and the feature settings (the store's attrs plus the layers used). :func:`load_run` returns a
+:class:`Run` whose ``predict_proba`` averages the class probabilities of every model.
 
 Example:
     >>> run = load_run("data/runs/conv_egemaps")                          # doctest: +SKIP
@@ -32,13 +32,16 @@ from heads.models import HEADS
 MODELS = "models"
 
 
-def save_torch_fold(out: str | os.PathLike, fold: int, model: torch.nn.Module, config: dict) -> None:
-    """Write ``models/fold_<k>.safetensors`` and its JSON ``config`` (``kind, model, model_kwargs, labels,
-    normalisation, feature_settings``, anything else useful such as ``best_epoch``)."""
+def save_torch_fold(out: str | os.PathLike, fold: int, model: torch.nn.Module, config: dict,
+                    member: int | None = None) -> None:
+    """Write ``models/fold_<k>.safetensors`` (``fold_<k>_<m>`` for member ``m`` of an ensemble) and its JSON
+    ``config`` (``kind, model, model_kwargs, labels, normalisation, feature_settings``, anything else useful
+    such as ``best_epoch``)."""
     folder = Path(out) / MODELS
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / f"fold_{fold}.safetensors")
-    (folder / f"fold_{fold}.json").write_text(json.dumps({"fold": fold, **config}, indent=1) + "\n")
+    name = f"fold_{fold}" if member is None else f"fold_{fold}_{member}"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / f"{name}.safetensors")
+    (folder / f"{name}.json").write_text(json.dumps({"fold": fold, **config}, indent=1) + "\n")
 
 
 def save_sklearn_fold(out: str | os.PathLike, fold: int, payload: dict) -> None:
@@ -81,7 +84,7 @@ class Run:
         feature_settings: the feature store's attrs (``layers``: hidden-state indices it held) plus
             ``used_layers`` (positions in the store's layers the model reads), ``hidden_states`` (their
             hidden-state indices) and ``max_frames`` (central crop at evaluation); mfcc_cnn: ``log_mel``.
-        folds: per fold, the loaded model and its config.
+        folds: per fold (and ensemble member), the loaded model and its config.
     """
 
     path: Path
@@ -152,12 +155,13 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         FileNotFoundError: no fold model under ``run_dir/models``.
     """
     folder = Path(run_dir) / MODELS
-    configs = sorted(folder.glob("fold_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    order = lambda p: [int(n) for n in p.stem.split("_")[1:]]  # noqa: E731 (fold, then member)
+    configs = sorted(folder.glob("fold_*.json"), key=order)
     if configs:
         builders = _torch_models()
         folds = [_load_torch(p, builders) for p in configs]
     else:
-        payloads = sorted(folder.glob("fold_*.joblib"), key=lambda p: int(p.stem.split("_")[1]))
+        payloads = sorted(folder.glob("fold_*.joblib"), key=order)
         if not payloads:
             raise FileNotFoundError(f"{folder}: expected fold_<k>.json + .safetensors or fold_<k>.joblib "
                                     "files; found none. Point at a run directory written by heads.train or "

@@ -51,10 +51,10 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def default_jobs(num_folds: int) -> int:
-    """Folds trained at once by default: one per usable CPU core, at most one per fold."""
+def default_jobs(num_models: int) -> int:
+    """Models trained at once by default: one per usable CPU core, at most one per model."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(num_folds, cores))
+    return max(1, min(num_models, cores))
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,14 @@ class FoldJob:
         build_model: makes a fresh model (called after seeding).
         config: optimisation settings.
         normalisation: ``global``, ``speaker`` or ``none``.
-        seed: fold ``k`` is seeded with ``seed + k`` (torch) and ``[seed, k]`` (numpy).
-        out: run directory (each fold saves its model there).
-        model_config: saved with each fold (``kind, model, model_kwargs, labels, feature_settings``).
-        threads: torch CPU threads of the fold (results depend on it; not on how many folds run at once).
+        seed: member ``m`` of fold ``k`` is seeded with ``seed + k + 1000 m`` (torch) and ``[seed, k]``, or
+            ``[seed, k, m]`` for ``m > 0`` (numpy).
+        out: run directory (each model is saved there).
+        model_config: saved with each model (``kind, model, model_kwargs, labels, feature_settings``).
+        threads: torch CPU threads of each model's training (results depend on it; not on how many run at
+            once).
+        members: models per fold, trained independently from different seeds; the fold's predictions are
+            their mean class probabilities (1: a single model).
     """
 
     exp: Experiment
@@ -82,31 +86,33 @@ class FoldJob:
     out: str
     model_config: dict
     threads: int = 1
+    members: int = 1
 
 
-def train_fold(job: FoldJob, index: int) -> dict:
-    """Train, test and save the model of fold ``index``; return its predictions, history and figures."""
+def train_member(job: FoldJob, index: int, member: int = 0) -> dict:
+    """Train, test and save model ``member`` of fold ``index``; return its test probabilities, history and
+    figures."""
     exp, fold = job.exp, job.exp.folds[index]
     with torch_threads(job.threads):
         read = job.make_reader()
-        seed_everything(job.seed + fold.index)
-        rng = np.random.default_rng([job.seed, fold.index])
+        seed_everything(job.seed + fold.index + 1000 * member)
+        rng = np.random.default_rng([job.seed, fold.index, member] if member else [job.seed, fold.index])
         normalise = Normaliser.fit(job.normalisation, read, fold.train, speakers=exp.frame["speaker"].to_dict(),
                                    all_ids=fold.train + fold.val + fold.test)
         data = FoldData(read, normalise, exp.frame["label"].to_dict(), exp.frame["speaker"].to_dict())
         model = job.build_model()
+        name = f"fold {fold.index}" + (f" member {member}" if job.members > 1 else "")
         history, best_epoch = fit(model, data, fold.train, fold.val, job.config, rng,
-                                  num_classes=len(exp.labels), desc=f"fold {fold.index}")
+                                  num_classes=len(exp.labels), desc=name)
         proba, _ = evaluate(model, data, fold.test, job.config)
     save_torch_fold(job.out, fold.index, model, {**job.model_config, "normalisation": normalise.to_dict(),
-                                                 "best_epoch": best_epoch})
+                                                 "best_epoch": best_epoch, "member": member},
+                    member=member if job.members > 1 else None)
     ua = scores(exp.y(fold.test), proba.argmax(axis=1))["ua"]
-    print(f"fold {fold.index}: best epoch {best_epoch}/{len(history)}, test ua {ua:.3f}", file=sys.stderr)
-    weights = model.layer_weights.weights().detach().numpy().round(6).tolist() \
-        if hasattr(model, "layer_weights") else None
-    return {"predictions": prediction_frame(fold.test, fold.index, exp.y(fold.test), proba, exp.labels),
-            "history": history.assign(fold=fold.index), "layer_weights": weights,
-            "extras": {"best_epoch": best_epoch, "epochs_run": len(history)}}
+    print(f"{name}: best epoch {best_epoch}/{len(history)}, test ua {ua:.3f}", file=sys.stderr)
+    weights = model.layer_weights.weights().detach().numpy() if hasattr(model, "layer_weights") else None
+    return {"proba": proba, "history": history.assign(fold=fold.index, member=member), "weights": weights,
+            "best_epoch": best_epoch, "epochs_run": len(history)}
 
 
 def _init_fold_process() -> None:
@@ -116,37 +122,47 @@ def _init_fold_process() -> None:
 
 
 def run_folds(job: FoldJob, *, protocol: dict, jobs: int = 1) -> dict:
-    """Train every fold of ``job.exp`` (``jobs`` at a time, each in a fresh process when more than one), then
-    write the run directory.
+    """Train every model of every fold of ``job.exp`` (``jobs`` at a time, each in a fresh process when more
+    than one), then write the run directory.
 
-    Each fold runs on ``job.threads`` torch threads whatever ``jobs`` is, so a fixed seed gives the same
+    Each model trains on ``job.threads`` torch threads whatever ``jobs`` is, so a fixed seed gives the same
     metrics on a 2-core laptop and a 64-core server.
 
     Args:
         job: the folds' shared settings.
         protocol: the ``protocol`` block.
-        jobs: folds trained at once.
+        jobs: models trained at once.
 
     Returns:
         The metrics written.
     """
-    indices = range(len(job.exp.folds))
-    if jobs <= 1 or len(indices) == 1:
-        results = [train_fold(job, index) for index in indices]
+    tasks = [(i, m) for i in range(len(job.exp.folds)) for m in range(job.members)]  # (fold position, member)
+    args = ([job] * len(tasks), [i for i, _ in tasks], [m for _, m in tasks])
+    if jobs <= 1 or len(tasks) == 1:
+        results = list(map(train_member, *args))
     else:  # spawn: a forked torch (OpenMP pool, open HDF5 handles) is not safe to train in
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_fold_process) as pool:
-            results = list(pool.map(train_fold, [job] * len(indices), indices))
+            results = list(pool.map(train_member, *args))
+    predictions, weights, extras = [], [], {}
+    for i, fold in enumerate(job.exp.folds):
+        mine = [r for (k, _), r in zip(tasks, results, strict=True) if k == i]
+        proba = np.mean([r["proba"] for r in mine], axis=0)
+        predictions.append(prediction_frame(fold.test, fold.index, job.exp.y(fold.test), proba, job.exp.labels))
+        figures = {key: [r[key] for r in mine] for key in ("best_epoch", "epochs_run")}
+        extras[fold.index] = {k: v[0] for k, v in figures.items()} if job.members == 1 else figures
+        if mine[0]["weights"] is not None:
+            weights.append(np.mean([r["weights"] for r in mine], axis=0).round(6).tolist())
+        if job.members > 1:
+            ua = scores(job.exp.y(fold.test), proba.argmax(axis=1))["ua"]
+            print(f"fold {fold.index}: {job.members} members, test ua {ua:.3f}", file=sys.stderr)
     history = pd.concat([r["history"] for r in results], ignore_index=True)
-    history = history[["fold", "epoch", "train_loss", "val_loss", "val_acc"]]
-    weights = [r["layer_weights"] for r in results if r["layer_weights"] is not None]
+    history = history[["fold", "member", "epoch", "train_loss", "val_loss", "val_acc"]]
     used = job.model_config["feature_settings"].get("used_layers", [0])
     layer_weights = {"layers": used, "folds": weights} if weights and len(used) > 1 else None
-    return write_run(job.out, labels=job.exp.labels,
-                     predictions=pd.concat([r["predictions"] for r in results], ignore_index=True),
+    return write_run(job.out, labels=job.exp.labels, predictions=pd.concat(predictions, ignore_index=True),
                      speakers=job.exp.frame["speaker"], protocol=protocol, history=history,
-                     layer_weights=layer_weights,
-                     fold_extras={f.index: r["extras"] for f, r in zip(job.exp.folds, results, strict=True)})
+                     layer_weights=layer_weights, fold_extras=extras)
 
 
 def store_reader(path: str, layers: Sequence[int], cache_mb: int) -> Reader:
@@ -159,7 +175,7 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
                 layers: Sequence[int] | None = None,
                 config: TrainConfig | None = None, head_kwargs: dict | None = None, seed: int = 0,
                 cache_mb: int = 2048, system: str | None = None, jobs: int | None = 1,
-                threads: int = 1) -> dict:
+                threads: int = 1, members: int = 1) -> dict:
     """Train ``head`` on every fold and write the run directory ``out``.
 
     Args:
@@ -174,8 +190,9 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
         seed: run seed.
         cache_mb: LRU cache of frames, in MiB, shared out among the processes.
         system: the run's name in comparisons (default ``<head>_<store kind>``).
-        jobs: folds trained at once (``None``: :func:`default_jobs`); more than one trains in fresh processes.
-        threads: torch threads per fold; the metrics depend on it, not on ``jobs``.
+        jobs: models trained at once (``None``: :func:`default_jobs`); more than one trains in fresh processes.
+        threads: torch threads per model; the metrics depend on it, not on ``jobs``.
+        members: models per fold from different seeds, their class probabilities averaged (an ensemble).
 
     Returns:
         The metrics written.
@@ -202,11 +219,11 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
                         "feature_settings": settings, "train_config": asdict(config)}
         protocol = {"system": system or f"{head}_{kind}", "model": head, "feature_set": kind,
                     "features": str(features), **exp.protocol(), "normalisation": normalisation,
-                    "seed": seed, "layers": used, "balance": config.balance}
-    jobs = jobs or default_jobs(len(exp.folds))
+                    "seed": seed, "layers": used, "balance": config.balance, "ensemble": members}
+    jobs = jobs or default_jobs(len(exp.folds) * members)
     job = FoldJob(exp, functools.partial(store_reader, str(features), used, max(1, cache_mb // jobs)),
                   functools.partial(build_head, head, **model_kwargs), config, normalisation, seed, out,
-                  model_config, threads)
+                  model_config, threads, members)
     return run_folds(job, protocol=protocol, jobs=jobs)
 
 
@@ -215,18 +232,18 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
 #: chosen on RAVDESS validation accuracy; the wav2vec2 ones are untuned (no pretrained weights on the
 #: development machines). Anything not listed falls back to :class:`TrainConfig` and the head's own defaults.
 RECOMMENDED: dict[tuple[str, str], dict] = {
-    ("conv", "egemaps"): {"epochs": 60, "patience": 10, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 32,
-                          "max_frames": 300, "dropout": 0.5, "hidden": 256, "pooling": "stats"},
+    ("conv", "egemaps"): {"epochs": 100, "patience": 15, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 32,
+                          "max_frames": 300, "dropout": 0.5, "hidden": 256, "pooling": "stats", "ensemble": 1},
     ("conv", "wav2vec2"): {"epochs": 40, "patience": 5, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
-                           "max_frames": 250, "dropout": 0.2, "hidden": 128},
+                           "max_frames": 250, "dropout": 0.2, "hidden": 128, "ensemble": 1},
     ("linear", "wav2vec2"): {"epochs": 40, "patience": 5, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
-                             "max_frames": 250, "dropout": 0.0},
+                             "max_frames": 250, "dropout": 0.0, "ensemble": 1},
 }
 
 
 def apply_defaults(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
     """Fill every option left unset (``None``) from ``defaults``, then from :class:`TrainConfig`."""
-    fallback = {**asdict(TrainConfig()), **defaults}
+    fallback = {"ensemble": 1, **asdict(TrainConfig()), **defaults}
     for key, value in fallback.items():
         if getattr(args, key, "absent") is None:
             setattr(args, key, value)
@@ -277,10 +294,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--balance", default=TrainConfig.balance, choices=BALANCES)
     parser.add_argument("--dropout", type=float, default=None)
     parser.add_argument("--cache-mb", type=int, default=2048, help="frame cache budget in MiB")
+    parser.add_argument("--ensemble", type=int, default=None,
+                        help="models per fold from different seeds, their probabilities averaged")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads per fold (the metrics depend on it, not on --jobs)")
+                        help="torch CPU threads per model (the metrics depend on it, not on --jobs)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="folds trained at once, each in its own process (default: one per CPU core)")
+                        help="models trained at once, each in its own process (default: one per CPU core)")
     parser.add_argument("--system", default=None, help="run name in comparisons")
 
 
@@ -318,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         label_set=args.label_set, out=args.out, merge_calm=args.merge_calm, augmentation=args.augmentation,
         normalisation=args.normalisation, layers=args.layers, config=config_from_args(args),
         head_kwargs=head_kwargs, seed=args.seed, cache_mb=args.cache_mb, system=args.system, jobs=args.jobs,
-        threads=args.threads))
+        threads=args.threads, members=args.ensemble))
 
 
 if __name__ == "__main__":

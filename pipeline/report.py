@@ -175,7 +175,7 @@ def curves_plot(path: Path, history: pd.DataFrame, title: str) -> None:
     """Train/val loss and validation accuracy per epoch: each fold thin, the mean over folds bold."""
     fig = Figure(figsize=(9, 3.4), layout="constrained")
     loss, acc = fig.subplots(1, 2)
-    for _, fold in history.groupby(["run", "fold"]):
+    for _, fold in history.groupby(["run", "fold", "member"] if "member" in history else ["run", "fold"]):
         loss.plot(fold["epoch"], fold["train_loss"], color="C0", alpha=0.25, lw=0.8)
         loss.plot(fold["epoch"], fold["val_loss"], color="C1", alpha=0.25, lw=0.8)
         acc.plot(fold["epoch"], fold["val_acc"], color="C2", alpha=0.25, lw=0.8)

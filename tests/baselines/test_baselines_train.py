@@ -58,7 +58,7 @@ def test_mfcc_cnn_learns_from_audio_and_loads(baseline_experiment, tmp_path):
     assert metrics["ua"] >= 0.8
     assert metrics["protocol"]["model"] == "mfcc_cnn" and metrics["protocol"]["feature_set"] == "logmel"
     history = pd.read_csv(tmp_path / "history.csv")
-    assert list(history.columns) == ["fold", "epoch", "train_loss", "val_loss", "val_acc"]
+    assert list(history.columns) == ["fold", "member", "epoch", "train_loss", "val_loss", "val_acc"]
     run = load_run(tmp_path)
     assert run.kind == "mfcc_cnn" and run.feature_settings["sample_rate"] == 16000
     fold0 = pd.read_csv(tmp_path / "predictions.csv").query("fold == 0")

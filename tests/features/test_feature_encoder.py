@@ -123,3 +123,22 @@ def test_mixed_lengths_in_one_pass_equal_single_passes_bit_for_bit(enc):
     for wave, frames in zip(waves, together, strict=True):
         np.testing.assert_array_equal(frames, enc.forward([wave])[0])
     np.testing.assert_array_equal(enc.forward(waves[1:3])[1], together[2])  # whatever its batch-mates
+
+
+@pytest.mark.parametrize("kernel, padding, stride, groups", [(128, 64, 1, 16), (5, 2, 1, 1), (7, 3, 2, 1), (4, 0, 3, 2)])
+def test_channels_last_conv_matches_conv1d_at_every_length(kernel, padding, stride, groups):
+    import torch
+
+    from features.encoder import ChannelsLastConv1d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(32, 32, kernel, padding=padding, stride=stride, groups=groups)
+    fast = ChannelsLastConv1d(conv)
+    for frames in (5, 31, 32, 33, 70):  # below, at and above a length bucket
+        if frames + 2 * padding < kernel:
+            continue
+        x = torch.randn(2, frames, 32).transpose(1, 2)  # the channels-last view the encoder passes
+        with torch.no_grad():
+            want, got = conv(x), fast(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

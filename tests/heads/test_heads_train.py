@@ -56,7 +56,7 @@ def test_conv_head_learns_and_writes_the_run_directory(conv_run):
     assert list(predictions.columns) == ["id", "fold", "true", "pred", "neutral", "happy", "sad", "angry"]
     np.testing.assert_allclose(predictions[metrics["labels"]].sum(axis=1), 1.0, atol=1e-4)
     history = pd.read_csv(out / "history.csv")
-    assert list(history.columns) == ["fold", "epoch", "train_loss", "val_loss", "val_acc"]
+    assert list(history.columns) == ["fold", "member", "epoch", "train_loss", "val_loss", "val_acc"]
     weights = json.loads((out / "layer_weights.json").read_text())
     assert weights["layers"] == [0, 1] and len(weights["folds"]) == 3
     assert weights["mean"][1] > weights["mean"][0]  # the class signal is in layer 1
@@ -140,6 +140,25 @@ def test_load_run_reproduces_a_folds_predictions(experiment, conv_run):
     assert mean.shape == (3, 4) and np.allclose(mean.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_an_ensemble_averages_its_members_in_every_fold(experiment, conv_run, tmp_path):
+    out, single = conv_run
+    metrics = _train(experiment, tmp_path, members=2, jobs=2)
+    assert metrics["protocol"]["ensemble"] == 2 and single["protocol"]["ensemble"] == 1
+    assert all(len(f["best_epoch"]) == 2 for f in metrics["folds"]) and metrics["ua"] >= 0.95
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert sorted(history.groupby(["fold", "member"]).groups) == [(k, m) for k in range(3) for m in range(2)]
+    # member 0 is the single model of the same seed; the fold's predictions are the members' mean
+    member0 = history.query("member == 0").drop(columns="member").reset_index(drop=True)
+    pd.testing.assert_frame_equal(member0, pd.read_csv(out / "history.csv").drop(columns="member"))
+    run = load_run(tmp_path)
+    assert len(run.folds) == 6 and [cfg["member"] for _, cfg in run.folds[:2]] == [0, 1]
+    predictions = pd.read_csv(tmp_path / "predictions.csv").query("fold == 1")
+    with FeatureStore(experiment[2]) as store:
+        inputs = [store.all_frames(uid) for uid in predictions["id"]]
+    fold1 = dataclasses.replace(run, folds=run.folds[2:4]).predict_proba(inputs)
+    np.testing.assert_allclose(fold1, predictions[run.labels].to_numpy(), atol=1e-5)
+
+
 def _cli(experiment, out, *extra):
     manifest, split, features = experiment
     return main(["--features", str(features), "--manifest", str(manifest), "--split", str(split),
@@ -210,4 +229,4 @@ def test_cli_defaults_follow_the_feature_kind():
     args = apply_defaults(argparse.Namespace(epochs=None, lr=3e-4, dropout=None, hidden=None, max_frames=None,
                                              patience=None, weight_decay=None, batch_size=None, balance="weights"),
                           RECOMMENDED[("conv", "egemaps")])
-    assert (args.epochs, args.lr, args.dropout, args.hidden) == (60, 3e-4, 0.5, 256)
+    assert (args.epochs, args.lr, args.dropout, args.hidden) == (100, 3e-4, 0.5, 256)
