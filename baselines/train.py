@@ -26,7 +26,7 @@ from baselines.models import MODELS, build_model, speaker_standardise
 from features.store import FeatureStore
 from heads.data import LRUCache
 from heads.fit import TrainConfig
-from heads.runs import save_sklearn_fold
+from heads.runs import clear_models, save_sklearn_fold
 from heads.train import FoldJob, add_training_args, config_from_args, default_jobs, report, run_folds
 from pipeline.experiment import load_experiment
 from pipeline.metrics import prediction_frame, scores, write_run
@@ -68,6 +68,7 @@ def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model:
     kind = attrs.get("kind", "features")
     feature_settings = {**attrs, "used_layers": used, "hidden_states": [attrs["layers"][i] for i in used]}
     predictions, extras = [], {}
+    clear_models(out)
     for fold in exp.folds:
         fit_ids = fold.train + fold.val
         estimator = build_model(model, seed=seed, **(settings or {}))

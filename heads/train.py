@@ -34,7 +34,7 @@ from features.store import FeatureStore
 from heads.data import NORMALISATIONS, LRUCache, Normaliser, Reader, StoreFrames
 from heads.fit import BALANCES, FoldData, TrainConfig, evaluate, fit, seed_everything
 from heads.models import HEADS, build_head
-from heads.runs import save_torch_fold
+from heads.runs import clear_models, save_torch_fold
 from pipeline.experiment import Experiment, load_experiment
 from pipeline.labels import label_set_names
 from pipeline.metrics import prediction_frame, scores, write_run
@@ -136,6 +136,7 @@ def run_folds(job: FoldJob, *, protocol: dict, jobs: int = 1) -> dict:
     Returns:
         The metrics written.
     """
+    clear_models(job.out)
     tasks = [(i, m) for i in range(len(job.exp.folds)) for m in range(job.members)]  # (fold position, member)
     args = ([job] * len(tasks), [i for i, _ in tasks], [m for _, m in tasks])
     if jobs <= 1 or len(tasks) == 1:

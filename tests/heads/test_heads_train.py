@@ -157,6 +157,9 @@ def test_an_ensemble_averages_its_members_in_every_fold(experiment, conv_run, tm
         inputs = [store.all_frames(uid) for uid in predictions["id"]]
     fold1 = dataclasses.replace(run, folds=run.folds[2:4]).predict_proba(inputs)
     np.testing.assert_allclose(fold1, predictions[run.labels].to_numpy(), atol=1e-5)
+    _train(experiment, tmp_path, config=dataclasses.replace(FAST, epochs=1))  # a single model into the same DIR
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [f"fold_{k}.{ext}" for k in range(3)
+                                                                     for ext in ("json", "safetensors")]
 
 
 def _cli(experiment, out, *extra):
