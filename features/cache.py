@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -99,7 +100,7 @@ def _pid_alive(pid: str) -> bool:
 
 
 class PartWriter:
-    """One part file: entries go to ``<path>.tmp``, which :meth:`close` fsyncs and renames to ``path``.
+    """One part file: entries go to ``<path>.tmp``, which :meth:`close` publishes as ``path``.
 
     Args:
         path: the final part file name (from :meth:`StoreBuild.reserve_part`).
@@ -121,17 +122,17 @@ class PartWriter:
             self._writer.add(uid, source=source, **kw)
         self.count += 1
 
-    def close(self, *, publish: bool = True) -> Path | None:
-        """Close the part and publish it with :func:`publish_part`, or leave that to the caller
-        (``publish=False``: a worker process hands the syncing to its idle parent). Returns the file written,
-        or None when the part holds no entry."""
+    def close(self) -> Path | None:
+        """Close the part and publish it with :func:`publish_part`; returns the part, or None when it holds no
+        entry."""
         if self._writer is None:
             return None
         self._writer.close()
         written, self._writer = self._writer.path, None
-        return publish_part(written) if publish else written
+        return publish_part(written)
 
 
+@functools.cache
 def boot_time() -> float | None:
     """When the machine last booted (seconds since the epoch), or None where ``/proc/stat`` does not say."""
     with contextlib.suppress(OSError, ValueError):

@@ -4,8 +4,8 @@ Exactness: wav2vec2-base's first convolution is followed by GroupNorm over the w
 changes every frame. :meth:`Encoder.forward` therefore runs the convolutions of each input on its own samples,
 and attention and the positional convolution on its own frames, when inputs of different lengths share a pass
 (only the per-frame layers see the padded batch): every input's result equals its single pass bit for bit.
-On CPU, :func:`use_fast_cpu_kernels` swaps the convolutions for faster equivalents. Inputs longer than one window are cut into windows that overlap by
-``overlap_seconds`` of context on each side; only the centre frames of each window are kept, aligned to the
+On CPU, :func:`use_fast_cpu_kernels` swaps the convolutions for faster equivalents. Inputs longer than one
+window are cut into windows that overlap by ``overlap_seconds`` of context on each side; only the centre frames of each window are kept, aligned to the
 global frame grid, so memory stays bounded for any duration (windowed frames are then close to, not equal
 to, a single forward pass).
 
@@ -142,10 +142,12 @@ _MIXED_BATCH: contextvars.ContextVar[tuple[list[int], list[int]] | None] = conte
     "ser_mixed_batch", default=None)
 
 
-def _batch_frames(batch_size: int) -> list[int] | None:
-    """Each utterance's frames when a mixed-length batch of ``batch_size`` is running, else None."""
+def _mixed_batch(batch_size: int) -> tuple[list[int], list[int]] | None:
+    """Each utterance's ``(samples, frames)`` when a mixed-length batch of ``batch_size`` is running, else None."""
     mixed = _MIXED_BATCH.get()
-    return mixed[1] if mixed is not None and len(mixed[1]) == batch_size else None
+    return mixed if mixed is not None and len(mixed[0]) == batch_size else None
+
+
 UNPADDED_ATTENTION = "ser_unpadded_sdpa"
 
 
@@ -157,11 +159,11 @@ def unpadded_attention(module, query, key, value, attention_mask, **kwargs):
     a batch it is plain sdpa.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    frames = _batch_frames(query.shape[0])
-    if frames is None:
+    mixed = _mixed_batch(query.shape[0])
+    if mixed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [B, T, heads, D]
-    for b, n in enumerate(frames):
+    for b, n in enumerate(mixed[1]):
         piece, _ = sdpa_attention_forward(module, query[b:b + 1, :, :n], key[b:b + 1, :, :n],
                                           value[b:b + 1, :, :n], None, **kwargs)
         out[b, :n] = piece[0]
@@ -183,13 +185,14 @@ class ChannelsLastConv1d:
                        "dilation": (1, conv.dilation[0]), "groups": conv.groups}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        frames = _batch_frames(x.shape[0])
-        if frames is None:
+        mixed = _mixed_batch(x.shape[0])
+        if mixed is None:
             return self._conv(x)
-        width = x.shape[2] + 2 * self.kwargs["padding"][1] - self.weight.shape[3] + 1
+        (_, padding), (_, dilation), (_, stride) = (self.kwargs[k] for k in ("padding", "dilation", "stride"))
+        width = (x.shape[2] + 2 * padding - dilation * (self.weight.shape[3] - 1) - 1) // stride + 1
         # channels-last like a single pass's output, so that later elementwise ops group values the same way
         out = x.new_zeros(x.shape[0], width, self.weight.shape[0]).transpose(1, 2)
-        for b, n in enumerate(frames):  # each utterance on its own frames, as in a single pass
+        for b, n in enumerate(mixed[1]):  # each utterance on its own frames, as in a single pass
             piece = self._conv(x[b:b + 1, :, :n])
             out[b, :, :piece.shape[2]] = piece[0]
         return out
@@ -236,8 +239,8 @@ class Unpadded:
         self.inner = inner
 
     def __call__(self, input_values: torch.Tensor) -> torch.Tensor:
-        mixed = _MIXED_BATCH.get()
-        if mixed is None or len(mixed[0]) != input_values.shape[0]:
+        mixed = _mixed_batch(input_values.shape[0])
+        if mixed is None:
             return self.inner(input_values)
         # clone: each row starts 64-byte aligned, as a single pass's input does (MKL's results can depend on it)
         outs = [self.inner(input_values[b:b + 1, :n].clone())[0].transpose(0, 1) for b, n in enumerate(mixed[0])]

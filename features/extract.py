@@ -21,7 +21,6 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
-import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -40,11 +39,11 @@ from features.cache import (
     add_store_args,
     advance,
     finish,
-    publish_part,
     read_manifests,
 )
 from features.encoder import DEFAULT_ENCODER, Encoder, load_encoder
 from pipeline.audio import AudioError, load_audio
+from pipeline.processes import cpu_cores, die_with_parent
 
 
 def versions() -> dict:
@@ -55,11 +54,6 @@ def versions() -> dict:
     import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
             "h5py": h5py.__version__, "soxr": soxr.__version__}
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -232,17 +226,16 @@ def _init_worker(enc: Encoder) -> None:
     import torch
     torch.set_num_threads(1)
     tune_malloc()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphan outlives a kill
+    die_with_parent()
     _WORKER["enc"] = enc
 
 
 def _work(batches: list[list[dict]], part: str, meta: dict, job: Job) -> tuple[float, int, list[dict], Path | None]:
-    """One task in a worker: encode whole passes into one part file, closed but left to the parent to publish
-    (fsync waits on the disk; the parent is idle); returns (seconds, computed, skips, the unpublished part)."""
+    """One task in a worker: encode whole passes into one part file; returns (seconds, computed, skips, the
+    published part or None)."""
     writer = PartWriter(part, meta)
     results = list(encode_rows(_WORKER["enc"], batches, job, writer.add))
-    written = writer.close(publish=False)
+    written = writer.close()
     return sum(s for s, _ in results), sum(k is None for _, k in results), [k for _, k in results if k], written
 
 
@@ -310,7 +303,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                 for future in as_completed(futures):
                     seconds, n, task_skips, written = future.result()
                     if written is not None:
-                        build.absorb(publish_part(written))
+                        build.absorb(written)
                     done_s, computed = done_s + seconds, computed + n
                     skipped.extend(task_skips)
                     advance(bar, seconds)

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import multiprocessing
-import os
-import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -38,6 +35,7 @@ from heads.runs import clear_models, save_torch_fold
 from pipeline.experiment import Experiment, load_experiment
 from pipeline.labels import label_set_names
 from pipeline.metrics import prediction_frame, scores, write_run
+from pipeline.processes import cpu_cores, die_with_parent
 
 
 @contextlib.contextmanager
@@ -53,8 +51,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 def default_jobs(num_models: int) -> int:
     """Models trained at once by default: one per usable CPU core, at most one per model."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(num_models, cores))
+    return max(1, min(num_models, cpu_cores()))
 
 
 @dataclass(frozen=True)
@@ -94,12 +91,12 @@ def train_member(job: FoldJob, index: int, member: int = 0) -> dict:
     figures."""
     exp, fold = job.exp, job.exp.folds[index]
     with torch_threads(job.threads):
-        read = job.make_reader()
+        read, speakers = job.make_reader(), exp.frame["speaker"].to_dict()
         seed_everything(job.seed + fold.index + 1000 * member)
         rng = np.random.default_rng([job.seed, fold.index, member] if member else [job.seed, fold.index])
-        normalise = Normaliser.fit(job.normalisation, read, fold.train, speakers=exp.frame["speaker"].to_dict(),
+        normalise = Normaliser.fit(job.normalisation, read, fold.train, speakers=speakers,
                                    all_ids=fold.train + fold.val + fold.test)
-        data = FoldData(read, normalise, exp.frame["label"].to_dict(), exp.frame["speaker"].to_dict())
+        data = FoldData(read, normalise, exp.frame["label"].to_dict(), speakers)
         model = job.build_model()
         name = f"fold {fold.index}" + (f" member {member}" if job.members > 1 else "")
         history, best_epoch = fit(model, data, fold.train, fold.val, job.config, rng,
@@ -113,12 +110,6 @@ def train_member(job: FoldJob, index: int, member: int = 0) -> dict:
     weights = model.layer_weights.weights().detach().numpy() if hasattr(model, "layer_weights") else None
     return {"proba": proba, "history": history.assign(fold=fold.index, member=member), "weights": weights,
             "best_epoch": best_epoch, "epochs_run": len(history)}
-
-
-def _init_fold_process() -> None:
-    """A fold process dies with its parent (Linux PR_SET_PDEATHSIG): a killed run leaves no training behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
 
 
 def run_folds(job: FoldJob, *, protocol: dict, jobs: int = 1) -> dict:
@@ -143,7 +134,7 @@ def run_folds(job: FoldJob, *, protocol: dict, jobs: int = 1) -> dict:
         results = list(map(train_member, *args))
     else:  # spawn: a forked torch (OpenMP pool, open HDF5 handles) is not safe to train in
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_fold_process) as pool:
+                                 initializer=die_with_parent) as pool:
             results = list(pool.map(train_member, *args))
     predictions, weights, extras = [], [], {}
     for i, fold in enumerate(job.exp.folds):
