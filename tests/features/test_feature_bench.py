@@ -24,4 +24,5 @@ def test_records(synth_files, make_manifest):
         assert record["device"] == "cpu" and 2.0 < record["audio_seconds"] < 5.0 and record["files"] >= 2
         assert record["throughput"] == pytest.approx(record["audio_seconds"] / record["wall_seconds"], rel=0.01)
         assert record["ceiling_ratio"] > 0 and record["peak_rss_mb"] > 50
+        assert record["matmul_gflops"] >= record["matmul_gflops_default"] > 0  # the ceiling: the faster product
     assert records[0]["cosine_vs_float32"] == 1.0 and 0.97 < records[1]["cosine_vs_float32"] < 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from features.encoder import load_encoder
+from features.encoder import _ONEDNN_LINEAR, MatmulFeatureEncoder, load_encoder
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +89,20 @@ def test_cuda_requested_without_gpu(tiny_encoder_dir):
         load_encoder(tiny_encoder_dir, device="cuda")
 
 
+ONEDNN = ["linear", "fused_gelu"] if _ONEDNN_LINEAR is not None else []
+
+
 def test_fast_cpu_kernels_replace_the_convolutions(enc, direct_forward):
     # the tiny model has wav2vec2-base's structure: GroupNorm first layer, grouped positional convolution
-    assert enc.fast_kernels == ["feature_encoder", "positional_conv"]
+    assert enc.fast_kernels == ["feature_encoder", "positional_conv", *ONEDNN]
     wave = _wave(1.3, seed=3)
+    np.testing.assert_allclose(enc.hidden_states(wave), direct_forward(wave), rtol=1e-5, atol=1e-5)
+
+
+def test_convolution_windows_copied_in_tiles(enc, direct_forward, monkeypatch):
+    import features.encoder
+    monkeypatch.setattr(features.encoder, "_TILE_BYTES", 4096)  # many tiles per layer, a ragged last one
+    wave = _wave(1.3, seed=6)
     np.testing.assert_allclose(enc.hidden_states(wave), direct_forward(wave), rtol=1e-5, atol=1e-5)
 
 
@@ -109,8 +119,32 @@ def test_fast_kernels_on_a_layer_norm_encoder_with_conv_bias(tmp_path):
     model.save_pretrained(tmp_path)
     Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(tmp_path)
     enc = load_encoder(tmp_path, device="cpu")
-    assert enc.fast_kernels == ["feature_encoder", "positional_conv"]
+    assert enc.fast_kernels == ["feature_encoder", "positional_conv", *ONEDNN]
     wave = enc.normalise(_wave(0.9, seed=4))
+    with torch.no_grad():
+        want = torch.stack(model(torch.from_numpy(wave)[None], output_hidden_states=True).hidden_states, 1)[0]
+    np.testing.assert_allclose(enc.hidden_states(wave), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_approximate_gelu_is_not_fused(tmp_path):
+    # gelu_new (tanh approximation) differs from the exact GELU by ~1e-4: close enough to pass a tolerance
+    # check on a probe, so the swap must look at the activation itself, in the transformer and the convolutions
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(2)
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(16, 16, 16), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2),
+                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                            hidden_act="gelu_new", feat_extract_activation="gelu_new")
+    model = Wav2Vec2Model(config).eval()
+    model.save_pretrained(tmp_path)
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(tmp_path)
+    enc = load_encoder(tmp_path, device="cpu")
+    assert "fused_gelu" not in enc.fast_kernels
+    convs = enc.model.feature_extractor.forward.inner
+    assert isinstance(convs, MatmulFeatureEncoder) and not any(spec["fuse_gelu"] for spec in convs.layers)
+    wave = enc.normalise(_wave(0.9, seed=5))
     with torch.no_grad():
         want = torch.stack(model(torch.from_numpy(wave)[None], output_hidden_states=True).hidden_states, 1)[0]
     np.testing.assert_allclose(enc.hidden_states(wave), want.numpy(), rtol=1e-5, atol=1e-5)
