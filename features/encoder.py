@@ -4,7 +4,7 @@ Exactness: wav2vec2-base's first convolution is followed by GroupNorm over the w
 changes every frame. :meth:`Encoder.forward` therefore runs the convolutions of each input on its own samples,
 and attention and the positional convolution on its own frames, when inputs of different lengths share a pass
 (only the per-frame layers see the padded batch): every input's result equals its single pass bit for bit.
-On CPU, :func:`use_fast_cpu_kernels` swaps the convolutions for faster equivalents. Inputs longer than one
+On CPU, :func:`use_fast_cpu_kernels` swaps the convolutions and linear layers for faster equivalents. Inputs longer than one
 window are cut into windows that overlap by ``overlap_seconds`` of context on each side; only the centre frames of each window are kept, aligned to the
 global frame grid, so memory stays bounded for any duration (windowed frames are then close to, not equal
 to, a single forward pass).
@@ -45,8 +45,8 @@ _ONEDNN_LINEAR = _onednn_linear()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool = False) -> torch.Tensor:
-    """``x @ weight.T + bias`` (then exact GELU) on CPU through oneDNN where available: on this project's AMD
-    test machine its float32 matmul is 10-20 % faster than the default (MKL) one, and GELU is fused into it.
+    """``x @ weight.T + bias`` (then the exact GELU), on CPU through oneDNN where available: on AMD CPUs its
+    float32 product is 10-20 % faster than torch's default (MKL) one, and the GELU runs inside it.
     ``weight`` is ``[out, in]`` and contiguous."""
     if _ONEDNN_LINEAR is not None and x.device.type == "cpu":
         return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none") if gelu else \
@@ -138,8 +138,9 @@ class MatmulFeatureEncoder:
             norm = None
         if windows.is_contiguous():  # stride == kernel: the windows are the frames themselves
             out = linear(windows, weight, bias, gelu=spec["fuse_gelu"])
-        else:  # overlapping windows, copied a tile at a time: a whole copy above glibc's mmap threshold
-            rows = max(1, _TILE_BYTES // (windows.shape[1] * windows.element_size()))  # faults in afresh each time
+        else:  # overlapping windows (kernel > stride), copied a tile at a time: one copy of them all would be
+            # above glibc's mmap threshold, its pages faulted in afresh at every call
+            rows = max(1, _TILE_BYTES // (windows.shape[1] * windows.element_size()))
             tiles = [linear(windows[i:i + rows].contiguous(), weight, bias, gelu=spec["fuse_gelu"])
                      for i in range(0, frames, rows)]
             out = tiles[0] if len(tiles) == 1 else torch.cat(tiles)
@@ -294,7 +295,7 @@ def use_fast_cpu_kernels(model, dtype: torch.dtype) -> list[str]:
                 got = ff(probe).float()
             if float((got - want).norm() / want.norm().clamp_min(1e-12)) <= tolerance:
                 fused += 1
-            else:  # not the exact GELU: put the module back as it was
+            else:  # a feed-forward that does more than dense -> GELU -> ...: put it back as it was
                 dense.forward, ff.intermediate_act_fn = before, act
         swapped += ["linear"] * bool(linears) + ["fused_gelu"] * bool(fused)
     return swapped
