@@ -253,8 +253,13 @@ class StoreBuild:
     def roll(self) -> None:
         """Publish the current part if it holds ``part_entries`` utterances or more."""
         if self._part is not None and self._part.count >= self.part_entries:
-            self.absorb(self._part.close())
-            self._part = None
+            self._publish()
+
+    def _publish(self) -> None:
+        """Close the current part and absorb it (an empty one is not published)."""
+        part, self._part = self._part.close(), None
+        if part is not None:
+            self.absorb(part)
 
     def absorb(self, part: Path) -> None:
         """Copy a published part's entries into the new store while the work goes on, so that :meth:`finish`
@@ -275,10 +280,7 @@ class StoreBuild:
     def finish(self) -> dict:
         """Merge parts and kept entries into a fresh store, atomically; returns counts."""
         if self._part is not None:
-            part = self._part.close()
-            if part is not None:
-                self.absorb(part)
-            self._part = None
+            self._publish()
         self._available = {}
         self._scan()
         keep = {u: held[self._wanted[u]] for u, held in self._available.items()

@@ -104,6 +104,13 @@ def decoded(rows: Sequence[dict], enc: Encoder, job: Job, lookahead: int = 16
                 yield row, None, err
 
 
+def cropped_seconds(rows: pd.DataFrame, job: Job) -> pd.Series:
+    """Each row's manifest ``duration_s`` after the crop (NaN where unknown)."""
+    seconds = pd.to_numeric(rows.get("duration_s", pd.Series(np.nan, index=rows.index)), errors="coerce")
+    seconds = (seconds - job.offset_s).clip(lower=0)
+    return seconds.clip(upper=job.max_s) if job.max_s else seconds
+
+
 def plan_batches(rows: pd.DataFrame, todo: set[str], job: Job, enc: Encoder) -> list[list[dict]]:
     """Group every wanted row, not only those still to do, into forward passes; keep the passes with work.
 
@@ -119,11 +126,7 @@ def plan_batches(rows: pd.DataFrame, todo: set[str], job: Job, enc: Encoder) -> 
     Returns:
         Passes of row dicts ``id, path, source, todo``.
     """
-    seconds = pd.to_numeric(rows.get("duration_s", pd.Series(np.nan, index=rows.index)), errors="coerce")
-    seconds = (seconds - job.offset_s).clip(lower=0)
-    if job.max_s:
-        seconds = seconds.clip(upper=job.max_s)
-    rows = rows.assign(_seconds=seconds).sort_values("_seconds", kind="stable", ascending=False, na_position="last")
+    rows = rows.assign(_seconds=cropped_seconds(rows, job)).sort_values("_seconds", kind="stable", ascending=False, na_position="last")
     longest_single = enc.max_single_samples / enc.sample_rate
     batches: list[list[dict]] = []
     open_longest = None  # the longest input of the last pass, None when that pass takes no more
@@ -288,10 +291,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
     if build.rebuild_reason:
         print(f"extract: rebuilding {out}: {build.rebuild_reason}")
     batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
-    total = None
-    if "duration_s" in todo:
-        seconds = (pd.to_numeric(todo["duration_s"], errors="coerce").fillna(0) - offset_seconds).clip(lower=0)
-        total = float(seconds.clip(upper=max_seconds).sum() if max_seconds else seconds.sum())
+    total = float(cropped_seconds(todo, job).fillna(0).sum()) if "duration_s" in todo else None
     procs = 1 if cuda else (procs or cpu_cores())
     done_s, computed = 0.0, 0
     with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar:
