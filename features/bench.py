@@ -8,9 +8,10 @@ HDF5 writes included). Each dtype runs in a fresh process, so ``peak_rss_mb`` is
 - ``throughput``: seconds of audio per wall-clock second.
 - ``ceiling_ratio``: throughput / (dense matmul FLOP/s measured in this dtype in the same process /
   encoder FLOPs per second of audio, counted from its conv and linear layers and attention for these files).
-  The matmul rate (``matmul_gflops``) is the better of torch's default product (``matmul_gflops_default``:
-  MKL on CPU) and oneDNN's, which the encoder uses; on AMD CPUs oneDNN's is 10-20 % faster, and a ceiling
-  from the default product alone would flatter the ratio by as much.
+  The matmul rate (``matmul_gflops``) is the best of torch's default product (``matmul_gflops_default``:
+  MKL on CPU) and oneDNN's, with and without the second operand packed beforehand, as the encoder's weights
+  are; on AMD CPUs oneDNN's is 10-20 % faster, and a ceiling from the default product alone would flatter the
+  ratio by as much.
 - ``cosine_vs_float32``: mean cosine similarity of the pooled features ``[L, 2H]`` with the float32 run.
 - ``peak_rss_mb``: peak memory of the whole process tree (encoder workers included) during extraction,
   as proportional set size so pages the forked workers share with their parent count once (read when the
@@ -58,16 +59,19 @@ def encoder_flops(config, num_samples: int) -> float:
 
 def _matmul_rates(dtype: str, device: str, size: int, repeats: int, threads: int | None = None) -> dict[str, float]:
     """Best-of-``repeats`` rates (FLOP/s) of one dense ``size x size`` product: ``default`` by torch's matmul,
-    ``linear`` by :func:`features.encoder.linear` (oneDNN on CPU, which the encoder uses)."""
+    ``linear`` by :func:`features.encoder.linear` (oneDNN on CPU, which the encoder uses) and ``packed`` by it
+    with the second operand packed once (:func:`features.encoder.pack_weight`), as the encoder's weights are."""
     import torch
 
-    from features.encoder import DTYPES, linear
+    from features.encoder import DTYPES, linear, pack_weight
     if threads:
         torch.set_num_threads(threads)
     a = torch.randn(size, size, device=device).to(DTYPES[dtype])
     b = torch.randn(size, size, device=device).to(DTYPES[dtype])
+    packed = pack_weight(b)
     rates = {}
-    for name, product in (("default", lambda: a @ b), ("linear", lambda: linear(a, b, None))):
+    for name, product in (("default", lambda: a @ b), ("linear", lambda: linear(a, b, None)),
+                          ("packed", lambda: linear(a, packed, None))):
         best = float("inf")
         for _ in range(repeats + 1):
             if device == "cuda":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from features.encoder import _ONEDNN_LINEAR, MatmulFeatureEncoder, load_encoder
+from features.encoder import MatmulFeatureEncoder, load_encoder, onednn_linear_supports
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,33 @@ def test_bfloat16_returns_float32(tiny_encoder_dir, enc):
     assert 0.98 < cos < 1.0
 
 
+def test_float16_on_cpu_runs_where_onednn_has_no_kernel_for_it(tiny_encoder_dir, enc):
+    # oneDNN's CPU linear lacks float16 on most CPUs: those layers keep torch's own product, nothing fails
+    half = load_encoder(tiny_encoder_dir, device="cpu", dtype="float16")
+    assert half.fast_kernels[:2] == ["feature_encoder", "positional_conv"] and half.fast_kernels[2:] == _onednn("float16")
+    wave = _wave(1.0)
+    got, ref = half.hidden_states(wave), enc.hidden_states(wave)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert (got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref) > 0.99
+
+
+def test_linear_weights_are_packed_once_and_shared_by_the_fused_feed_forward(enc):
+    import torch
+
+    from features.encoder import FusedFeedForward, OneDnnLinear, linear, pack_weight
+    if not onednn_linear_supports(torch.float32):
+        pytest.skip("no oneDNN linear in this torch")
+    ff = enc.model.encoder.layers[0].feed_forward
+    fused, dense = ff.forward, ff.intermediate_dense.forward
+    assert isinstance(fused, FusedFeedForward) and isinstance(dense, OneDnnLinear)
+    assert dense.weight.is_mkldnn and fused.dense.weight is dense.weight  # one packed copy, not two
+    torch.manual_seed(0)
+    x, w, b = torch.randn(37, 32), torch.randn(64, 32), torch.randn(64)
+    np.testing.assert_allclose(linear(x, pack_weight(w), b), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    # rows are computed alike in any batch (what makes mixed-length passes exact)
+    assert torch.equal(linear(x, pack_weight(w), b)[5:25], linear(x[5:25].clone(), pack_weight(w), b))
+
+
 def test_unknown_dtype(tiny_encoder_dir):
     with pytest.raises(ValueError, match="expected one of"):
         load_encoder(tiny_encoder_dir, dtype="int8")
@@ -89,7 +116,12 @@ def test_cuda_requested_without_gpu(tiny_encoder_dir):
         load_encoder(tiny_encoder_dir, device="cuda")
 
 
-ONEDNN = ["linear", "fused_gelu"] if _ONEDNN_LINEAR is not None else []
+def _onednn(dtype: str = "float32") -> list[str]:
+    import torch
+    return ["linear", "fused_gelu"] if onednn_linear_supports(getattr(torch, dtype)) else []
+
+
+ONEDNN = _onednn()
 
 
 def test_fast_cpu_kernels_replace_the_convolutions(enc, direct_forward):
