@@ -262,6 +262,7 @@ class ChannelsLastConv1d:
     def __init__(self, conv):
         self.weight = conv.weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last)
         self.bias = None if conv.bias is None else conv.bias.detach()
+        self.out_channels, (self.kernel_size,) = conv.out_channels, conv.kernel_size
         self.kwargs = {"stride": (1, conv.stride[0]), "padding": (0, conv.padding[0]),
                        "dilation": (1, conv.dilation[0]), "groups": conv.groups}
 
@@ -270,9 +271,9 @@ class ChannelsLastConv1d:
         if mixed is None:
             return self._conv(x)
         (_, padding), (_, dilation), (_, stride) = (self.kwargs[k] for k in ("padding", "dilation", "stride"))
-        width = (x.shape[2] + 2 * padding - dilation * (self.weight.shape[3] - 1) - 1) // stride + 1
+        width = (x.shape[2] + 2 * padding - dilation * (self.kernel_size - 1) - 1) // stride + 1
         # channels-last like a single pass's output, so that later elementwise ops group values the same way
-        out = x.new_zeros(x.shape[0], width, self.weight.shape[0]).transpose(1, 2)
+        out = x.new_zeros(x.shape[0], width, self.out_channels).transpose(1, 2)
         for b, n in enumerate(mixed[1]):  # each utterance on its own frames, as in a single pass
             piece = self._conv(x[b:b + 1, :, :n])
             out[b, :, :piece.shape[2]] = piece[0]
@@ -280,6 +281,51 @@ class ChannelsLastConv1d:
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.conv2d(x.unsqueeze(2), self.weight, self.bias, **self.kwargs).squeeze(2)
+
+
+class FftConv1d(ChannelsLastConv1d):
+    """A stride-1 ``Conv1d`` by FFT, block by block (overlap-save), for float32 CPU inference.
+
+    For the positional convolution (kernel 128, 16 groups of 48 channels) that is a tenth of the direct
+    method's multiply-adds and 2.5-5x its speed here, equal to it up to float32 rounding (relative error
+    ~4e-7). Blocks of ``n`` samples (the power of two >= twice the kernel) each yield ``n - k + 1`` outputs;
+    the kernel's spectrum at that length is computed once (38 MB for wav2vec2-base). Every utterance of a
+    batch is transformed on its own, so a batch's results equal single passes bit for bit.
+
+    Raises:
+        NotImplementedError: a strided or dilated convolution, or weights other than float32.
+    """
+
+    def __init__(self, conv):
+        if conv.stride != (1,) or conv.dilation != (1,) or conv.weight.dtype != torch.float32:
+            raise NotImplementedError("FFT convolution: stride 1, no dilation, float32 only")
+        weight = conv.weight.detach()                                       # [out, in / groups, k]
+        out, per_group, k = weight.shape
+        self.bias = None if conv.bias is None else conv.bias.detach()
+        self.out_channels, self.kernel_size, self.groups = out, k, conv.groups
+        self.kwargs = {"stride": (1, 1), "padding": (0, conv.padding[0]), "dilation": (1, 1)}
+        self.n = 1 << (2 * k - 1).bit_length()
+        self.step = self.n - k + 1
+        spectrum = torch.fft.rfft(weight.flip(-1), n=self.n)               # correlation = convolution, flipped
+        self.spectrum = (spectrum.reshape(self.groups, out // self.groups, per_group, -1)
+                         .permute(3, 0, 2, 1).contiguous())                 # [freq, group, in, out]
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, T]`` -> ``[B, out, T']``, channels-last like the direct kernel's output."""
+        (_, padding), k, groups = self.kwargs["padding"], self.kernel_size, self.groups
+        width = x.shape[2] + 2 * padding - k + 1
+        blocks = -(-width // self.step)
+        out = x.new_empty(x.shape[0], width, self.out_channels)
+        for b, frames in enumerate(x):                                      # [C, T]
+            padded = torch.nn.functional.pad(frames.contiguous(),
+                                             (padding, (blocks - 1) * self.step + self.n - frames.shape[1] - padding))
+            spectra = torch.fft.rfft(padded.unfold(1, self.n, self.step), n=self.n)   # [C, blocks, freq]
+            spectra = spectra.reshape(groups, -1, blocks, spectra.shape[-1]).permute(3, 0, 2, 1)
+            product = torch.matmul(spectra, self.spectrum)                  # [freq, group, blocks, out / group]
+            product = product.permute(1, 3, 2, 0).reshape(self.out_channels, blocks, -1)
+            y = torch.fft.irfft(product, n=self.n)[..., k - 1:].reshape(self.out_channels, -1)[:, :width]
+            out[b] = (y if self.bias is None else y + self.bias[:, None]).T
+        return out.transpose(1, 2)
 
 
 def _swap_if_equal(module, fast, probe: torch.Tensor, tolerance: float) -> bool:
@@ -308,7 +354,8 @@ def _is_exact_gelu(activation) -> bool:
 
 def use_fast_cpu_kernels(model, dtype: torch.dtype) -> list[str]:
     """Swap, where each reproduces the module on a random probe: the feature encoder for
-    :class:`MatmulFeatureEncoder`, the positional convolution for :class:`ChannelsLastConv1d`, and the
+    :class:`MatmulFeatureEncoder`, the positional convolution for :class:`FftConv1d` (float32) or
+    :class:`ChannelsLastConv1d`, and the
     transformer's linear layers for :class:`OneDnnLinear`, and feed-forward blocks whose activation is the exact
     GELU for :class:`FusedFeedForward`. Returns what was swapped."""
     generator = torch.Generator().manual_seed(0)
@@ -322,8 +369,11 @@ def use_fast_cpu_kernels(model, dtype: torch.dtype) -> list[str]:
     conv = getattr(getattr(getattr(model, "encoder", None), "pos_conv_embed", None), "conv", None)
     if isinstance(conv, torch.nn.Conv1d) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple):
         probe = torch.randn(1, 100, conv.in_channels, generator=generator).to(dtype).transpose(1, 2)
-        if _swap_if_equal(conv, ChannelsLastConv1d(conv), probe, tolerance):
-            swapped.append("positional_conv")
+        for name, fast in (("positional_conv_fft", FftConv1d), ("positional_conv", ChannelsLastConv1d)):
+            with contextlib.suppress(NotImplementedError):
+                if _swap_if_equal(conv, fast(conv), probe, tolerance):
+                    swapped.append(name)
+                    break
     if onednn_linear_supports(dtype):
         linears = 0
         for name, module in model.named_modules():

@@ -151,6 +151,12 @@ class FeatureStore:
         """Utterance-level features: ``[L, 2H]`` mean ‖ std per layer (eGeMAPS: ``[1, 88]``), float32."""
         return self._group(uid)["pooled"][()].astype(np.float32, copy=False)
 
+    def frames_extent(self, uid: str) -> tuple[int, int] | None:
+        """``(offset, bytes)`` of an utterance's frames in the file, or None where they are not stored whole."""
+        data = self._group(uid)["frames"].id
+        offset = data.get_offset()
+        return None if offset is None else (offset, data.get_storage_size())
+
     def entry_attrs(self, uid: str) -> dict:
         """Per-utterance attributes (``id``, ``num_frames``, ``source``, ``duration_s``, ...)."""
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._group(uid).attrs.items()}

@@ -126,7 +126,7 @@ ONEDNN = _onednn()
 
 def test_fast_cpu_kernels_replace_the_convolutions(enc, direct_forward):
     # the tiny model has wav2vec2-base's structure: GroupNorm first layer, grouped positional convolution
-    assert enc.fast_kernels == ["feature_encoder", "positional_conv", *ONEDNN]
+    assert enc.fast_kernels == ["feature_encoder", "positional_conv_fft", *ONEDNN]
     wave = _wave(1.3, seed=3)
     np.testing.assert_allclose(enc.hidden_states(wave), direct_forward(wave), rtol=1e-5, atol=1e-5)
 
@@ -151,7 +151,7 @@ def test_fast_kernels_on_a_layer_norm_encoder_with_conv_bias(tmp_path):
     model.save_pretrained(tmp_path)
     Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(tmp_path)
     enc = load_encoder(tmp_path, device="cpu")
-    assert enc.fast_kernels == ["feature_encoder", "positional_conv", *ONEDNN]
+    assert enc.fast_kernels == ["feature_encoder", "positional_conv_fft", *ONEDNN]
     wave = enc.normalise(_wave(0.9, seed=4))
     with torch.no_grad():
         want = torch.stack(model(torch.from_numpy(wave)[None], output_hidden_states=True).hidden_states, 1)[0]
@@ -192,19 +192,38 @@ def test_mixed_lengths_in_one_pass_equal_single_passes_bit_for_bit(enc):
 
 
 @pytest.mark.parametrize("kernel, padding, stride, groups", [(128, 64, 1, 16), (5, 2, 1, 1), (7, 3, 2, 1), (4, 0, 3, 2)])
-def test_channels_last_conv_matches_conv1d_at_every_length(kernel, padding, stride, groups):
+@pytest.mark.parametrize("fft", [False, True])
+def test_channels_last_conv_matches_conv1d_at_every_length(kernel, padding, stride, groups, fft):
     import torch
 
-    from features.encoder import ChannelsLastConv1d
+    from features.encoder import ChannelsLastConv1d, FftConv1d
 
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(32, 32, kernel, padding=padding, stride=stride, groups=groups)
-    fast = ChannelsLastConv1d(conv)
-    for frames in (5, 31, 32, 33, 70):  # below, at and above a length bucket
+    if fft and stride > 1:
+        with pytest.raises(NotImplementedError):
+            FftConv1d(conv)
+        return
+    fast = FftConv1d(conv) if fft else ChannelsLastConv1d(conv)
+    # below, at and above a length bucket; for the FFT, one block or several, the last one ragged
+    for frames in (1, 5, 31, 32, 33, 70, 301):
         if frames + 2 * padding < kernel:
             continue
         x = torch.randn(2, frames, 32).transpose(1, 2)  # the channels-last view the encoder passes
         with torch.no_grad():
             want, got = conv(x), fast(x)
-        assert got.shape == want.shape
+        assert got.shape == want.shape and got.transpose(1, 2).is_contiguous()  # channels-last, as conv2d's
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fft_convolution_of_a_batch_equals_single_passes_bit_for_bit():
+    import torch
+
+    from features.encoder import FftConv1d
+
+    torch.manual_seed(0)
+    fast = FftConv1d(torch.nn.Conv1d(32, 32, 16, padding=8, groups=4))
+    x = torch.randn(3, 90, 32).transpose(1, 2)
+    together = fast(x)
+    for b in range(3):
+        assert torch.equal(together[b], fast(x[b:b + 1])[0])

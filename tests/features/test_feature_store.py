@@ -56,6 +56,16 @@ def test_write_and_read(tmp_path, entries):
         assert f["utterances/c%2FActor_01%2Fa"].attrs["id"] == "c/Actor_01/a"
 
 
+def test_frames_extent_is_where_the_frames_lie_in_the_file(tmp_path, entries):
+    path = write_store(tmp_path / "f.h5", entries, {"storage_dtype": "float32"})
+    raw = path.read_bytes()
+    with FeatureStore(path) as fs:
+        for uid, (frames, _) in entries.items():
+            offset, size = fs.frames_extent(uid)
+            assert size == frames.nbytes
+            np.testing.assert_array_equal(np.frombuffer(raw[offset:offset + size], "<f4").reshape(frames.shape), frames)
+
+
 def test_given_pooled_and_float16(tmp_path, entries):
     frames = entries["c/Actor_01/a"][0]
     path = write_store(tmp_path / "f.h5", {"u": (frames, np.arange(5.0)[None])},
