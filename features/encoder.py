@@ -289,24 +289,26 @@ class ChannelsLastConv1d:
 
 
 class FftConv1d(ChannelsLastConv1d):
-    """A stride-1 ``Conv1d`` by FFT, block by block (overlap-save), for float32 CPU inference.
+    """A stride-1 ``Conv1d`` by FFT, block by block (overlap-save), for CPU inference; computed in float32
+    whatever the model's dtype, the result cast back to it.
 
     For the positional convolution (kernel 128, 16 groups of 48 channels) that is a tenth of the direct
-    method's multiply-adds and 2.5-5x its speed here, equal to it up to float32 rounding (relative error
-    ~4e-7). Blocks of ``n`` samples (the power of two >= twice the kernel) each yield ``n - k + 1`` outputs;
-    the kernel's spectrum at that length is computed once (38 MB for wav2vec2-base). Every utterance of a
-    batch is transformed on its own, so a batch's results equal single passes bit for bit.
+    method's multiply-adds and 2.5-5x its speed here (twice oneDNN's bfloat16 kernel's), equal to it up to
+    float32 rounding (relative error ~4e-7). Blocks of ``n`` samples (the power of two >= twice the kernel)
+    each yield ``n - k + 1`` outputs; the kernel's spectrum at that length is computed once (38 MB for
+    wav2vec2-base). Every utterance of a batch is transformed on its own, so a batch's results equal single
+    passes bit for bit.
 
     Raises:
-        NotImplementedError: a strided or dilated convolution, or weights other than float32.
+        NotImplementedError: a strided or dilated convolution.
     """
 
     def __init__(self, conv):
-        if conv.stride != (1,) or conv.dilation != (1,) or conv.weight.dtype != torch.float32:
-            raise NotImplementedError("FFT convolution: stride 1, no dilation, float32 only")
-        weight = conv.weight.detach()                                       # [out, in / groups, k]
+        if conv.stride != (1,) or conv.dilation != (1,):
+            raise NotImplementedError("FFT convolution: stride 1, no dilation")
+        weight = conv.weight.detach().float()                               # [out, in / groups, k]
         out, per_group, k = weight.shape
-        self.bias = None if conv.bias is None else conv.bias.detach()
+        self.bias = None if conv.bias is None else conv.bias.detach().float()
         self.out_channels, self.kernel_size, self.groups = out, k, conv.groups
         self.kwargs = {"stride": (1, 1), "padding": (0, conv.padding[0]), "dilation": (1, 1)}
         self.n = 1 << (2 * k - 1).bit_length()
@@ -322,14 +324,14 @@ class FftConv1d(ChannelsLastConv1d):
         blocks = -(-width // self.step)
         out = x.new_empty(x.shape[0], width, self.out_channels)
         for b, frames in enumerate(x):                                      # [C, T]
-            padded = torch.nn.functional.pad(frames.contiguous(),
+            padded = torch.nn.functional.pad(frames.float().contiguous(),
                                              (padding, (blocks - 1) * self.step + self.n - frames.shape[1] - padding))
             spectra = torch.fft.rfft(padded.unfold(1, self.n, self.step), n=self.n)   # [C, blocks, freq]
             spectra = spectra.reshape(groups, -1, blocks, spectra.shape[-1]).permute(3, 0, 2, 1)
             product = torch.matmul(spectra, self.spectrum)                  # [freq, group, blocks, out / group]
             product = product.permute(1, 3, 2, 0).reshape(self.out_channels, blocks, -1)
             y = torch.fft.irfft(product, n=self.n)[..., k - 1:].reshape(self.out_channels, -1)[:, :width]
-            out[b] = (y if self.bias is None else y + self.bias[:, None]).T
+            out[b] = (y if self.bias is None else y + self.bias[:, None]).T        # cast to the model's dtype
         return out.transpose(1, 2)
 
 
@@ -359,8 +361,8 @@ def _is_exact_gelu(activation) -> bool:
 
 def use_fast_cpu_kernels(model, dtype: torch.dtype) -> list[str]:
     """Swap, where each reproduces the module on a random probe: the feature encoder for
-    :class:`MatmulFeatureEncoder`, the positional convolution for :class:`FftConv1d` (float32) or
-    :class:`ChannelsLastConv1d`, and the
+    :class:`MatmulFeatureEncoder`, the positional convolution for :class:`FftConv1d` (or, should that
+    not reproduce it, :class:`ChannelsLastConv1d`), and the
     transformer's linear layers for :class:`OneDnnLinear`, and feed-forward blocks whose activation is the exact
     GELU for :class:`FusedFeedForward`. Returns what was swapped."""
     generator = torch.Generator().manual_seed(0)

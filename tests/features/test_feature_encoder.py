@@ -61,6 +61,7 @@ def test_too_short_input(enc):
 
 def test_bfloat16_returns_float32(tiny_encoder_dir, enc):
     bf = load_encoder(tiny_encoder_dir, device="cpu", dtype="bfloat16")
+    assert bf.fast_kernels == ["feature_encoder", "positional_conv_fft", *_onednn("bfloat16")]
     wave = _wave(1.0)
     got, ref = bf.hidden_states(wave), enc.hidden_states(wave)
     assert got.dtype == np.float32 and got.shape == ref.shape
@@ -71,7 +72,7 @@ def test_bfloat16_returns_float32(tiny_encoder_dir, enc):
 def test_float16_on_cpu_runs_where_onednn_has_no_kernel_for_it(tiny_encoder_dir, enc):
     # oneDNN's CPU linear lacks float16 on most CPUs: those layers keep torch's own product, nothing fails
     half = load_encoder(tiny_encoder_dir, device="cpu", dtype="float16")
-    assert half.fast_kernels[:2] == ["feature_encoder", "positional_conv"] and half.fast_kernels[2:] == _onednn("float16")
+    assert half.fast_kernels == ["feature_encoder", "positional_conv_fft", *_onednn("float16")]
     wave = _wave(1.0)
     got, ref = half.hidden_states(wave), enc.hidden_states(wave)
     assert got.dtype == np.float32 and got.shape == ref.shape
@@ -227,3 +228,18 @@ def test_fft_convolution_of_a_batch_equals_single_passes_bit_for_bit():
     together = fast(x)
     for b in range(3):
         assert torch.equal(together[b], fast(x[b:b + 1])[0])
+
+
+def test_fft_convolution_of_a_bfloat16_model_computes_in_float32_and_returns_bfloat16():
+    import torch
+
+    from features.encoder import FftConv1d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(32, 32, 16, padding=8, groups=4).to(torch.bfloat16)
+    x = torch.randn(1, 50, 32).to(torch.bfloat16).transpose(1, 2)
+    got = FftConv1d(conv)(x)
+    with torch.no_grad():
+        want = torch.nn.functional.conv1d(x.float(), conv.weight.float(), conv.bias.float(), padding=8, groups=4)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)  # bfloat16 output rounding only
