@@ -138,15 +138,15 @@ class MatmulFeatureEncoder:
             (kernel,), (stride,) = conv.kernel_size, conv.stride
             folded = weight.shape[1] == 1 and isinstance(norm, nn.GroupNorm)  # kernel and norm merge per input
             matrix = weight.permute(0, 2, 1).reshape(weight.shape[0], -1)    # [out, k * in]
+            exact_gelu = _is_exact_gelu(layer.activation)
             self.layers.append({
                 "kernel": kernel, "stride": stride, "in": weight.shape[1],
                 "weight": matrix.contiguous() if folded else pack_weight(matrix),
                 "bias": None if conv.bias is None else conv.bias.detach(), "norm": norm,
-                "activation": layer.activation,
+                "activation": layer.activation, "exact_gelu": exact_gelu,
                 # the GELU runs inside the product when the layer's activation is exact GELU and no norm follows;
                 # not after a one-channel input, where oneDNN's fused kernel is slower than the two steps
-                "exact_gelu": _is_exact_gelu(layer.activation),
-                "fuse_gelu": norm is None and weight.shape[1] > 1 and _is_exact_gelu(layer.activation)})
+                "fuse_gelu": norm is None and weight.shape[1] > 1 and exact_gelu})
 
     def _layer(self, x: torch.Tensor, spec: dict) -> torch.Tensor:
         """One layer (convolution, folded GroupNorm or LayerNorm, activation) of ``x [N, C_in]`` -> ``[T, C_out]``."""
