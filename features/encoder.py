@@ -256,7 +256,35 @@ def unpadded_attention(module, query, key, value, attention_mask, **kwargs):
     return out, None
 
 
-class ChannelsLastConv1d:
+class _PositionalConv:
+    """What the positional convolution's replacements share: while a mixed-length batch is encoded, each
+    utterance runs on its own frames. Subclasses set ``conv`` (the module replaced) and define ``_conv``
+    (``[B, C, T]`` -> ``[B, out, T']``, channels-last)."""
+
+    conv: torch.nn.Conv1d
+
+    def width(self, frames: int) -> int:
+        """Output frames for ``frames`` input frames."""
+        (padding,), (dilation,), (stride,), (kernel,) = (self.conv.padding, self.conv.dilation, self.conv.stride,
+                                                         self.conv.kernel_size)
+        return (frames + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = _mixed_batch(x.shape[0])
+        if mixed is None:
+            return self._conv(x)
+        # channels-last like a single pass's output, so that later elementwise ops group values the same way
+        out = x.new_zeros(x.shape[0], self.width(x.shape[2]), self.conv.out_channels).transpose(1, 2)
+        for b, n in enumerate(mixed[1]):  # each utterance on its own frames, as in a single pass
+            piece = self._conv(x[b:b + 1, :, :n])
+            out[b, :, :piece.shape[2]] = piece[0]
+        return out
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ChannelsLastConv1d(_PositionalConv):
     """A ``Conv1d`` computed as a channels-last ``conv2d`` of height 1 (CPU inference).
 
     The transformer's positional convolution (kernel 128, 16 groups) receives a transposed view of
@@ -265,30 +293,17 @@ class ChannelsLastConv1d:
     """
 
     def __init__(self, conv):
+        self.conv = conv
         self.weight = conv.weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last)
         self.bias = None if conv.bias is None else conv.bias.detach()
-        self.out_channels, (self.kernel_size,) = conv.out_channels, conv.kernel_size
         self.kwargs = {"stride": (1, conv.stride[0]), "padding": (0, conv.padding[0]),
                        "dilation": (1, conv.dilation[0]), "groups": conv.groups}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mixed = _mixed_batch(x.shape[0])
-        if mixed is None:
-            return self._conv(x)
-        (_, padding), (_, dilation), (_, stride) = (self.kwargs[k] for k in ("padding", "dilation", "stride"))
-        width = (x.shape[2] + 2 * padding - dilation * (self.kernel_size - 1) - 1) // stride + 1
-        # channels-last like a single pass's output, so that later elementwise ops group values the same way
-        out = x.new_zeros(x.shape[0], width, self.out_channels).transpose(1, 2)
-        for b, n in enumerate(mixed[1]):  # each utterance on its own frames, as in a single pass
-            piece = self._conv(x[b:b + 1, :, :n])
-            out[b, :, :piece.shape[2]] = piece[0]
-        return out
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.conv2d(x.unsqueeze(2), self.weight, self.bias, **self.kwargs).squeeze(2)
 
 
-class FftConv1d(ChannelsLastConv1d):
+class FftConv1d(_PositionalConv):
     """A stride-1 ``Conv1d`` by FFT, block by block (overlap-save), for CPU inference; computed in float32
     whatever the model's dtype, the result cast back to it.
 
@@ -306,31 +321,31 @@ class FftConv1d(ChannelsLastConv1d):
     def __init__(self, conv):
         if conv.stride != (1,) or conv.dilation != (1,):
             raise NotImplementedError("FFT convolution: stride 1, no dilation")
+        self.conv = conv
         weight = conv.weight.detach().float()                               # [out, in / groups, k]
         out, per_group, k = weight.shape
         self.bias = None if conv.bias is None else conv.bias.detach().float()
-        self.out_channels, self.kernel_size, self.groups = out, k, conv.groups
-        self.kwargs = {"stride": (1, 1), "padding": (0, conv.padding[0]), "dilation": (1, 1)}
         self.n = 1 << (2 * k - 1).bit_length()
         self.step = self.n - k + 1
         spectrum = torch.fft.rfft(weight.flip(-1), n=self.n)               # correlation = convolution, flipped
-        self.spectrum = (spectrum.reshape(self.groups, out // self.groups, per_group, -1)
+        self.spectrum = (spectrum.reshape(conv.groups, out // conv.groups, per_group, -1)
                          .permute(3, 0, 2, 1).contiguous())                 # [freq, group, in, out]
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, T]`` -> ``[B, out, T']``, channels-last like the direct kernel's output."""
-        (_, padding), k, groups = self.kwargs["padding"], self.kernel_size, self.groups
-        width = x.shape[2] + 2 * padding - k + 1
+        (padding,), (k,), groups, out_channels = (self.conv.padding, self.conv.kernel_size, self.conv.groups,
+                                                  self.conv.out_channels)
+        width = self.width(x.shape[2])
         blocks = -(-width // self.step)
-        out = x.new_empty(x.shape[0], width, self.out_channels)
+        out = x.new_empty(x.shape[0], width, out_channels)
         for b, frames in enumerate(x):                                      # [C, T]
             padded = torch.nn.functional.pad(frames.float().contiguous(),
                                              (padding, (blocks - 1) * self.step + self.n - frames.shape[1] - padding))
             spectra = torch.fft.rfft(padded.unfold(1, self.n, self.step), n=self.n)   # [C, blocks, freq]
             spectra = spectra.reshape(groups, -1, blocks, spectra.shape[-1]).permute(3, 0, 2, 1)
             product = torch.matmul(spectra, self.spectrum)                  # [freq, group, blocks, out / group]
-            product = product.permute(1, 3, 2, 0).reshape(self.out_channels, blocks, -1)
-            y = torch.fft.irfft(product, n=self.n)[..., k - 1:].reshape(self.out_channels, -1)[:, :width]
+            product = product.permute(1, 3, 2, 0).reshape(out_channels, blocks, -1)
+            y = torch.fft.irfft(product, n=self.n)[..., k - 1:].reshape(out_channels, -1)[:, :width]
             out[b] = (y if self.bias is None else y + self.bias[:, None]).T        # cast to the model's dtype
         return out.transpose(1, 2)
 
@@ -361,10 +376,10 @@ def _is_exact_gelu(activation) -> bool:
 
 def use_fast_cpu_kernels(model, dtype: torch.dtype) -> list[str]:
     """Swap, where each reproduces the module on a random probe: the feature encoder for
-    :class:`MatmulFeatureEncoder`, the positional convolution for :class:`FftConv1d` (or, should that
-    not reproduce it, :class:`ChannelsLastConv1d`), and the
-    transformer's linear layers for :class:`OneDnnLinear`, and feed-forward blocks whose activation is the exact
-    GELU for :class:`FusedFeedForward`. Returns what was swapped."""
+    :class:`MatmulFeatureEncoder`, the positional convolution for :class:`FftConv1d` (or, should that not
+    reproduce it, :class:`ChannelsLastConv1d`), the transformer's linear layers for :class:`OneDnnLinear`, and
+    feed-forward blocks whose activation is the exact GELU for :class:`FusedFeedForward`. Returns what was
+    swapped."""
     generator = torch.Generator().manual_seed(0)
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     swapped = []

@@ -59,24 +59,16 @@ def test_too_short_input(enc):
         enc.hidden_states(np.zeros(100, np.float32))
 
 
-def test_bfloat16_returns_float32(tiny_encoder_dir, enc):
-    bf = load_encoder(tiny_encoder_dir, device="cpu", dtype="bfloat16")
-    assert bf.fast_kernels == ["feature_encoder", "positional_conv_fft", *_onednn("bfloat16")]
+# float16: oneDNN's CPU linear lacks it on most CPUs, so those layers keep torch's own product; nothing fails
+@pytest.mark.parametrize("dtype, lowest_cosine", [("bfloat16", 0.98), ("float16", 0.99)])
+def test_reduced_precision_runs_and_returns_float32(tiny_encoder_dir, enc, dtype, lowest_cosine):
+    low = load_encoder(tiny_encoder_dir, device="cpu", dtype=dtype)
+    assert low.fast_kernels == ["feature_encoder", "positional_conv_fft", *_onednn(dtype)]
     wave = _wave(1.0)
-    got, ref = bf.hidden_states(wave), enc.hidden_states(wave)
+    got, ref = low.hidden_states(wave), enc.hidden_states(wave)
     assert got.dtype == np.float32 and got.shape == ref.shape
     cos = (got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref)
-    assert 0.98 < cos < 1.0
-
-
-def test_float16_on_cpu_runs_where_onednn_has_no_kernel_for_it(tiny_encoder_dir, enc):
-    # oneDNN's CPU linear lacks float16 on most CPUs: those layers keep torch's own product, nothing fails
-    half = load_encoder(tiny_encoder_dir, device="cpu", dtype="float16")
-    assert half.fast_kernels == ["feature_encoder", "positional_conv_fft", *_onednn("float16")]
-    wave = _wave(1.0)
-    got, ref = half.hidden_states(wave), enc.hidden_states(wave)
-    assert got.dtype == np.float32 and got.shape == ref.shape
-    assert (got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref) > 0.99
+    assert lowest_cosine < cos < 1.0  # below 1: it really computed in the lower precision
 
 
 def test_linear_weights_are_packed_once_and_shared_by_the_fused_feed_forward(enc):
