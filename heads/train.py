@@ -127,6 +127,8 @@ def run_folds(job: FoldJob, *, protocol: dict, jobs: int = 1) -> dict:
     Returns:
         The metrics written.
     """
+    if job.members < 1:
+        raise ValueError(f"members {job.members}: expected at least 1 model per fold.")
     clear_models(job.out)
     tasks = [(i, m) for i in range(len(job.exp.folds)) for m in range(job.members)]  # (fold position, member)
     args = ([job] * len(tasks), [i for i, _ in tasks], [m for _, m in tasks])
@@ -263,6 +265,17 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 1 (models per fold, threads, processes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, found {text!r}")
+    return value
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by the torch trainers (heads and the MFCC-CNN baseline)."""
     parser.add_argument("--manifest", action="append", required=True,
@@ -286,11 +299,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--balance", default=TrainConfig.balance, choices=BALANCES)
     parser.add_argument("--dropout", type=float, default=None)
     parser.add_argument("--cache-mb", type=int, default=2048, help="frame cache budget in MiB")
-    parser.add_argument("--ensemble", type=int, default=None,
+    parser.add_argument("--ensemble", type=_count, default=None,
                         help="models per fold from different seeds, their probabilities averaged")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=_count, default=1,
                         help="torch CPU threads per model (the metrics depend on it, not on --jobs)")
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=_count, default=None,
                         help="models trained at once, each in its own process (default: one per CPU core)")
     parser.add_argument("--system", default=None, help="run name in comparisons")
 

@@ -233,3 +233,12 @@ def test_cli_defaults_follow_the_feature_kind():
                                              patience=None, weight_decay=None, batch_size=None, balance="weights"),
                           RECOMMENDED[("conv", "egemaps")])
     assert (args.epochs, args.lr, args.dropout, args.hidden) == (100, 3e-4, 0.5, 256)
+
+
+@pytest.mark.parametrize("option, value", [("--ensemble", "0"), ("--threads", "0"), ("--jobs", "-1"), ("--jobs", "two")])
+def test_counts_below_one_are_refused_with_a_clear_error(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--features", "f.h5", "--head", "conv", "--manifest", "m.csv", "--split", "s.csv",
+              "--label-set", "ravdess8", "--out", "run", option, value])
+    assert exit_.value.code == 2
+    assert f"{option}: expected a whole number of at least 1, found {value!r}" in capsys.readouterr().err
