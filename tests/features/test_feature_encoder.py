@@ -235,3 +235,50 @@ def test_fft_convolution_of_a_bfloat16_model_computes_in_float32_and_returns_bfl
         want = torch.nn.functional.conv1d(x.float(), conv.weight.float(), conv.bias.float(), padding=8, groups=4)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)  # bfloat16 output rounding only
+
+
+@pytest.mark.parametrize("tile_bytes", [8 << 20, 4096])
+def test_kernel3_stride2_layers_compute_two_outputs_from_five_products(tile_bytes, monkeypatch):
+    import torch
+    from torch import nn
+
+    import features.encoder
+    monkeypatch.setattr(features.encoder, "_TILE_BYTES", tile_bytes)  # one tile, or many with a ragged last one
+    torch.manual_seed(0)
+    layer = nn.Module()
+    layer.conv, layer.activation = nn.Conv1d(24, 20, 3, stride=2, bias=True), nn.GELU()
+    stack = nn.Module()
+    stack.conv_layers = [layer]
+    convs = MatmulFeatureEncoder(stack)
+    assert convs.layers[0]["pairs"] and not convs.layers[0]["fuse_gelu"]
+    for frames in (1, 2, 3, 4, 9, 301):  # no pair, one pair, an odd last output, many tiles
+        x = torch.randn(2 * frames + 1 + frames % 2, 24)
+        with torch.no_grad():
+            want = layer.activation(layer.conv(x.T[None]))[0].T
+            got = convs._layer(x, convs.layers[0])
+        assert got.shape == want.shape == (frames, 20)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_base_convolution_stack_through_pairs_equals_the_model(tmp_path):
+    # wav2vec2-base's kernels and strides (four kernel-3 stride-2 layers), narrow
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(3)
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(24,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    model = Wav2Vec2Model(config).eval()
+    model.save_pretrained(tmp_path)
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(tmp_path)
+    enc = load_encoder(tmp_path, device="cpu")
+    assert [bool(spec["pairs"]) for spec in enc.model.feature_extractor.forward.inner.layers] == \
+        [False, True, True, True, True, False, False]
+    waves = [enc.normalise(_wave(n / 16000, seed=n)) for n in (400, 1050, 16000, 16321, 23456)]
+    for wave in waves:
+        with torch.no_grad():
+            want = torch.stack(model(torch.from_numpy(wave)[None], output_hidden_states=True).hidden_states, 1)[0]
+        np.testing.assert_allclose(enc.hidden_states(wave), want.numpy(), rtol=1e-5, atol=1e-5)
+    together = enc.forward(waves[2:])  # mixed lengths: still each utterance's single pass, bit for bit
+    for wave, frames in zip(waves[2:], together, strict=True):
+        np.testing.assert_array_equal(frames, enc.forward([wave])[0])
