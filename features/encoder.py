@@ -565,10 +565,14 @@ class Encoder:
         finally:
             _MIXED_BATCH.reset(token)
         picked = states if layers is None else [states[i] for i in layers]
-        out = torch.stack(picked, dim=1).float().cpu().numpy()
-        if isinstance(batch, np.ndarray):
-            return out
-        return [o[:, :self.num_frames(n)] for o, n in zip(out, lengths, strict=True)]
+        if isinstance(batch, np.ndarray) or self.device.type == "cuda":  # one copy to the host
+            out = torch.stack(picked, dim=1).float().cpu().numpy()
+            return out if isinstance(batch, np.ndarray) else \
+                [o[:, :self.num_frames(n)] for o, n in zip(out, lengths, strict=True)]
+        # on CPU one utterance at a time, its own frames only: a whole batch's array is above glibc's mmap
+        # threshold (32 MB) from 4 x 4.2 s up, and its pages would be faulted in afresh at every pass
+        return [torch.stack([s[b, :self.num_frames(n)] for s in picked]).float().numpy()
+                for b, n in enumerate(lengths)]
 
     def iter_hidden_states(self, wave: np.ndarray, *, layers: Sequence[int] | None = None,
                            normalised: bool = False) -> Iterator[np.ndarray]:
