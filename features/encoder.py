@@ -114,14 +114,18 @@ class MatmulFeatureEncoder:
     one-channel input (wav2vec2-base's first layer) is folded into that layer's weights and bias: its
     per-channel mean and variance over time follow exactly from the mean and covariance of the input windows.
 
-    Layers of kernel 3 and stride 2 (four of wav2vec2-base's seven, a third of its multiply-adds) compute two
-    outputs from five inputs ``x0..x4`` with five products instead of six (a Winograd-style identity; taps
-    ``W0, W1, W2``)::
+    Layers of kernel 3 and stride 2 (four of wav2vec2-base's seven, a third of its multiply-adds) compute three
+    outputs ``y0..y2`` from seven input frames ``x0..x6`` with products of seven ``C_in`` blocks instead of
+    nine (:meth:`_triples`): the even frames meet the outer taps ``W0, W2`` as a two-tap convolution, which
+    Toom-Cook's points 0, 1, -1 and infinity compute with four products for three outputs::
 
-        y0 = x0 W0 + x1 W1 + x2 W2 = (x0 - x2) W0 + x1 W1 + x2 (W0 + W2)
-        y1 = x2 W0 + x3 W1 + x4 W2 = (x4 - x2) W2 + x3 W1 + x2 (W0 + W2)
+        m1 = (x2 + x4) (W0 + W2) / 2          m2 = (x4 - x2) (W0 - W2) / 2
+        y0 = (x0 - x4) W0 + x1 W1 + (m1 + m2)
+        y1 =                x3 W1 + (m1 - m2)
+        y2 = (x6 - x2) W2 + x5 W1 + (m1 + m2)
 
-    (:meth:`_pairs`): 1/6 fewer multiply-adds in those layers, errors as small as the direct product's.
+    (``m1 + m2 = x2 W2 + x4 W0``, ``m1 - m2 = x2 W0 + x4 W2``): 2/9 fewer multiply-adds in those layers, with
+    errors as small as the direct product's (checked against float64 and by :func:`load_encoder`'s probe).
     Results equal the module's up to float rounding; :func:`load_encoder` checks that on a random input before
     using it.
 
@@ -148,46 +152,58 @@ class MatmulFeatureEncoder:
             folded = weight.shape[1] == 1 and isinstance(norm, nn.GroupNorm)  # kernel and norm merge per input
             matrix = weight.permute(0, 2, 1).reshape(weight.shape[0], -1)    # [out, k * in]
             exact_gelu = _is_exact_gelu(layer.activation)
-            pairs = (kernel, stride) == (3, 2) and weight.shape[1] > 1
+            triples = (kernel, stride) == (3, 2) and weight.shape[1] > 1
             self.layers.append({
                 "kernel": kernel, "stride": stride, "in": weight.shape[1], "out": weight.shape[0],
                 "weight": matrix.contiguous() if folded else pack_weight(matrix),
                 "bias": None if conv.bias is None else conv.bias.detach(), "norm": norm,
                 "activation": layer.activation, "exact_gelu": exact_gelu,
-                # the products of :meth:`_pairs`: the shared middle tap, then each output's own two
-                "pairs": pairs and tuple(pack_weight(w.to(weight.dtype)) for w in (
-                    weight[:, :, 0].double() + weight[:, :, 2].double(),
-                    torch.cat([weight[:, :, 0], weight[:, :, 1]], dim=1),
-                    torch.cat([weight[:, :, 2], weight[:, :, 1]], dim=1))),
+                "triples": triples and self._triple_weights(weight),
                 # the GELU runs inside the product when the layer's activation is exact GELU and no norm follows;
                 # not after a one-channel input, where oneDNN's fused kernel is slower than the two steps
-                "fuse_gelu": norm is None and weight.shape[1] > 1 and exact_gelu and not pairs})
+                "fuse_gelu": norm is None and weight.shape[1] > 1 and exact_gelu and not triples})
 
     @staticmethod
-    def _pairs(x: torch.Tensor, spec: dict) -> torch.Tensor:
+    def _triple_weights(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The weights of :meth:`_triples`' products (for m1, m2, y0, y1, y2) from a ``[out, in, 3]`` kernel."""
+        w0, w1, w2 = (weight[:, :, j] for j in range(3))
+        return tuple(pack_weight(w.to(weight.dtype)) for w in (
+            (w0.double() + w2.double()) / 2, (w0.double() - w2.double()) / 2,
+            torch.cat([w0, w1], dim=1), w1, torch.cat([w2, w1], dim=1)))
+
+    @staticmethod
+    def _triples(x: torch.Tensor, spec: dict) -> torch.Tensor:
         """A kernel-3, stride-2 layer's convolution (no norm, no activation) of ``x [N, C_in]`` -> ``[T, C_out]``,
-        two outputs per five products of ``C_in`` (see the class); an odd last output directly."""
-        c, bias, (middle_w, left_w, right_w) = spec["in"], spec["bias"], spec["pairs"]
+        three outputs per products of seven ``C_in`` blocks (see the class); the last one or two directly."""
+        c, bias = spec["in"], spec["bias"]
+        w_plus, w_minus, w_first, w_odd, w_last = spec["triples"]
         frames = (x.shape[0] - 3) // 2 + 1
-        pairs = frames // 2
+        triples = frames // 3
         out = x.new_empty(frames, spec["out"])
-        taps = [x.as_strided((pairs, c), (4 * c, 1), x.storage_offset() + j * c) for j in range(5)]  # x0..x4
+        x0, x1, x2, x3, x4, x5, x6 = (x.as_strided((triples, c), (6 * c, 1), x.storage_offset() + j * c)
+                                      for j in range(7))
         rows = max(1, _TILE_BYTES // (2 * c * x.element_size()))
-        left, right = x.new_empty(rows, 2 * c), x.new_empty(rows, 2 * c)
-        y = out[:2 * pairs].view(pairs, 2, spec["out"])
-        for i in range(0, pairs, rows):
-            x0, x1, x2, x3, x4 = (t[i:i + rows] for t in taps)
-            n = x0.shape[0]
-            torch.sub(x0, x2, out=left[:n, :c])
-            left[:n, c:] = x1
-            torch.sub(x4, x2, out=right[:n, :c])
-            right[:n, c:] = x3
-            shared = linear(x2, middle_w, None)
-            # the sums in one pass each, straight into their output rows (oneDNN's fused sum is slower here)
-            torch.add(linear(left[:n], left_w, bias), shared, out=y[i:i + n, 0])
-            torch.add(linear(right[:n], right_w, bias), shared, out=y[i:i + n, 1])
-        if frames % 2:
-            out[-1] = linear(x[2 * frames - 2:2 * frames + 1].reshape(1, 3 * c), spec["weight"], bias)[0]
+        first, last, plus, minus = x.new_empty(rows, 2 * c), x.new_empty(rows, 2 * c), x.new_empty(rows, c), \
+            x.new_empty(rows, c)
+        y = out[:3 * triples].view(triples, 3, spec["out"])
+        for i in range(0, triples, rows):
+            tile = slice(i, min(i + rows, triples))
+            n = tile.stop - i
+            torch.add(x2[tile], x4[tile], out=plus[:n])
+            torch.sub(x4[tile], x2[tile], out=minus[:n])
+            m1, m2 = linear(plus[:n], w_plus, None), linear(minus[:n], w_minus, None)
+            outer = m1 + m2                                          # x2 W2 + x4 W0
+            inner = m1.sub_(m2)                                      # x2 W0 + x4 W2
+            torch.sub(x0[tile], x4[tile], out=first[:n, :c])
+            first[:n, c:] = x1[tile]
+            torch.sub(x6[tile], x2[tile], out=last[:n, :c])
+            last[:n, c:] = x5[tile]
+            # each sum in one pass, straight into its output rows (oneDNN's fused sum is slower here)
+            torch.add(linear(first[:n], w_first, bias), outer, out=y[tile, 0])
+            torch.add(linear(x3[tile], w_odd, bias), inner, out=y[tile, 1])
+            torch.add(linear(last[:n], w_last, bias), outer, out=y[tile, 2])
+        for t in range(3 * triples, frames):
+            out[t] = linear(x[2 * t:2 * t + 3].reshape(1, 3 * c), spec["weight"], bias)[0]
         return out
 
     def _layer(self, x: torch.Tensor, spec: dict) -> torch.Tensor:
@@ -206,8 +222,8 @@ class MatmulFeatureEncoder:
             weight = (w64 * scale[:, None]).to(x.dtype)
             bias = (norm.bias.double() - mean * scale).to(x.dtype)
             norm = None
-        if spec["pairs"]:
-            out = self._pairs(x, spec)
+        if spec["triples"]:
+            out = self._triples(x, spec)
         elif windows.is_contiguous():  # stride == kernel: the windows are the frames themselves
             out = linear(windows, weight, bias, gelu=spec["fuse_gelu"])
         else:  # overlapping windows (kernel > stride), copied a tile at a time: one copy of them all would be

@@ -238,7 +238,7 @@ def test_fft_convolution_of_a_bfloat16_model_computes_in_float32_and_returns_bfl
 
 
 @pytest.mark.parametrize("tile_bytes", [8 << 20, 4096])
-def test_kernel3_stride2_layers_compute_two_outputs_from_five_products(tile_bytes, monkeypatch):
+def test_kernel3_stride2_layers_compute_three_outputs_from_seven_products(tile_bytes, monkeypatch):
     import torch
     from torch import nn
 
@@ -250,8 +250,8 @@ def test_kernel3_stride2_layers_compute_two_outputs_from_five_products(tile_byte
     stack = nn.Module()
     stack.conv_layers = [layer]
     convs = MatmulFeatureEncoder(stack)
-    assert convs.layers[0]["pairs"] and not convs.layers[0]["fuse_gelu"]
-    for frames in (1, 2, 3, 4, 9, 301):  # no pair, one pair, an odd last output, many tiles
+    assert convs.layers[0]["triples"] and not convs.layers[0]["fuse_gelu"]
+    for frames in (1, 2, 3, 4, 5, 9, 301):  # no triple, one, one or two last outputs directly, many tiles
         x = torch.randn(2 * frames + 1 + frames % 2, 24)
         with torch.no_grad():
             want = layer.activation(layer.conv(x.T[None]))[0].T
@@ -260,7 +260,7 @@ def test_kernel3_stride2_layers_compute_two_outputs_from_five_products(tile_byte
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_base_convolution_stack_through_pairs_equals_the_model(tmp_path):
+def test_base_convolution_stack_through_triples_equals_the_model(tmp_path):
     # wav2vec2-base's kernels and strides (four kernel-3 stride-2 layers), narrow
     import torch
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -272,7 +272,7 @@ def test_base_convolution_stack_through_pairs_equals_the_model(tmp_path):
     model.save_pretrained(tmp_path)
     Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(tmp_path)
     enc = load_encoder(tmp_path, device="cpu")
-    assert [bool(spec["pairs"]) for spec in enc.model.feature_extractor.forward.inner.layers] == \
+    assert [bool(spec["triples"]) for spec in enc.model.feature_extractor.forward.inner.layers] == \
         [False, True, True, True, True, False, False]
     waves = [enc.normalise(_wave(n / 16000, seed=n)) for n in (400, 1050, 16000, 16321, 23456)]
     for wave in waves:
