@@ -280,6 +280,8 @@ class StoreBuild:
                 extent = fs.frames_extent(uid)
                 if drop and extent is not None:
                     os.posix_fadvise(raw.fileno(), *extent, os.POSIX_FADV_DONTNEED)
+        if drop:  # written out now, while the workers compute, rather than all at once by finish's fsync
+            self._assembly.sync()
 
     def _discard_assembly(self) -> None:
         if self._assembly is not None:

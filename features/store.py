@@ -230,6 +230,12 @@ class StoreWriter:
             self._h5.flush()
             self._h5.close()
 
+    def sync(self) -> None:
+        """Flush what is written so far and wait until the disk has it (the file stays open)."""
+        self._h5.flush()
+        with open(self.path, "rb") as f:
+            os.fdatasync(f.fileno())
+
     def add(self, uid: str, frames: np.ndarray, pooled: np.ndarray | None = None, **meta) -> None:
         """Add one utterance: ``frames [L, T, H]``; ``pooled [L, D]`` (mean ‖ std of ``frames`` when None)."""
         frames = np.asarray(frames)
