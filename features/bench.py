@@ -8,6 +8,9 @@ HDF5 writes included). Each dtype runs in a fresh process, so ``peak_rss_mb`` is
 - ``throughput``: seconds of audio per wall-clock second.
 - ``ceiling_ratio``: throughput / (dense matmul FLOP/s measured in this dtype in the same process /
   encoder FLOPs per second of audio, counted from its conv and linear layers and attention for these files).
+  The count is the layers' direct computation; on CPU the encoder does about a tenth fewer multiply-adds for
+  wav2vec2-base (kernel-3 stride-2 convolutions three outputs at a time: 2/9 fewer in a third of the count;
+  the positional convolution by FFT: most of its 3 %), which shows as a higher ratio, as any faster algorithm would.
   The matmul rate (``matmul_gflops``) is the best of torch's default product (``matmul_gflops_default``:
   MKL on CPU) and oneDNN's, with and without the second operand packed beforehand, as the encoder's weights
   are; on AMD CPUs oneDNN's is 10-20 % faster, and a ceiling from the default product alone would flatter the
