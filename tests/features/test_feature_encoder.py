@@ -258,6 +258,14 @@ def test_kernel3_stride2_layers_compute_three_outputs_from_seven_products(tile_b
             got = convs._layer(x, convs.layers[0])
         assert got.shape == want.shape == (frames, 20)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # as accurate as the plain product of the windows, against a float64 convolution
+    x, spec = torch.randn(1001, 24), convs.layers[0]
+    with torch.no_grad():
+        exact = torch.nn.functional.conv1d(x.double().T[None], layer.conv.weight.double(),
+                                           layer.conv.bias.double(), stride=2)[0].T
+        plain = features.encoder.linear(x.as_strided((500, 72), (48, 1)).contiguous(), spec["weight"], spec["bias"])
+        error = lambda y: float((y.double() - exact).norm() / exact.norm())  # noqa: E731
+        assert error(convs._triples(x, spec)) < max(2 * error(plain), 1e-7)
 
 
 def test_base_convolution_stack_through_triples_equals_the_model(tmp_path):
