@@ -587,9 +587,15 @@ class Encoder:
             return out if isinstance(batch, np.ndarray) else \
                 [o[:, :self.num_frames(n)] for o, n in zip(out, lengths, strict=True)]
         # on CPU one utterance at a time, its own frames only: a whole batch's array is above glibc's mmap
-        # threshold (32 MB) from 4 x 4.2 s up, and its pages would be faulted in afresh at every pass
-        return [torch.stack([s[b, :self.num_frames(n)] for s in picked]).float().numpy()
-                for b, n in enumerate(lengths)]
+        # threshold (32 MB) from 4 x 4.2 s up, and its pages would be faulted in afresh at every pass; each layer
+        # is copied (and cast to float32) once
+        outs = []
+        for b, n in enumerate(lengths):
+            out = torch.empty(len(picked), self.num_frames(n), self.hidden_size)
+            for layer, s in zip(out, picked, strict=True):
+                layer.copy_(s[b, :layer.shape[0]])
+            outs.append(out.numpy())
+        return outs
 
     def iter_hidden_states(self, wave: np.ndarray, *, layers: Sequence[int] | None = None,
                            normalised: bool = False) -> Iterator[np.ndarray]:
