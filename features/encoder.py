@@ -183,7 +183,7 @@ class MatmulFeatureEncoder:
         out = x.new_empty(frames, spec["out"])
         x0, x1, x2, x3, x4, x5, x6 = (x.as_strided((triples, c), (6 * c, 1), x.storage_offset() + j * c)
                                       for j in range(7))
-        rows = max(1, _TILE_BYTES // (2 * c * x.element_size()))
+        rows = max(1, min(triples, _TILE_BYTES // (2 * c * x.element_size())))
         first, last, plus, minus = x.new_empty(rows, 2 * c), x.new_empty(rows, 2 * c), x.new_empty(rows, c), \
             x.new_empty(rows, c)
         y = out[:3 * triples].view(triples, 3, spec["out"])
@@ -203,8 +203,9 @@ class MatmulFeatureEncoder:
             torch.add(linear(first[:n], w_first, bias), outer, out=y[tile, 0])
             torch.add(linear(x3[tile], w_odd, bias), inner, out=y[tile, 1])
             torch.add(linear(last[:n], w_last, bias), outer, out=y[tile, 2])
-        for t in range(3 * triples, frames):
-            out[t] = linear(x[2 * t:2 * t + 3].reshape(1, 3 * c), spec["weight"], bias)[0]
+        if frames > 3 * triples:  # their windows, as the plain product takes them
+            windows = x.as_strided((frames - 3 * triples, 3 * c), (2 * c, 1), x.storage_offset() + 6 * triples * c)
+            out[3 * triples:] = linear(windows.contiguous(), spec["weight"], bias)
         return out
 
     def _layer(self, x: torch.Tensor, spec: dict) -> torch.Tensor:
