@@ -250,3 +250,30 @@ def test_passes_are_planned_over_every_row_and_split_longest_first(tiny_encoder_
     tail = plan_batches(rows, set(rows["id"]), replace(job, tail_alone=3), enc)
     assert [[r["id"] for r in b] for b in tail] == [["u6"], ["u0", "u2", "u1"], ["u8", "u3"], ["u4"], ["u5"],
                                                     ["u9"], ["u7"]]
+
+
+_REUSE_PROBE = """
+import ctypes, resource, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "tuned":
+    from features.extract import tune_malloc
+    tune_malloc()
+size = 64 << 20  # twice the most glibc's mmap threshold may be
+block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = libc.malloc(size); ctypes.memset(block, 1, size)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_tuned_malloc_reuses_large_blocks_without_fresh_page_faults():
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert faults("plain") > pages // 2  # glibc maps a block this large afresh: every page faults again
+    assert faults("tuned") < pages // 100  # from the heap, freed and reused: its pages are already there
