@@ -587,9 +587,9 @@ class Encoder:
             out = torch.stack(picked, dim=1).float().cpu().numpy()
             return out if isinstance(batch, np.ndarray) else \
                 [o[:, :self.num_frames(n)] for o, n in zip(out, lengths, strict=True)]
-        # on CPU one utterance at a time, its own frames only: a whole batch's array is above glibc's mmap
-        # threshold (32 MB) from 4 x 4.2 s up, and its pages would be faulted in afresh at every pass; each layer
-        # is copied (and cast to float32) once
+        # on CPU one utterance at a time, its own frames only: each layer copied (and cast to float32) once, no
+        # padded frames; and no whole-batch array, which from 4 x 4.2 s up is above glibc's mmap threshold (32 MB)
+        # and, in a process that features.extract.tune_malloc has not tuned, faulted in afresh at every pass
         outs = []
         for b, n in enumerate(lengths):
             out = torch.empty(len(picked), self.num_frames(n), self.hidden_size)
