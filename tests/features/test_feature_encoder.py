@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 
 from features.encoder import MatmulFeatureEncoder, load_encoder, onednn_linear_supports
 
@@ -290,3 +296,36 @@ def test_base_convolution_stack_through_triples_equals_the_model(tmp_path):
     together = enc.forward(waves[2:])  # mixed lengths: still each utterance's single pass, bit for bit
     for wave, frames in zip(waves[2:], together, strict=True):
         np.testing.assert_array_equal(frames, enc.forward([wave])[0])
+
+
+_CACHE_PROBE = """
+import ctypes, torch
+from features.encoder import linear, pack_weight
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+torch.set_num_threads(1)
+weight, x = pack_weight(torch.randn(256, 256)), torch.randn(400, 256)
+linear(x[:10], weight, None)
+before = libc.mallinfo2().uordblks
+for rows in range(100, 400):  # 300 input shapes, as utterances of 300 lengths give
+    linear(x[:rows], weight, None)
+print((libc.mallinfo2().uordblks - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not onednn_linear_supports(torch.float32),
+                    reason="reads glibc's malloc statistics; products through oneDNN")
+def test_onednn_caches_stay_small_over_many_input_shapes():
+    variables = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+
+    def growth_mb(capacity: str | None) -> float:
+        env = {k: v for k, v in os.environ.items() if k not in variables}  # this process's import set them
+        env.update({k: capacity for k in variables} if capacity else {})
+        out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, check=True, env=env)
+        return float(out.stdout.split()[-1])
+
+    assert growth_mb(None) < 40  # as features.encoder sets them on import
+    assert growth_mb("1024") > 100  # torch's defaults: a compiled product kept for each of the 300 shapes
