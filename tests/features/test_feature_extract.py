@@ -278,3 +278,35 @@ def test_tuned_malloc_reuses_large_blocks_without_fresh_page_faults():
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
     assert faults("plain") > pages // 2  # glibc maps a block this large afresh: every page faults again
     assert faults("tuned") < pages // 100  # from the heap, freed and reused: its pages are already there
+
+
+_RELEASE_PROBE = """
+import ctypes
+from features.extract import release_free_memory, tune_malloc
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+tune_malloc()
+size = 64 << 20
+block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
+kept = resident_mb()
+release_free_memory()
+print(kept - resident_mb())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not os.path.exists("/proc/self/statm"),
+                    reason="glibc's malloc, resident size from /proc")
+def test_free_heap_is_released_before_the_workers_fork(synth_files, make_manifest, tiny_encoder_dir, tmp_path,
+                                                       monkeypatch):
+    out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], capture_output=True, text=True, check=True)
+    assert float(out.stdout.split()[-1]) > 48  # the tuned heap kept the freed 64 MB; released, it is gone
+
+    workers_then = []
+    monkeypatch.setattr(extract_mod, "release_free_memory",
+                        lambda: workers_then.append(len(extract_mod.multiprocessing.active_children())))
+    summary = extract([make_manifest(synth_files)], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
+                      procs=2, part_entries=2, tail_alone=0)
+    assert summary["computed"] == len(synth_files) and workers_then == [0]
