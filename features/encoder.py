@@ -33,10 +33,10 @@ from torch.nn.utils import parametrize
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_ENCODER = "facebook/wav2vec2-base"
 
-#: Most compiled products kept per oneDNN cache (torch's ideep and oneDNN's own; both are read when first used,
-#: and a value set in the environment is kept). By default each keeps 1024, one per input shape, ~0.3-0.5 MB
-#: apiece: utterances of many lengths made an encoder process grow by ~0.7 GB, faulting fresh pages in as it
-#: went. One forward pass uses about a dozen shapes.
+#: Most compiled products kept per oneDNN cache (torch's ideep and oneDNN's own; each reads its variable when
+#: first used, and a value already set is kept). By default each keeps 1024, one per input shape, ~0.3-0.5 MB
+#: apiece: utterances of many lengths made an encoder process grow by ~0.7 GB over 300 lengths, faulting fresh
+#: pages in as it went. One forward pass uses about a dozen shapes.
 ONEDNN_CACHE_CAPACITY = 32
 for _variable in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
     os.environ.setdefault(_variable, str(ONEDNN_CACHE_CAPACITY))
