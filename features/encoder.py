@@ -40,6 +40,7 @@ DEFAULT_ENCODER = "facebook/wav2vec2-base"
 ONEDNN_CACHE_CAPACITY = 32
 for _variable in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
     os.environ.setdefault(_variable, str(ONEDNN_CACHE_CAPACITY))
+del _variable
 
 
 def _onednn_ops():
