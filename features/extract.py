@@ -197,14 +197,22 @@ def split_tasks(batches: list[list], procs: int, most: int) -> list[list[list]]:
     return tasks
 
 
+def _glibc():
+    """The C library where it is glibc (whose malloc the two functions below tune), else None."""
+    with contextlib.suppress(OSError):
+        libc = ctypes.CDLL("libc.so.6")
+        if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
+            return libc
+    return None
+
+
 def tune_malloc() -> None:
     """glibc only: keep freed memory for reuse rather than handing it back to the kernel after every forward
     pass, which made each large activation fault its pages in afresh (about 3 % of CPU time). Blocks above
     32 MB (the most glibc's mmap threshold may be) come from the heap too, not from mmap: a windowed long
     input's first layers (~220 MB for a 34 s window) were mapped and faulted in afresh at every window, ~10 %
     of its time."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
+    if libc := _glibc():
         libc.mallopt(-4, 0)        # M_MMAP_MAX: no mmap-ed blocks (threads' arenas still map when they must)
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: up to 1 GB free at the heap's top stays
 
@@ -215,8 +223,8 @@ def release_free_memory() -> None:
     copy the free ones it reuses while the idle parent keeps the originals; released, they are not copied, and
     the workers' first allocations take pages the kernel has just been given back (on a VM that returns free
     memory to its host, several times cheaper to fault in than fresh ones)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if libc := _glibc():
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +72,13 @@ def synth_files(tmp_path, write_audio):
     spec = [0.8, 1.3, 1.3, 0.55, 2.1, 1.0]
     return [write_audio(tmp_path / "audio" / f"spk{i % 2}" / f"u{i}.wav", seconds=s, f0=120 + 20 * i, seed=i)
             for i, s in enumerate(spec)]
+
+
+@pytest.fixture
+def run_probe():
+    """``run_probe(code, *args, env=None)`` -> the last number a fresh ``python -c code args`` prints (a process of
+    its own: what it measures, its heap, faults or caches, starts clean)."""
+    def run(code: str, *args: str, env: dict | None = None) -> float:
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, env=env)
+        return float(out.stdout.split()[-1])
+    return run

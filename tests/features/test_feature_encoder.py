@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -78,7 +76,6 @@ def test_reduced_precision_runs_and_returns_float32(tiny_encoder_dir, enc, dtype
 
 
 def test_linear_weights_are_packed_once_and_shared_by_the_fused_feed_forward(enc):
-    import torch
 
     from features.encoder import FusedFeedForward, OneDnnLinear, linear, pack_weight
     if not onednn_linear_supports(torch.float32):
@@ -108,7 +105,6 @@ def test_offline_without_model_says_how_to_point_at_a_local_copy(monkeypatch):
 
 
 def test_cuda_requested_without_gpu(tiny_encoder_dir):
-    import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="--device cpu"):
@@ -116,7 +112,6 @@ def test_cuda_requested_without_gpu(tiny_encoder_dir):
 
 
 def _onednn(dtype: str = "float32") -> list[str]:
-    import torch
     return ["linear", "fused_gelu"] if onednn_linear_supports(getattr(torch, dtype)) else []
 
 
@@ -138,7 +133,6 @@ def test_convolution_windows_copied_in_tiles(enc, direct_forward, monkeypatch):
 
 
 def test_fast_kernels_on_a_layer_norm_encoder_with_conv_bias(tmp_path):
-    import torch
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     torch.manual_seed(1)
@@ -160,7 +154,6 @@ def test_fast_kernels_on_a_layer_norm_encoder_with_conv_bias(tmp_path):
 def test_an_approximate_gelu_is_not_fused(tmp_path):
     # gelu_new (tanh approximation) differs from the exact GELU by ~1e-4: close enough to pass a tolerance
     # check on a probe, so the swap must look at the activation itself, in the transformer and the convolutions
-    import torch
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     torch.manual_seed(2)
@@ -193,7 +186,6 @@ def test_mixed_lengths_in_one_pass_equal_single_passes_bit_for_bit(enc):
 @pytest.mark.parametrize("kernel, padding, stride, groups", [(128, 64, 1, 16), (5, 2, 1, 1), (7, 3, 2, 1), (4, 0, 3, 2)])
 @pytest.mark.parametrize("fft", [False, True])
 def test_channels_last_conv_matches_conv1d_at_every_length(kernel, padding, stride, groups, fft):
-    import torch
 
     from features.encoder import ChannelsLastConv1d, FftConv1d
 
@@ -216,7 +208,6 @@ def test_channels_last_conv_matches_conv1d_at_every_length(kernel, padding, stri
 
 
 def test_fft_convolution_of_a_batch_equals_single_passes_bit_for_bit():
-    import torch
 
     from features.encoder import FftConv1d
 
@@ -229,7 +220,6 @@ def test_fft_convolution_of_a_batch_equals_single_passes_bit_for_bit():
 
 
 def test_fft_convolution_of_a_bfloat16_model_computes_in_float32_and_returns_bfloat16():
-    import torch
 
     from features.encoder import FftConv1d
 
@@ -245,7 +235,6 @@ def test_fft_convolution_of_a_bfloat16_model_computes_in_float32_and_returns_bfl
 
 @pytest.mark.parametrize("tile_bytes", [8 << 20, 4096])
 def test_kernel3_stride2_layers_compute_three_outputs_from_seven_products(tile_bytes, monkeypatch):
-    import torch
     from torch import nn
 
     import features.encoder
@@ -276,7 +265,6 @@ def test_kernel3_stride2_layers_compute_three_outputs_from_seven_products(tile_b
 
 def test_base_convolution_stack_through_triples_equals_the_model(tmp_path):
     # wav2vec2-base's kernels and strides (four kernel-3 stride-2 layers), narrow
-    import torch
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     torch.manual_seed(3)
@@ -318,14 +306,13 @@ print((libc.mallinfo2().uordblks - before) / 2**20)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not onednn_linear_supports(torch.float32),
                     reason="reads glibc's malloc statistics; products through oneDNN")
-def test_onednn_caches_stay_small_over_many_input_shapes():
+def test_onednn_caches_stay_small_over_many_input_shapes(run_probe):
     variables = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 
     def growth_mb(capacity: str | None) -> float:
         env = {k: v for k, v in os.environ.items() if k not in variables}  # this process's import set them
         env.update({k: capacity for k in variables} if capacity else {})
-        out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, check=True, env=env)
-        return float(out.stdout.split()[-1])
+        return run_probe(_CACHE_PROBE, env=env)
 
     assert growth_mb(None) < 40  # as features.encoder sets them on import
     assert growth_mb("1024") > 100  # torch's defaults: a compiled product kept for each of the 300 shapes

@@ -253,11 +253,15 @@ def test_passes_are_planned_over_every_row_and_split_longest_first(tiny_encoder_
                                                     ["u9"], ["u7"]]
 
 
-_REUSE_PROBE = """
-import ctypes, resource, sys
+_LIBC = """
+import ctypes
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+"""
+
+_REUSE_PROBE = _LIBC + """
+import resource, sys
 if sys.argv[1] == "tuned":
     from features.extract import tune_malloc
     tune_malloc()
@@ -270,24 +274,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
-def test_tuned_malloc_reuses_large_blocks_without_fresh_page_faults():
-    def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, mode], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
-
+def test_tuned_malloc_reuses_large_blocks_without_fresh_page_faults(run_probe):
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    assert faults("plain") > pages // 2  # glibc maps a block this large afresh: every page faults again
-    assert faults("tuned") < pages // 100  # from the heap, freed and reused: its pages are already there
+    assert run_probe(_REUSE_PROBE, "plain") > pages // 2  # glibc maps a block this large afresh: every page faults
+    assert run_probe(_REUSE_PROBE, "tuned") < pages // 100  # from the heap, freed and reused: its pages are there
 
 
-_RELEASE_PROBE = """
-import ctypes
+_RELEASE_PROBE = _LIBC + """
 from features.extract import release_free_memory, tune_malloc
 def resident_mb():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
 tune_malloc()
 size = 64 << 20
 block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
@@ -300,9 +296,8 @@ print(kept - resident_mb())
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not os.path.exists("/proc/self/statm"),
                     reason="glibc's malloc, resident size from /proc")
 def test_free_heap_is_released_before_the_workers_fork(synth_files, make_manifest, tiny_encoder_dir, tmp_path,
-                                                       monkeypatch):
-    out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], capture_output=True, text=True, check=True)
-    assert float(out.stdout.split()[-1]) > 48  # the tuned heap kept the freed 64 MB; released, it is gone
+                                                       monkeypatch, run_probe):
+    assert run_probe(_RELEASE_PROBE) > 48  # the tuned heap kept the freed 64 MB; released, it is gone
 
     workers_then = []
     monkeypatch.setattr(extract_mod, "release_free_memory",
