@@ -659,10 +659,6 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
     """
     from transformers import AutoFeatureExtractor, AutoModel
 
-    # oneDNN keeps the kernels it compiles per matrix shape, 1024 by default at ~130 KB each; extraction meets new
-    # shapes at every utterance length, so a full cache only churns memory (fragmenting the heap: its pages are
-    # faulted in afresh). 64 holds a pass's shapes. Read when oneDNN first runs, so it is set before the probes.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}.")
     dev = resolve_device(device)
