@@ -76,7 +76,6 @@ def test_reduced_precision_runs_and_returns_float32(tiny_encoder_dir, enc, dtype
 
 
 def test_linear_weights_are_packed_once_and_shared_by_the_fused_feed_forward(enc):
-
     from features.encoder import FusedFeedForward, OneDnnLinear, linear, pack_weight
     if not onednn_linear_supports(torch.float32):
         pytest.skip("no oneDNN linear in this torch")
@@ -186,7 +185,6 @@ def test_mixed_lengths_in_one_pass_equal_single_passes_bit_for_bit(enc):
 @pytest.mark.parametrize("kernel, padding, stride, groups", [(128, 64, 1, 16), (5, 2, 1, 1), (7, 3, 2, 1), (4, 0, 3, 2)])
 @pytest.mark.parametrize("fft", [False, True])
 def test_channels_last_conv_matches_conv1d_at_every_length(kernel, padding, stride, groups, fft):
-
     from features.encoder import ChannelsLastConv1d, FftConv1d
 
     torch.manual_seed(0)
@@ -208,7 +206,6 @@ def test_channels_last_conv_matches_conv1d_at_every_length(kernel, padding, stri
 
 
 def test_fft_convolution_of_a_batch_equals_single_passes_bit_for_bit():
-
     from features.encoder import FftConv1d
 
     torch.manual_seed(0)
@@ -220,7 +217,6 @@ def test_fft_convolution_of_a_batch_equals_single_passes_bit_for_bit():
 
 
 def test_fft_convolution_of_a_bfloat16_model_computes_in_float32_and_returns_bfloat16():
-
     from features.encoder import FftConv1d
 
     torch.manual_seed(0)

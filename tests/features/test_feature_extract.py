@@ -281,9 +281,10 @@ def test_tuned_malloc_reuses_large_blocks_without_fresh_page_faults(run_probe):
 
 
 _RELEASE_PROBE = _LIBC + """
+import resource
 from features.extract import release_free_memory, tune_malloc
 def resident_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 tune_malloc()
 size = 64 << 20
 block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
