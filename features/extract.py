@@ -198,7 +198,8 @@ def split_tasks(batches: list[list], procs: int, most: int) -> list[list[list]]:
 
 
 def _glibc():
-    """The C library where it is glibc (whose malloc the two functions below tune), else None."""
+    """The C library where it is glibc (whose malloc :func:`tune_malloc` tunes and :func:`release_free_memory`
+    trims), else None."""
     with contextlib.suppress(OSError):
         libc = ctypes.CDLL("libc.so.6")
         if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
