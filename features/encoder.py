@@ -109,8 +109,10 @@ def _fingerprint_dir(folder: Path) -> str:
     return "local:" + h.hexdigest()
 
 
-#: Most bytes of convolution windows copied at once by :class:`MatmulFeatureEncoder`.
-_TILE_BYTES = 8 << 20
+#: Most bytes of convolution windows copied at once by :class:`MatmulFeatureEncoder`. Smaller tiles are as fast
+#: (186-209 ms per 4.5 s clip from 0.5 to 8 MB) and the first pass of a fresh process faults in ~25 MB fewer
+#: pages than with 8 MB tiles (~14 us a page on a VM that hands free memory back to its host).
+_TILE_BYTES = 1 << 20
 
 
 class MatmulFeatureEncoder:

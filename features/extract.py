@@ -178,6 +178,7 @@ def encode_rows(enc: Encoder, batches: Sequence[Sequence[dict]], job: Job, add: 
                     pieces=enc.iter_hidden_states(wave, layers=job.layers, normalised=True),
                     hidden_size=enc.hidden_size, **meta)
             yield len(wave) / enc.sample_rate, None
+        del states, results  # before the next pass, which can then reuse their memory
         end_batch()
 
 
