@@ -88,16 +88,34 @@ class Job:
     tail_alone: int = 0
 
 
-def decoded(rows: Sequence[dict], enc: Encoder, job: Job, lookahead: int = 16
+def decoded(rows: Sequence[dict], enc: Encoder, job: Job
             ) -> Iterator[tuple[dict, np.ndarray | None, Exception | None]]:
-    """Yield ``(row, normalised wave [N] or None, error or None)`` in row order, decoded ahead by threads."""
+    """Yield ``(row, normalised wave [N] or None, error or None)`` in row order, decoded ahead by threads.
+
+    Decoding runs up to two passes ahead of the row last yielded: ``2 * job.max_batch`` rows (at least 16) and
+    ``2 * job.batch_seconds`` of audio (the rows' ``seconds``; an unknown length counts as the whole budget),
+    so the encoder never waits for audio, while long files are held one ahead, not sixteen (an hour of
+    audio is 230 MB decoded)."""
+    most_rows, most_seconds = max(16, 2 * job.max_batch), 2 * job.batch_seconds
+
+    def held(row: dict) -> float:
+        return row["seconds"] if np.isfinite(row.get("seconds", np.nan)) else most_seconds
+
     with ThreadPoolExecutor(job.decode_workers) as pool:
-        it = iter(rows)
-        submit = lambda r: (r, pool.submit(_decode, r["path"], enc, job.offset_s, job.max_s))  # noqa: E731
-        queue = deque(submit(r) for r in islice(it, lookahead))
+        waiting, queue, ahead = deque(rows), deque(), 0.0
+
+        def fill() -> None:  # the next row always: the one after the row being yielded decodes meanwhile
+            nonlocal ahead
+            while waiting and (not queue or (len(queue) < most_rows and ahead < most_seconds)):
+                row = waiting.popleft()
+                queue.append((row, pool.submit(_decode, row["path"], enc, job.offset_s, job.max_s)))
+                ahead += held(row)
+
+        fill()
         while queue:
             row, future = queue.popleft()
-            queue.extend(submit(r) for r in islice(it, 1))
+            ahead -= held(row)
+            fill()
             try:
                 yield row, future.result(), None
             except (AudioError, OSError) as err:
@@ -124,7 +142,7 @@ def plan_batches(rows: pd.DataFrame, todo: set[str], job: Job, enc: Encoder) -> 
     the batch). A pass is computed whole; only its rows in ``todo`` are stored.
 
     Returns:
-        Passes of row dicts ``id, path, source, todo``.
+        Passes of row dicts ``id, path, source, seconds, todo``.
     """
     rows = rows.assign(_seconds=cropped_seconds(rows, job)).sort_values("_seconds", kind="stable", ascending=False, na_position="last")
     longest_single = enc.max_single_samples / enc.sample_rate
@@ -132,7 +150,7 @@ def plan_batches(rows: pd.DataFrame, todo: set[str], job: Job, enc: Encoder) -> 
     open_longest = None  # the longest input of the last pass, None when that pass takes no more
     first_tail = len(rows) - job.tail_alone
     for index, row in enumerate(rows[["id", "path", "source", "_seconds"]].to_dict("records")):
-        length = row.pop("_seconds")
+        length = row["seconds"] = row.pop("_seconds")
         row["todo"] = row["id"] in todo
         alone = not np.isfinite(length) or length > longest_single or index >= first_tail
         if (not alone and open_longest is not None and len(batches[-1]) < job.max_batch

@@ -253,6 +253,36 @@ def test_passes_are_planned_over_every_row_and_split_longest_first(tiny_encoder_
                                                     ["u9"], ["u7"]]
 
 
+
+def test_decoding_runs_two_passes_ahead_and_long_files_one_ahead(tiny_encoder_dir, monkeypatch):
+    from features.encoder import load_encoder
+    from features.extract import Job, decoded, plan_batches
+
+    started = []
+    monkeypatch.setattr(extract_mod, "_decode", lambda path, *a: started.append(path) or np.zeros(1, np.float32))
+    enc = load_encoder(tiny_encoder_dir, device="cpu")
+    job = Job(layers=[0], max_batch=4, batch_seconds=10.0)  # two passes: 16 rows (the least) or 20 s
+
+    def most_ahead(seconds: list[float]) -> int:
+        rows = pd.DataFrame({"id": [f"u{i:02d}" for i in range(len(seconds))], "source": "s", "duration_s": seconds})
+        rows["path"] = rows["id"]
+        flat = [r for b in plan_batches(rows, set(rows["id"]), job, enc) for r in b]
+        ahead = []
+        for done, (row, _wave, err) in enumerate(decoded(flat, enc, job), start=1):
+            assert err is None and row["path"] == started[done - 1]  # in order
+            seen = -1
+            while seen != len(started):  # until the decoding thread has gone as far ahead as it may
+                seen = len(started)
+                time.sleep(0.02)
+            ahead.append(len(started) - done)
+        started.clear()
+        return max(ahead)
+
+    assert most_ahead([1.0] * 24) == 16
+    assert most_ahead([2.5] * 24) == 8
+    assert most_ahead([3600.0] * 4) == 1  # an hour is 230 MB decoded: one is held ahead, not sixteen
+    assert most_ahead([float("nan")] * 4) == 1  # unknown lengths count as the whole budget
+
 _LIBC = """
 import ctypes
 libc = ctypes.CDLL("libc.so.6")
