@@ -94,7 +94,7 @@ def decoded(rows: Sequence[dict], enc: Encoder, job: Job
 
     Decoding runs up to two passes ahead of the row last yielded: ``2 * job.max_batch`` rows (at least 16) and
     ``2 * job.batch_seconds`` of audio (the rows' ``seconds``; an unknown length counts as the whole budget),
-    so the encoder never waits for audio, while long files are held one ahead, not sixteen (an hour of
+    so that a pass finds its audio decoded, while long files are held one ahead, not sixteen (an hour of
     audio is 230 MB decoded)."""
     most_rows, most_seconds = max(16, 2 * job.max_batch), 2 * job.batch_seconds
 
@@ -165,7 +165,7 @@ def plan_batches(rows: pd.DataFrame, todo: set[str], job: Job, enc: Encoder) -> 
 
 def encode_rows(enc: Encoder, batches: Sequence[Sequence[dict]], job: Job, add: Callable[..., None],
                 end_batch: Callable[[], None] = lambda: None) -> Iterator[tuple[float, dict | None]]:
-    """Encode passes of rows (``id, path, source, todo``, from :func:`plan_batches`); long inputs are
+    """Encode passes of rows (``id, path, source, seconds, todo``, from :func:`plan_batches`); long inputs are
     windowed and streamed. :meth:`Encoder.forward` keeps every row of a pass exact.
 
     Each result of a ``todo`` row goes to ``add(uid, source=..., frames=... | pieces=..., ...)``, then
