@@ -99,22 +99,20 @@ def decoded(rows: Sequence[dict], enc: Encoder, job: Job
     most_rows, most_seconds = max(16, 2 * job.max_batch), 2 * job.batch_seconds
 
     def held(row: dict) -> float:
-        return row["seconds"] if np.isfinite(row.get("seconds", np.nan)) else most_seconds
+        return row["seconds"] if np.isfinite(row["seconds"]) else most_seconds
 
     with ThreadPoolExecutor(job.decode_workers) as pool:
-        waiting, queue, ahead = deque(rows), deque(), 0.0
+        waiting, queue = deque(rows), deque()
 
         def fill() -> None:  # the next row always: the one after the row being yielded decodes meanwhile
-            nonlocal ahead
-            while waiting and (not queue or (len(queue) < most_rows and ahead < most_seconds)):
+            while waiting and (not queue or (len(queue) < most_rows
+                                             and sum(held(r) for r, _ in queue) < most_seconds)):
                 row = waiting.popleft()
                 queue.append((row, pool.submit(_decode, row["path"], enc, job.offset_s, job.max_s)))
-                ahead += held(row)
 
         fill()
         while queue:
             row, future = queue.popleft()
-            ahead -= held(row)
             fill()
             try:
                 yield row, future.result(), None

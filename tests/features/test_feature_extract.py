@@ -253,7 +253,6 @@ def test_passes_are_planned_over_every_row_and_split_longest_first(tiny_encoder_
                                                     ["u9"], ["u7"]]
 
 
-
 def test_decoding_runs_two_passes_ahead_and_long_files_one_ahead(tiny_encoder_dir, monkeypatch):
     from features.encoder import load_encoder
     from features.extract import Job, decoded, plan_batches
@@ -282,6 +281,7 @@ def test_decoding_runs_two_passes_ahead_and_long_files_one_ahead(tiny_encoder_di
     assert most_ahead([2.5] * 24) == 8
     assert most_ahead([3600.0] * 4) == 1  # an hour is 230 MB decoded: one is held ahead, not sixteen
     assert most_ahead([float("nan")] * 4) == 1  # unknown lengths count as the whole budget
+
 
 _LIBC = """
 import ctypes
