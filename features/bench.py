@@ -1,28 +1,27 @@
-"""Benchmark: extraction speed per dtype against the machine's own dense-matmul ceiling.
+"""Benchmark: extraction speed per dtype against the machine's dense-matmul ceiling and against the way peers
+extract, measured in the same run over the same audio.
 
-A randomly initialised model of the wav2vec2-base architecture (``Wav2Vec2Config()``: same cost as the
-pretrained one, no download) is saved and loaded through :func:`features.encoder.load_encoder`, then
-:func:`features.extract.extract` runs over real audio exactly as the stage does (decoding, normalisation,
-HDF5 writes included). Each dtype runs in a fresh process, so ``peak_rss_mb`` is its own. Per dtype:
+A randomly initialised model of the wav2vec2-base architecture (``Wav2Vec2Config()``: the pretrained model's cost,
+no download) is saved, then per dtype, each in a fresh process (own peak memory, no cross-talk):
 
-- ``throughput``: seconds of audio per wall-clock second.
-- ``ceiling_ratio``: throughput / (dense matmul FLOP/s measured in this dtype in the same process /
-  encoder FLOPs per second of audio, counted from its conv and linear layers and attention for these files).
-  The count is the layers' direct computation; on CPU the encoder does about a tenth fewer multiply-adds for
-  wav2vec2-base (kernel-3 stride-2 convolutions three outputs at a time: 2/9 fewer in a third of the count;
-  the positional convolution by FFT: most of its 3 %), which shows as a higher ratio, as any faster algorithm would.
-  The matmul rate (``matmul_gflops``) is the best of torch's default product (``matmul_gflops_default``:
-  MKL on CPU) and oneDNN's, with and without the second operand packed beforehand, as the encoder's weights
-  are; on AMD CPUs oneDNN's is 10-20 % faster, and a ceiling from the default product alone would flatter the
-  ratio by as much.
-- ``cosine_vs_float32``: mean cosine similarity of the pooled features ``[L, 2H]`` with the float32 run.
-- ``peak_rss_mb``: peak memory of the whole process tree (encoder workers included) during extraction,
-  as proportional set size so pages the forked workers share with their parent count once (read when the
-  cheaply polled resident size has grown by 10 %, and estimated from the resident growth in between: reading it
-  costs the kernel a walk over every page).
+1. **this tool**: :func:`features.extract.extract` over the files exactly as the stage runs (model load and the
+   feature-encoder timing at start-up, decoding, normalisation, store writes included): ``wall_seconds``,
+   ``throughput`` (seconds of audio per second), ``peak_rss_mb`` (whole process tree, proportional set size).
+2. **the reference**, as EmoBox and s3prl extract: ``transformers.AutoModel`` loaded and cast to the dtype, then
+   per file: decode, the model's feature extractor, one forward with ``output_hidden_states=True``, the states to
+   numpy; torch's default threads. ``reference_throughput`` and ``vs_reference`` = throughput / that.
+3. the machine's dense product rate in this dtype (``matmul_gflops``: the best of one process on every core and
+   one single-thread process per core at once, torch's own product), and ``ceiling_ratio`` = throughput /
+   (that rate / the encoder's FLOPs per second of audio, counted from its convolutions, linear layers and
+   attention for these files).
+
+``cosine_vs_float32`` is the mean cosine similarity of the pooled features ``[L, 2H]`` with the float32 run's.
+On CUDA, ``gpu_utilisation`` is the mean of ``torch.cuda.utilization()`` sampled during the extraction (None
+where NVML is absent), and ``peak_gpu_mb`` the most device memory torch allocated.
 
 Example:
-    python -m features.bench --audio-seconds 300 --json bench.json
+    python -m features.bench --json bench.json                 # 1200 s of RAVDESS, float32 and bfloat16
+    python -m features.bench --device cuda --audio-seconds 5400
 """
 
 from __future__ import annotations
@@ -58,48 +57,6 @@ def encoder_flops(config, num_samples: int) -> float:
     flops += 2.0 * t * h * (h // config.num_conv_pos_embedding_groups) * config.num_conv_pos_embeddings
     per_layer = 2.0 * t * (4 * h * h + 2 * h * config.intermediate_size) + 4.0 * t * t * h  # proj, FFN, QK^T, AV
     return flops + config.num_hidden_layers * per_layer
-
-
-def _matmul_rates(dtype: str, device: str, size: int, repeats: int, threads: int | None = None) -> dict[str, float]:
-    """Best-of-``repeats`` rates (FLOP/s) of one dense ``size x size`` product: ``default`` by torch's matmul,
-    ``linear`` by :func:`features.encoder.linear` (oneDNN on CPU, which the encoder uses) and ``packed`` by it
-    with the second operand packed once (:func:`features.encoder.pack_weight`), as the encoder's weights are."""
-    import torch
-
-    from features.encoder import DTYPES, linear, pack_weight
-    if threads:
-        torch.set_num_threads(threads)
-    a = torch.randn(size, size, device=device).to(DTYPES[dtype])
-    b = torch.randn(size, size, device=device).to(DTYPES[dtype])
-    packed = pack_weight(b)
-    rates = {}
-    for name, product in (("default", lambda: a @ b), ("linear", lambda: linear(a, b, None)),
-                          ("packed", lambda: linear(a, packed, None))):
-        best = float("inf")
-        for _ in range(repeats + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            product()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        rates[name] = 2.0 * size**3 / best
-    return rates
-
-
-def matmul_flops_per_s(dtype: str, device: str, *, procs: int = 1, size: int = 2048,
-                       repeats: int = 5) -> dict[str, float]:
-    """The machine's dense matmul rates in ``dtype`` (see :func:`_matmul_rates`), each the best of one process
-    using every thread and (on CPU) ``procs`` single-thread processes at once (summed), as extraction uses the
-    cores either way. The ceiling is the larger of the two."""
-    rates = _matmul_rates(dtype, device, size, repeats)
-    if device == "cpu" and procs > 1:
-        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = [f.result() for f in [pool.submit(_matmul_rates, dtype, device, size, repeats, 1)
-                                            for _ in range(procs)]]
-        rates = {name: max(rate, sum(r[name] for r in results)) for name, rate in rates.items()}
-    return rates
 
 
 def pick_files(*, manifest: str | None, corpus: Path, audio_seconds: float) -> pd.DataFrame:
@@ -167,36 +124,122 @@ class _PeakMemory(threading.Thread):
         return max(self.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+def _matmul_rate(dtype: str, device: str, size: int, repeats: int, threads: int | None = None) -> float:
+    """Best-of-``repeats`` rate (FLOP/s) of torch's dense ``size x size`` product in ``dtype``."""
+    import torch
+
+    from features.encoder import DTYPES
+    if threads:
+        torch.set_num_threads(threads)
+    a = torch.randn(size, size, device=device).to(DTYPES[dtype])
+    b = torch.randn(size, size, device=device).to(DTYPES[dtype])
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def matmul_flops_per_s(dtype: str, device: str, *, procs: int = 1, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's dense product rate in ``dtype``: the better of one process on every thread and (on CPU)
+    ``procs`` single-thread processes at once (summed), as extraction uses the cores either way."""
+    rate = _matmul_rate(dtype, device, size, repeats)
+    if device == "cpu" and procs > 1:
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+            rate = max(rate, sum(f.result() for f in [pool.submit(_matmul_rate, dtype, device, size, repeats, 1)
+                                                      for _ in range(procs)]))
+    return rate
+
+
+def reference_extraction(model_dir: str, paths: Sequence[str], dtype: str, device: str) -> float:
+    """Seconds the peers' way takes for ``paths`` (model load included): ``AutoModel`` in ``dtype``, one file per
+    forward with ``output_hidden_states=True``, torch's default threads."""
+    import torch
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    from features.encoder import DTYPES
+    from pipeline.audio import load_audio
+    start = time.perf_counter()
+    extractor = AutoFeatureExtractor.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).to(device, dtype=DTYPES[dtype]).eval()
+    with torch.inference_mode():
+        for path in paths:
+            wave = load_audio(path, sample_rate=extractor.sampling_rate)
+            x = extractor(wave, sampling_rate=extractor.sampling_rate, return_tensors="pt")["input_values"]
+            states = model(x.to(device, dtype=DTYPES[dtype]), output_hidden_states=True).hidden_states
+            torch.stack(states, 1).float().cpu().numpy()
+    return time.perf_counter() - start
+
+
+class _GpuSampler(threading.Thread):
+    """Samples ``torch.cuda.utilization()`` (needs nvidia-ml) every ``period`` seconds; None where unavailable."""
+
+    def __init__(self, period: float = 0.2):
+        super().__init__(daemon=True)
+        self.period, self.samples = period, []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        import torch
+        while not self._stop_event.wait(self.period):
+            try:
+                self.samples.append(torch.cuda.utilization())
+            except Exception:  # no NVML here: nothing to sample  # noqa: BLE001
+                return
+
+    def stop(self) -> float | None:
+        self._stop_event.set()
+        self.join()
+        return round(sum(self.samples) / len(self.samples) / 100, 3) if self.samples else None
+
+
 def _run_one(model_dir: str, manifest: str, out: str, dtype: str, device: str, threads: int) -> dict:
-    """One dtype, in its own process: warm up, measure the matmul ceiling, time the real extraction."""
+    """One dtype, in its own process: this tool's extraction (start-up included), the reference, the ceiling."""
     import torch
 
     from features.encoder import load_encoder
     from features.extract import extract
     torch.set_num_threads(threads)
-    enc = load_encoder(model_dir, device=device, dtype=dtype)
-    enc.hidden_states(np.random.default_rng(0).standard_normal(3 * enc.sample_rate).astype(np.float32))
-    procs = 1 if enc.device.type == "cuda" else threads
-    rates = matmul_flops_per_s(dtype, enc.device.type, procs=procs, size=8192 if enc.device.type == "cuda" else 2048)
-    peak = max(rates.values())
+    rows = pd.read_csv(manifest)
     load = os.getloadavg()[0]
-    memory = _PeakMemory()
+    memory, gpu = _PeakMemory(), _GpuSampler()
     memory.start()
+    if device == "cuda":
+        gpu.start()
     start = time.perf_counter()
+    enc = load_encoder(model_dir, device=device, dtype=dtype)
+    procs = 1 if enc.device.type == "cuda" else threads
     summary = extract([manifest], out, encoder=enc, procs=procs)
+    if device == "cuda":
+        torch.cuda.synchronize()
     wall = time.perf_counter() - start
     peak_mb = memory.stop()
-    rows = pd.read_csv(manifest)
-    flops = sum(encoder_flops(enc.model.config, int(round(d * enc.sample_rate))) for d in rows["duration_s"])
+    utilisation = gpu.stop() if device == "cuda" else None
     audio = summary["audio_seconds"]
+    torch.set_num_threads(threads)
+    reference_wall = reference_extraction(model_dir, list(rows["path"]), dtype, device)
+    peak = matmul_flops_per_s(dtype, enc.device.type, procs=procs, size=8192 if device == "cuda" else 2048)
+    flops = sum(encoder_flops(enc.model.config, int(round(d * enc.sample_rate))) for d in rows["duration_s"])
     flops_per_audio_s = flops / audio
-    return {"device": str(enc.device), "dtype": dtype, "audio_seconds": round(audio, 2),
-            "wall_seconds": round(wall, 3), "throughput": round(audio / wall, 3),
-            "ceiling_ratio": float(f"{audio / wall / (peak / flops_per_audio_s):.4g}"),
-            "matmul_gflops": round(peak / 1e9, 1), "matmul_gflops_default": round(rates["default"] / 1e9, 1),
-            "encoder_gflop_per_audio_s": round(flops_per_audio_s / 1e9, 2),
-            "peak_rss_mb": round(peak_mb, 1),
-            "procs": procs, "threads": threads if procs == 1 else 1, "files": len(rows), "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
+    throughput = audio / wall
+    record = {"device": str(enc.device), "dtype": dtype, "audio_seconds": round(audio, 2), "files": len(rows),
+              "wall_seconds": round(wall, 3), "throughput": round(throughput, 3),
+              "reference_throughput": round(audio / reference_wall, 3),
+              "vs_reference": round(reference_wall / wall, 3),
+              "ceiling_ratio": float(f"{throughput / (peak / flops_per_audio_s):.4g}"),
+              "matmul_gflops": round(peak / 1e9, 1), "encoder_gflop_per_audio_s": round(flops_per_audio_s / 1e9, 2),
+              "feature_encoder": enc.feature_encoder, "feature_encoder_timing": enc.feature_encoder_timing,
+              "peak_rss_mb": round(peak_mb, 1), "procs": procs, "threads": threads if procs == 1 else 1,
+              "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
+    if device == "cuda":
+        record.update(gpu=torch.cuda.get_device_name(), gpu_utilisation=utilisation,
+                      peak_gpu_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1))
+    return record
 
 
 def _cosine(store_a: str, store_b: str) -> float:
@@ -209,7 +252,7 @@ def _cosine(store_a: str, store_b: str) -> float:
     return float(np.mean(sims))
 
 
-def bench(*, device: str = "auto", audio_seconds: float = 300.0, dtypes: Sequence[str] | None = None,
+def bench(*, device: str = "auto", audio_seconds: float = 1200.0, dtypes: Sequence[str] | None = None,
           manifest: str | None = None, corpus: Path = DEFAULT_CORPUS, threads: int | None = None,
           config=None, isolate: bool = True) -> list[dict]:
     """Run the benchmark; returns one record per dtype (float32 first, the cosine reference).
@@ -222,7 +265,7 @@ def bench(*, device: str = "auto", audio_seconds: float = 300.0, dtypes: Sequenc
         corpus: folder of audio files (default ``../shared/corpora/ravdess``).
         threads: cores to use (default: all): on CPU that many single-thread encoder processes.
         config: a ``Wav2Vec2Config`` (default: base); tests pass a tiny one.
-        isolate: run each dtype in a fresh process (own peak RSS, no cross-talk); tests turn it off.
+        isolate: run each dtype in a fresh process (own peak memory, no cross-talk); tests turn it off.
     """
     import torch
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -240,13 +283,13 @@ def bench(*, device: str = "auto", audio_seconds: float = 300.0, dtypes: Sequenc
         Wav2Vec2Model(config or Wav2Vec2Config()).eval().save_pretrained(f"{tmp}/model")
         Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(f"{tmp}/model")
         for dtype in dtypes:
-            args = (f"{tmp}/model", f"{tmp}/manifest.csv", f"{tmp}/{dtype}.h5", dtype, dev, threads)
+            args = (f"{tmp}/model", f"{tmp}/manifest.csv", f"{tmp}/{dtype}", dtype, dev, threads)
             if isolate:
                 with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                     record = pool.submit(_run_one, *args).result()
             else:
                 record = _run_one(*args)
-            record["cosine_vs_float32"] = round(_cosine(f"{tmp}/{dtype}.h5", f"{tmp}/float32.h5"), 6)
+            record["cosine_vs_float32"] = round(_cosine(f"{tmp}/{dtype}", f"{tmp}/float32"), 6)
             print(json.dumps(record), flush=True)
             records.append(record)
     return records
@@ -255,7 +298,7 @@ def bench(*, device: str = "auto", audio_seconds: float = 300.0, dtypes: Sequenc
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m features.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--audio-seconds", type=float, default=300.0)
+    p.add_argument("--audio-seconds", type=float, default=1200.0)
     p.add_argument("--dtypes", default=None, help="comma-separated, e.g. float32,bfloat16")
     p.add_argument("--manifest", default=None, help="take files from this manifest")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="or from this folder (default %(default)s)")

@@ -1,13 +1,37 @@
-"""A frozen wav2vec2-family encoder (wav2vec2, HuBERT, WavLM): loading and exact forward passes.
+"""A frozen wav2vec2-family encoder: loading, and exact hidden states from the model's own modules.
 
-Exactness: wav2vec2-base's first convolution is followed by GroupNorm over the whole input, so zero padding
-changes every frame. :meth:`Encoder.forward` therefore runs the convolutions of each input on its own samples,
-and attention and the positional convolution on its own frames, when inputs of different lengths share a pass
-(only the per-frame layers see the padded batch): every input's result equals its single pass bit for bit.
-On CPU, :func:`use_fast_cpu_kernels` swaps the convolutions and linear layers for faster equivalents. Inputs longer than one
-window are cut into windows that overlap by ``overlap_seconds`` of context on each side; only the centre frames of each window are kept, aligned to the
-global frame grid, so memory stays bounded for any duration (windowed frames are then close to, not equal
-to, a single forward pass).
+Hidden states come from the transformers model's own modules (its feature encoder, feature projection and
+transformer encoder, SDPA attention where the architecture has it) and are exactly what a direct
+single-utterance ``model(x, output_hidden_states=True)`` returns, also when utterances of different lengths
+share a forward pass:
+
+- A feature encoder whose first layer is a GroupNorm over time (wav2vec2-base, HuBERT-base, WavLM-base) would
+  see the padding: it runs on each utterance's own samples, and the padded frames are zeros.
+- A feature encoder with per-frame LayerNorms (wav2vec2-large-lv60, XLS-R, data2vec-audio) runs on the
+  zero-padded batch: its convolutions are "valid", so each utterance's frames only see its own samples.
+- The transformer runs on the padded batch with an attention mask. The wav2vec2, HuBERT and WavLM encoders zero
+  the padded frames before their one positional convolution, which then sees what a single pass sees. The
+  data2vec-audio positional embedding stacks five convolutions, so padding would leak into real frames: its
+  passes only ever hold utterances of the same frame count (see :attr:`Architecture.mixed_lengths`).
+
+The hidden states are collected as transformers collects them (the first layer's input, then every layer's
+output), through forward hooks on the encoder's layers. Architectures outside :data:`ARCHITECTURES` are refused
+by model type.
+
+Precision: ``float32`` is float32 everywhere (TF32 is switched off around CUDA passes); ``bfloat16`` casts the
+model; ``float16`` (CUDA) runs under autocast with float32 weights, so normalisations stay in float32.
+``auto`` picks bfloat16 where a measured bfloat16 product is at least 1.5x as fast as float32 (CPUs with AMX or
+AVX-512 BF16, recent GPUs), else float32.
+
+Optional plug-in: :class:`StridedMatmulFeatureEncoder` computes the feature encoder's convolutions after the
+first as time-major matrix products with the module's own weights. With ``feature_encoder="auto"`` it is timed
+against the library's own modules on the running machine when the encoder is loaded and kept only when the whole
+forward pass is at least 10 % faster (:func:`choose_feature_encoder`); the choice is recorded.
+
+Inputs longer than one window are cut into windows that overlap by ``overlap_seconds`` of context on each side;
+only the centre frames of each window are kept, aligned to the global frame grid, so memory stays bounded for any
+duration. Windowed frames are close to, not equal to, one pass over the whole input (each window normalises with
+its own statistics and attends within itself); ``docs/benchmarks.md`` gives the measured difference.
 
 Example:
     >>> enc = load_encoder("facebook/wav2vec2-base", dtype="bfloat16")    # doctest: +SKIP
@@ -18,12 +42,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,73 +55,92 @@ import torch
 from torch.nn.utils import parametrize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DEFAULT_ENCODER = "facebook/wav2vec2-base"
 
-#: Most compiled products kept per oneDNN cache (torch's ideep and oneDNN's own; each reads its variable when
-#: first used, and a value already set is kept). By default each keeps 1024, one per input shape, ~0.3-0.5 MB
-#: apiece: utterances of many lengths made an encoder process grow by ~0.7 GB over 300 lengths, faulting fresh
-#: pages in as it went. One forward pass uses about a dozen shapes.
-ONEDNN_CACHE_CAPACITY = 32
-for _variable in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
-    os.environ.setdefault(_variable, str(ONEDNN_CACHE_CAPACITY))
-del _variable
+
+@dataclass(frozen=True)
+class Architecture:
+    """How utterances of different lengths may share a forward pass of one model type.
+
+    Attributes:
+        model_type: the transformers ``config.model_type``.
+        mixed_lengths: utterances of different frame counts may share a pass (the transformer is exact under an
+            attention mask); False where padding reaches real frames (data2vec-audio's stacked positional convs).
+        sdpa: the model has an SDPA attention implementation (else its eager attention is used).
+    """
+
+    model_type: str
+    mixed_lengths: bool = True
+    sdpa: bool = True
 
 
-def _onednn_ops():
-    """oneDNN's fused linear (the kernel ``torch.compile`` uses on CPU) and its weight reorder, or Nones where
-    this torch has them not (both are private to torch)."""
-    try:
-        if torch.backends.mkldnn.is_available():
-            return torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
-    except (AttributeError, RuntimeError):
-        pass
-    return None, None
-
-
-_ONEDNN_LINEAR, _ONEDNN_PACK = _onednn_ops()
-
-
-@functools.cache
-def onednn_linear_supports(dtype: torch.dtype) -> bool:
-    """Whether :func:`linear` runs through oneDNN for CPU tensors of ``dtype`` (not float16 on most CPUs)."""
-    if _ONEDNN_LINEAR is None:
-        return False
-    try:
-        x = torch.ones(2, 4, dtype=dtype)
-        _ONEDNN_LINEAR(x, _ONEDNN_PACK(torch.ones(3, 4, dtype=dtype)), None, "gelu", [], "none")
-        return True
-    except RuntimeError:
-        return False
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A fixed ``[out, in]`` weight for :func:`linear`: on CPU, reordered once into oneDNN's blocked layout
-    (which oneDNN otherwise redoes at every product: 3-6 % of its time here, same results); elsewhere as is."""
-    weight = weight.detach().contiguous()
-    return _ONEDNN_PACK(weight) if weight.device.type == "cpu" and onednn_linear_supports(weight.dtype) else weight
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool = False) -> torch.Tensor:
-    """``x @ weight.T + bias`` (then the exact GELU), on CPU through oneDNN where it supports the dtype: on AMD
-    CPUs its float32 product is 10-20 % faster than torch's default (MKL) one, and the GELU runs inside it.
-    ``weight`` is ``[out, in]``, contiguous or from :func:`pack_weight`."""
-    if x.device.type == "cpu" and onednn_linear_supports(x.dtype):
-        return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none") if gelu else \
-            _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    out = torch.nn.functional.linear(x, weight, bias)
-    return torch.nn.functional.gelu(out) if gelu else out
+#: Every architecture the encoder accepts, with what makes its batches exact.
+ARCHITECTURES = {a.model_type: a for a in (
+    Architecture("wav2vec2"),
+    Architecture("hubert"),
+    Architecture("wavlm", sdpa=False),
+    Architecture("data2vec-audio", mixed_lengths=False),
+)}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` picks CUDA when available, else CPU.
+
+    Raises:
+        ValueError: an unknown device, or ``cuda`` on a machine where torch finds no GPU.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.split(":")[0] not in {"cpu", "cuda"}:
+        raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICE_CHOICES)}.")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch finds no CUDA GPU; pass --device cpu or auto.")
+        raise ValueError(f"device {device!r} requested, but torch finds no CUDA GPU (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'none'}); pass --device cpu or --device auto.")
     return torch.device(device)
 
 
-def _fingerprint_dir(folder: Path) -> str:
+def _product_seconds(dtype: torch.dtype, device: torch.device, size: int, repeats: int) -> float:
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def pick_dtype(dtype: str, device: torch.device) -> str:
+    """Resolve ``auto``: bfloat16 where a bfloat16 product runs at least 1.5x as fast as float32 here, measured
+    now (a fraction of a second), else float32. Other values are returned as they are.
+
+    Raises:
+        ValueError: an unknown dtype, or float16 on CPU (too slow and inexact there; use bfloat16).
+    """
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}.")
+    if dtype == "float16" and device.type == "cpu":
+        raise ValueError("dtype float16 on CPU: expected float32 or bfloat16 there (CPUs have no fast float16 "
+                         "products); pass --dtype bfloat16 or --dtype auto.")
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "float32"
+    size = 2048 if device.type == "cuda" else 512
+    try:
+        ratio = _product_seconds(torch.float32, device, size, 3) / _product_seconds(torch.bfloat16, device, size, 3)
+    except RuntimeError:  # no bfloat16 product on this device
+        return "float32"
+    return "bfloat16" if ratio >= 1.5 else "float32"
+
+
+def fingerprint_dir(folder: Path) -> str:
     """Content hash of a local model folder's config and weights (its 'revision')."""
     h = hashlib.blake2b(digest_size=16)
     for f in sorted(folder.iterdir()):
@@ -109,422 +152,91 @@ def _fingerprint_dir(folder: Path) -> str:
     return "local:" + h.hexdigest()
 
 
-#: Most bytes of convolution windows copied at once by :class:`MatmulFeatureEncoder`. Smaller tiles are as fast
-#: (186-209 ms per 4.5 s clip from 0.5 to 8 MB) and the first pass of a fresh process faults in ~25 MB fewer
-#: pages than with 8 MB tiles (~14 us a page on a VM that hands free memory back to its host).
-_TILE_BYTES = 1 << 20
+class StridedMatmulFeatureEncoder:
+    """Optional plug-in: the feature encoder's layers after the first as time-major matrix products.
 
-
-class MatmulFeatureEncoder:
-    """The convolutional feature encoder of a wav2vec2-family model as matrix products (CPU inference).
-
-    A layer of kernel ``k`` and stride ``s`` over channels-last frames ``[N, C]`` is one product of its
-    ``[T, k C]`` windows (copied from an overlapping strided view) with the kernel, through :func:`linear`
-    (oneDNN, with the GELU fused where nothing comes between), so every layer runs at the speed of a dense
-    matmul and no per-length convolution primitive is built. A GroupNorm with one group per channel after a
-    one-channel input (wav2vec2-base's first layer) is folded into that layer's weights and bias: its
-    per-channel mean and variance over time follow exactly from the mean and covariance of the input windows.
-
-    Layers of kernel 3 and stride 2 (four of wav2vec2-base's seven, a third of its multiply-adds) compute three
-    outputs ``y0..y2`` from seven input frames ``x0..x6`` with products of seven ``C_in`` blocks instead of
-    nine (:meth:`_triples`): the even frames meet the outer taps ``W0, W2`` as a two-tap convolution, which
-    Toom-Cook's points 0, 1, -1 and infinity compute with four products for three outputs::
-
-        m1 = (x2 + x4) (W0 + W2) / 2          m2 = (x4 - x2) (W0 - W2) / 2
-        y0 = (x0 - x4) W0 + x1 W1 + (m1 + m2)
-        y1 =                x3 W1 + (m1 - m2)
-        y2 = (x6 - x2) W2 + x5 W1 + (m1 + m2)
-
-    (``m1 + m2 = x2 W2 + x4 W0``, ``m1 - m2 = x2 W0 + x4 W2``): 2/9 fewer multiply-adds in those layers, with
-    errors of the windowed product's size (~5e-7 relative to a float64 convolution for wav2vec2-base's layers).
-    Results equal the module's up to float rounding; :func:`load_encoder` checks that on a random input before
-    using it.
+    The first layer runs as the model's own module; the output is then kept as ``[T, C]``. A later convolution of
+    kernel ``k`` and stride ``s`` reads, for output frame ``t``, input rows ``t*s .. t*s + k - 1``: its taps are
+    cut into blocks of ``s``, and block ``b`` is one product of the strided view whose row ``t`` is the ``s * C``
+    contiguous values from row ``(t + b) * s`` with the block's weights (prepared once), so no window is copied and
+    wav2vec2's kernel-3 stride-2 layers take two products, its kernel-2 stride-2 ones one. Each layer's own
+    LayerNorm (per frame) and activation follow. It returns what the module returns, up to the rounding of a
+    different summation order.
 
     Args:
-        module: the model's ``feature_extractor`` (``conv_layers`` of ``conv``, optional ``layer_norm``,
-            ``activation``).
+        feature_extractor: the model's ``feature_extractor`` module.
 
     Raises:
-        NotImplementedError: a layer this class does not reproduce (padding, dilation, groups, other norms).
+        ValueError: a layer after the first has a GroupNorm (over time; not expressible per frame).
     """
 
-    def __init__(self, module):
-        from torch import nn
+    name = "strided_matmul"
+
+    def __init__(self, feature_extractor):
+        layers = list(feature_extractor.conv_layers)
+        self.first = layers[0]
         self.layers = []
-        for layer in module.conv_layers:
-            conv, norm = layer.conv, getattr(layer, "layer_norm", None)
-            if not isinstance(conv, nn.Conv1d) or conv.padding != (0,) or conv.dilation != (1,) or conv.groups != 1:
-                raise NotImplementedError(f"{type(layer).__name__}: padded, dilated or grouped convolution")
-            if not (norm is None or isinstance(norm, nn.LayerNorm) or (
-                    isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels and norm.affine)):
-                raise NotImplementedError(f"{type(layer).__name__}: normalisation {type(norm).__name__}")
-            weight = conv.weight.detach()                                      # [out, in, k]
+        for layer in layers[1:]:
+            norm = getattr(layer, "layer_norm", None)
+            if norm is not None and not isinstance(norm, torch.nn.LayerNorm):
+                raise ValueError(f"{type(norm).__name__} after the first convolution: expected LayerNorm or none.")
+            conv = layer.conv
             (kernel,), (stride,) = conv.kernel_size, conv.stride
-            folded = weight.shape[1] == 1 and isinstance(norm, nn.GroupNorm)  # kernel and norm merge per input
-            matrix = weight.permute(0, 2, 1).reshape(weight.shape[0], -1)    # [out, k * in]
-            exact_gelu = _is_exact_gelu(layer.activation)
-            triples = (kernel, stride) == (3, 2) and weight.shape[1] > 1
-            self.layers.append({
-                "kernel": kernel, "stride": stride, "in": weight.shape[1], "out": weight.shape[0],
-                "weight": matrix.contiguous() if folded else pack_weight(matrix),
-                "bias": None if conv.bias is None else conv.bias.detach(), "norm": norm,
-                "activation": layer.activation, "exact_gelu": exact_gelu,
-                "triples": triples and self._triple_weights(weight),
-                # the GELU runs inside the product when the layer's activation is exact GELU and no norm follows;
-                # not after a one-channel input, where oneDNN's fused kernel is slower than the two steps, nor
-                # after triples, whose outputs are sums of products
-                "fuse_gelu": norm is None and weight.shape[1] > 1 and exact_gelu and not triples})
-
-    @staticmethod
-    def _triple_weights(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The weights of :meth:`_triples`' products (for m1, m2, y0, y1, y2) from a ``[out, in, 3]`` kernel."""
-        w0, w1, w2 = (weight[:, :, j] for j in range(3))
-        return tuple(pack_weight(w.to(weight.dtype)) for w in (
-            (w0.double() + w2.double()) / 2, (w0.double() - w2.double()) / 2,
-            torch.cat([w0, w1], dim=1), w1, torch.cat([w2, w1], dim=1)))
-
-    @staticmethod
-    def _triples(x: torch.Tensor, spec: dict) -> torch.Tensor:
-        """A kernel-3, stride-2 layer's convolution (no norm, no activation) of ``x [N, C_in]`` -> ``[T, C_out]``,
-        three outputs per products of seven ``C_in`` blocks (see the class); the last one or two directly."""
-        c, bias = spec["in"], spec["bias"]
-        w_plus, w_minus, w_first, w_odd, w_last = spec["triples"]
-        frames = (x.shape[0] - 3) // 2 + 1
-        triples = frames // 3
-        out = x.new_empty(frames, spec["out"])
-        x0, x1, x2, x3, x4, x5, x6 = (x.as_strided((triples, c), (6 * c, 1), x.storage_offset() + j * c)
-                                      for j in range(7))
-        rows = max(1, min(triples, _TILE_BYTES // (2 * c * x.element_size())))
-        first, last, plus, minus = x.new_empty(rows, 2 * c), x.new_empty(rows, 2 * c), x.new_empty(rows, c), \
-            x.new_empty(rows, c)
-        y = out[:3 * triples].view(triples, 3, spec["out"])
-        for i in range(0, triples, rows):
-            tile = slice(i, min(i + rows, triples))
-            n = tile.stop - i
-            torch.add(x2[tile], x4[tile], out=plus[:n])
-            torch.sub(x4[tile], x2[tile], out=minus[:n])
-            m1, m2 = linear(plus[:n], w_plus, None), linear(minus[:n], w_minus, None)
-            outer = m1 + m2                                          # x2 W2 + x4 W0
-            inner = m1.sub_(m2)                                      # x2 W0 + x4 W2
-            torch.sub(x0[tile], x4[tile], out=first[:n, :c])
-            first[:n, c:] = x1[tile]
-            torch.sub(x6[tile], x2[tile], out=last[:n, :c])
-            last[:n, c:] = x5[tile]
-            # each sum in one pass, straight into its output rows (oneDNN's fused sum is slower here)
-            torch.add(linear(first[:n], w_first, bias), outer, out=y[tile, 0])
-            torch.add(linear(x3[tile], w_odd, bias), inner, out=y[tile, 1])
-            torch.add(linear(last[:n], w_last, bias), outer, out=y[tile, 2])
-        if frames > 3 * triples:  # their windows, as the plain product takes them
-            windows = x.as_strided((frames - 3 * triples, 3 * c), (2 * c, 1), x.storage_offset() + 6 * triples * c)
-            out[3 * triples:] = linear(windows.contiguous(), spec["weight"], bias)
-        return out
-
-    def _layer(self, x: torch.Tensor, spec: dict) -> torch.Tensor:
-        """One layer (convolution, folded GroupNorm or LayerNorm, activation) of ``x [N, C_in]`` -> ``[T, C_out]``."""
-        k, s, c_in, weight, bias, norm = (spec[key] for key in ("kernel", "stride", "in", "weight", "bias", "norm"))
-        x = x.contiguous()
-        frames = (x.shape[0] - k) // s + 1
-        windows = x.as_strided((frames, k * c_in), (s * c_in, 1), x.storage_offset())   # [T, k * C_in]
-        if c_in == 1 and isinstance(norm, torch.nn.GroupNorm):  # fold the per-channel GroupNorm into the kernel
-            w64, a64 = weight.double(), windows.double()                    # [out, k], [T, k]
-            mean_in = a64.mean(dim=0)
-            cov = a64.T @ a64 / frames - torch.outer(mean_in, mean_in)
-            mean = w64 @ mean_in + (0 if bias is None else bias.double())
-            var = ((w64 @ cov) * w64).sum(dim=1).clamp_min(0)
-            scale = norm.weight.double() / torch.sqrt(var + norm.eps)
-            weight = (w64 * scale[:, None]).to(x.dtype)
-            bias = (norm.bias.double() - mean * scale).to(x.dtype)
-            norm = None
-        if spec["triples"]:
-            out = self._triples(x, spec)
-        elif windows.is_contiguous():  # stride == kernel: the windows are the frames themselves
-            out = linear(windows, weight, bias, gelu=spec["fuse_gelu"])
-        else:  # overlapping windows (kernel > stride), copied a tile at a time: one copy of them all would be
-            # above glibc's mmap threshold, its pages faulted in afresh at every call
-            rows = max(1, _TILE_BYTES // (windows.shape[1] * windows.element_size()))
-            tiles = [linear(windows[i:i + rows].contiguous(), weight, bias, gelu=spec["fuse_gelu"])
-                     for i in range(0, frames, rows)]
-            out = tiles[0] if len(tiles) == 1 else torch.cat(tiles)
-        if isinstance(norm, torch.nn.GroupNorm):
-            var, mean = torch.var_mean(out, dim=0, unbiased=False)
-            out = (out - mean) * (norm.weight / torch.sqrt(var + norm.eps)) + norm.bias
-        elif isinstance(norm, torch.nn.LayerNorm):
-            out = norm(out)
-        if spec["fuse_gelu"]:
-            return out
-        # in place where it is the exact GELU (``out`` is this layer's own): no second array of the first layer's
-        # output, the largest of the whole pass (31 MB for a 4.7 s clip)
-        return torch.ops.aten.gelu_(out) if spec["exact_gelu"] else spec["activation"](out)
+            blocks = []
+            for first_tap in range(0, kernel, stride):
+                taps = conv.weight[:, :, first_tap:first_tap + stride]  # [C_out, C_in, r]
+                blocks.append((first_tap, taps.permute(2, 1, 0).reshape(-1, conv.out_channels).contiguous()))
+            self.layers.append((kernel, stride, blocks, conv.bias, norm, layer.activation))
 
     def __call__(self, input_values: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` waveforms -> ``[B, C, T]`` features (a transposed view of channels-last frames)."""
-        outs = []
-        for wave in input_values:
-            x = wave[:, None]
-            for spec in self.layers:
-                x = self._layer(x, spec)
-            outs.append(x)
-        return torch.stack(outs).transpose(1, 2)
+        """``[B, N]`` -> ``[B, C, T]``, one row at a time."""
+        return torch.stack([self._one(row) for row in input_values])
+
+    def _one(self, wave: torch.Tensor) -> torch.Tensor:
+        h = self.first(wave[None, None])[0].T.contiguous()  # [T, C]
+        for kernel, stride, blocks, bias, norm, activation in self.layers:
+            frames, channels = (h.shape[0] - kernel) // stride + 1, h.shape[1]
+            out = None
+            for first_tap, weight in blocks:
+                view = h.as_strided((frames, weight.shape[0]), (stride * channels, 1),
+                                    h.storage_offset() + first_tap * channels)
+                if out is None:
+                    out = view @ weight if bias is None else torch.addmm(bias, view, weight)
+                else:
+                    out.addmm_(view, weight)
+            h = activation(out if norm is None else norm(out))
+        return h.T
 
 
-class OneDnnLinear:
-    """An ``nn.Linear`` (optionally with the exact GELU after it) through :func:`linear`, its weight packed once
-    (CPU inference). A module already swapped for one lends its packed weight (no second copy)."""
-
-    def __init__(self, module, *, gelu: bool = False):
-        swapped = module.__dict__.get("forward")
-        if isinstance(swapped, OneDnnLinear):
-            self.weight, self.bias = swapped.weight, swapped.bias
-        else:
-            self.weight = pack_weight(module.weight)
-            self.bias = None if module.bias is None else module.bias.detach()
-        self.gelu = gelu
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, gelu=self.gelu)
-
-
-class FusedFeedForward:
-    """A transformer feed-forward block (``intermediate_dense``, exact GELU, ``output_dense``; dropout is the
-    identity at inference) with the GELU inside the first product (:func:`linear`)."""
-
-    def __init__(self, ff):
-        self.dense = OneDnnLinear(ff.intermediate_dense, gelu=True)
-        self.output = ff.output_dense
-
-    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.output(self.dense(hidden_states))
-
-
-#: ``(samples, frames)`` of each utterance while :meth:`Encoder.forward` runs a mixed-length batch, else None.
-_MIXED_BATCH: contextvars.ContextVar[tuple[list[int], list[int]] | None] = contextvars.ContextVar(
-    "ser_mixed_batch", default=None)
-
-
-def _mixed_batch(batch_size: int) -> tuple[list[int], list[int]] | None:
-    """Each utterance's ``(samples, frames)`` when a mixed-length batch of ``batch_size`` is running, else None."""
-    mixed = _MIXED_BATCH.get()
-    return mixed if mixed is not None and len(mixed[0]) == batch_size else None
-
-
-UNPADDED_ATTENTION = "ser_unpadded_sdpa"
-
-
-def unpadded_attention(module, query, key, value, attention_mask, **kwargs):
-    """Transformers' sdpa attention, run on each utterance's own frames while a mixed-length batch is encoded.
-
-    It makes the very call a single pass makes (same values, no mask), so which utterances share a batch
-    changes no bit of any result: a resumed extraction equals an uninterrupted one exactly. Outside such
-    a batch it is plain sdpa.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    mixed = _mixed_batch(query.shape[0])
-    if mixed is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [B, T, heads, D]
-    for b, n in enumerate(mixed[1]):
-        piece, _ = sdpa_attention_forward(module, query[b:b + 1, :, :n], key[b:b + 1, :, :n],
-                                          value[b:b + 1, :, :n], None, **kwargs)
-        out[b, :n] = piece[0]
-    return out, None
-
-
-class _PositionalConv:
-    """What the positional convolution's replacements share: while a mixed-length batch is encoded, each
-    utterance runs on its own frames. Subclasses set ``conv`` (the module replaced) and define ``_conv``
-    (``[B, C, T]`` -> ``[B, out, T']``, channels-last)."""
-
-    conv: torch.nn.Conv1d
-
-    def width(self, frames: int) -> int:
-        """Output frames for ``frames`` input frames."""
-        (padding,), (dilation,), (stride,), (kernel,) = (self.conv.padding, self.conv.dilation, self.conv.stride,
-                                                         self.conv.kernel_size)
-        return (frames + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mixed = _mixed_batch(x.shape[0])
-        if mixed is None:
-            return self._conv(x)
-        # channels-last like a single pass's output, so that later elementwise ops group values the same way
-        out = x.new_zeros(x.shape[0], self.width(x.shape[2]), self.conv.out_channels).transpose(1, 2)
-        for b, n in enumerate(mixed[1]):  # each utterance on its own frames, as in a single pass
-            piece = self._conv(x[b:b + 1, :, :n])
-            out[b, :, :piece.shape[2]] = piece[0]
-        return out
-
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class ChannelsLastConv1d(_PositionalConv):
-    """A ``Conv1d`` computed as a channels-last ``conv2d`` of height 1 (CPU inference).
-
-    The transformer's positional convolution (kernel 128, 16 groups) receives a transposed view of
-    ``[B, T, C]`` frames, which is already channels-last; oneDNN's grouped kernel for that layout is about a
-    third faster than the ``Conv1d`` one, with the same result up to float rounding.
-    """
-
-    def __init__(self, conv):
-        self.conv = conv
-        self.weight = conv.weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last)
-        self.bias = None if conv.bias is None else conv.bias.detach()
-        self.kwargs = {"stride": (1, conv.stride[0]), "padding": (0, conv.padding[0]),
-                       "dilation": (1, conv.dilation[0]), "groups": conv.groups}
-
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(x.unsqueeze(2), self.weight, self.bias, **self.kwargs).squeeze(2)
-
-
-class FftConv1d(_PositionalConv):
-    """A stride-1 ``Conv1d`` by FFT, block by block (overlap-save), for CPU inference; computed in float32
-    whatever the model's dtype, the result cast back to it.
-
-    For the positional convolution (kernel 128, 16 groups of 48 channels) that is a tenth of the direct
-    method's multiply-adds and 2.5-5x its speed here (twice oneDNN's bfloat16 kernel's), equal to it up to
-    float32 rounding (relative error ~4e-7). Blocks of ``n`` samples (the power of two >= twice the kernel)
-    each yield ``n - k + 1`` outputs; the kernel's spectrum at that length is computed once (38 MB for
-    wav2vec2-base). Every utterance of a batch is transformed on its own, so a batch's results equal single
-    passes bit for bit.
-
-    Raises:
-        NotImplementedError: a strided or dilated convolution.
-    """
-
-    def __init__(self, conv):
-        if conv.stride != (1,) or conv.dilation != (1,):
-            raise NotImplementedError("FFT convolution: stride 1, no dilation")
-        self.conv = conv
-        weight = conv.weight.detach().float()                               # [out, in / groups, k]
-        out, per_group, k = weight.shape
-        self.bias = None if conv.bias is None else conv.bias.detach().float()
-        self.n = 1 << (2 * k - 1).bit_length()
-        self.step = self.n - k + 1
-        spectrum = torch.fft.rfft(weight.flip(-1), n=self.n)               # correlation = convolution, flipped
-        self.spectrum = (spectrum.reshape(conv.groups, out // conv.groups, per_group, -1)
-                         .permute(3, 0, 2, 1).contiguous())                 # [freq, group, in, out]
-
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, T]`` -> ``[B, out, T']``, channels-last like the direct kernel's output."""
-        (padding,), (k,), groups, out_channels = (self.conv.padding, self.conv.kernel_size, self.conv.groups,
-                                                  self.conv.out_channels)
-        width = self.width(x.shape[2])
-        blocks = -(-width // self.step)
-        out = x.new_empty(x.shape[0], width, out_channels)
-        for b, frames in enumerate(x):                                      # [C, T]
-            padded = torch.nn.functional.pad(frames.float().contiguous(),
-                                             (padding, (blocks - 1) * self.step + self.n - frames.shape[1] - padding))
-            spectra = torch.fft.rfft(padded.unfold(1, self.n, self.step), n=self.n)   # [C, blocks, freq]
-            spectra = spectra.reshape(groups, -1, blocks, spectra.shape[-1]).permute(3, 0, 2, 1)
-            product = torch.matmul(spectra, self.spectrum)                  # [freq, group, blocks, out / group]
-            product = product.permute(1, 3, 2, 0).reshape(out_channels, blocks, -1)
-            y = torch.fft.irfft(product, n=self.n)[..., k - 1:].reshape(out_channels, -1)[:, :width]
-            out[b] = (y if self.bias is None else y + self.bias[:, None]).T        # cast to the model's dtype
-        return out.transpose(1, 2)
-
-
-def _swap_if_equal(module, fast, probe: torch.Tensor, tolerance: float) -> bool:
-    """Replace ``module``'s forward with ``fast`` when both agree on ``probe`` (and ``fast`` runs at all);
-    returns whether it did."""
-    with torch.inference_mode():
-        want = module(probe).float()
-        try:
-            got = fast(probe).float()
-        except RuntimeError:  # e.g. a kernel this CPU lacks for the dtype
-            return False
-    if got.shape != want.shape or float((got - want).norm() / want.norm().clamp_min(1e-12)) > tolerance:
-        return False
-    module.forward = fast
-    return True
-
-
-def _is_exact_gelu(activation) -> bool:
-    """Whether ``activation`` computes the exact (erf) GELU, bit for bit, on a probe."""
-    if not callable(activation):
-        return False
-    probe = torch.linspace(-6, 6, 97)
-    with torch.inference_mode():
-        return torch.equal(activation(probe), torch.nn.functional.gelu(probe))
-
-
-def use_fast_cpu_kernels(model, dtype: torch.dtype) -> list[str]:
-    """Swap, where each reproduces the module on a random probe: the feature encoder for
-    :class:`MatmulFeatureEncoder`, the positional convolution for :class:`FftConv1d` (or, should that not
-    reproduce it, :class:`ChannelsLastConv1d`), the transformer's linear layers for :class:`OneDnnLinear`, and
-    feed-forward blocks whose activation is the exact GELU for :class:`FusedFeedForward`. Returns what was
-    swapped."""
-    generator = torch.Generator().manual_seed(0)
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    swapped = []
-    with contextlib.suppress(NotImplementedError, AttributeError):
-        module = model.feature_extractor
-        probe = torch.randn(2, 16000, generator=generator).to(dtype)
-        if _swap_if_equal(module, MatmulFeatureEncoder(module), probe, tolerance):
-            swapped.append("feature_encoder")
-    conv = getattr(getattr(getattr(model, "encoder", None), "pos_conv_embed", None), "conv", None)
-    if isinstance(conv, torch.nn.Conv1d) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple):
-        probe = torch.randn(1, 100, conv.in_channels, generator=generator).to(dtype).transpose(1, 2)
-        for name, fast in (("positional_conv_fft", FftConv1d), ("positional_conv", ChannelsLastConv1d)):
-            with contextlib.suppress(NotImplementedError):
-                if _swap_if_equal(conv, fast(conv), probe, tolerance):
-                    swapped.append(name)
-                    break
-    if onednn_linear_supports(dtype):
-        linears = 0
-        for name, module in model.named_modules():
-            if name.startswith(("encoder.", "feature_projection.")) and type(module) is torch.nn.Linear:
-                probe = torch.randn(1, 50, module.in_features, generator=generator).to(dtype)
-                linears += _swap_if_equal(module, OneDnnLinear(module), probe, tolerance)
-        fused = 0
-        for name, ff in model.named_modules():
-            dense = getattr(ff, "intermediate_dense", None)
-            if name.endswith("feed_forward") and type(dense) is torch.nn.Linear \
-                    and _is_exact_gelu(getattr(ff, "intermediate_act_fn", None)):
-                probe = torch.randn(1, 50, dense.in_features, generator=generator).to(dtype)
-                fused += _swap_if_equal(ff, FusedFeedForward(ff), probe, tolerance)
-        swapped += ["linear"] * bool(linears) + ["fused_gelu"] * bool(fused)
-    return swapped
-
-
-class Unpadded:
-    """Wraps a feature encoder's forward so that, while a mixed-length batch runs, each row of the zero-padded
-    batch is encoded from its own samples and the outputs are zero-padded to ``[B, C, T]`` (padding would
-    change every frame of a GroupNorm feature encoder)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, input_values: torch.Tensor) -> torch.Tensor:
-        mixed = _mixed_batch(input_values.shape[0])
-        if mixed is None:
-            return self.inner(input_values)
-        # clone: each row starts 64-byte aligned, as a single pass's input does (a BLAS's results can depend on it)
-        outs = [self.inner(input_values[b:b + 1, :n].clone())[0].transpose(0, 1) for b, n in enumerate(mixed[0])]
-        padded = outs[0].new_zeros(len(outs), max(o.shape[0] for o in outs), outs[0].shape[1])
-        for b, o in enumerate(outs):
-            padded[b, :o.shape[0]] = o
-        return padded.transpose(1, 2)
+#: Feature-encoder implementations: the model's own module (None) and the optional plug-ins.
+FEATURE_ENCODERS: dict[str, Callable | None] = {"library": None,
+                                                StridedMatmulFeatureEncoder.name: StridedMatmulFeatureEncoder}
 
 
 class Encoder:
     """A loaded, frozen encoder; build it with :func:`load_encoder`.
 
     Attributes:
+        model, feature_extractor: the transformers model and its feature extractor (input normalisation).
         name, revision: what was loaded (``revision`` is the hub commit, or ``local:<hash>`` for a folder).
+        device, dtype: where and in which precision it runs (``dtype`` a key of :data:`DTYPES`).
+        architecture: its :class:`Architecture`.
         sample_rate: the rate the encoder expects (Hz).
         num_layers: hidden states returned, ``L`` (transformer input + every layer: 13 for base).
         hidden_size: ``H``.  stride, receptive_field: samples per frame and samples seen by one frame.
-        fast_kernels: modules replaced by :func:`use_fast_cpu_kernels` (empty off CPU).
+        feature_encoder: the key of :data:`FEATURE_ENCODERS` in use; ``feature_encoder_timing`` what chose it.
     """
 
     def __init__(self, model, feature_extractor, *, name: str, revision: str | None, device: torch.device,
-                 dtype: str, chunk_seconds: float, overlap_seconds: float, fast_kernels: Sequence[str] = ()):
+                 dtype: str, chunk_seconds: float = 30.0, overlap_seconds: float = 2.0):
         cfg = model.config
         self.model, self.feature_extractor = model, feature_extractor
         self.name, self.revision, self.device, self.dtype = name, revision, device, dtype
+        self.architecture = ARCHITECTURES[cfg.model_type]
         self.sample_rate = int(feature_extractor.sampling_rate)
         self.num_layers = int(cfg.num_hidden_layers) + 1
         self.hidden_size = int(cfg.hidden_size)
+        self.per_utterance_features = getattr(cfg, "feat_extract_norm", "layer") == "group"
         self._convs = list(zip(cfg.conv_kernel, cfg.conv_stride, strict=True))
         self.stride = math.prod(s for _, s in self._convs)
         self.receptive_field = 1
@@ -534,8 +246,31 @@ class Encoder:
         self.context_frames = max(0, round(overlap_seconds * self.sample_rate / self.stride))
         self.chunk_seconds = self.window_frames * self.stride / self.sample_rate
         self.overlap_seconds = self.context_frames * self.stride / self.sample_rate
-        self.fast_kernels = list(fast_kernels)
-        model.feature_extractor.forward = Unpadded(model.feature_extractor.forward)
+        self.feature_encoder = "library"
+        self.feature_encoder_timing: dict = {}
+        self._features: Callable = model.feature_extractor
+        self._captured: list[torch.Tensor] | None = None
+        layers = model.encoder.layers
+        layers[0].register_forward_pre_hook(self._capture_input, with_kwargs=True)
+        for layer in layers:
+            layer.register_forward_hook(self._capture_output)
+
+    # hidden states as transformers collects them: the first layer's input, then every layer's output
+    def _capture_input(self, module, args, kwargs) -> None:
+        if self._captured is not None:
+            self._captured.append(args[0] if args else kwargs["hidden_states"])
+
+    def _capture_output(self, module, args, output) -> None:
+        if self._captured is not None:
+            self._captured.append(output[0] if isinstance(output, tuple) else output)
+
+    def use_feature_encoder(self, name: str) -> None:
+        """Compute the feature encoder with ``name`` (a key of :data:`FEATURE_ENCODERS`)."""
+        if name not in FEATURE_ENCODERS:
+            raise ValueError(f"feature encoder {name!r}: expected one of {', '.join(FEATURE_ENCODERS)}.")
+        plugin = FEATURE_ENCODERS[name]
+        self._features = self.model.feature_extractor if plugin is None else plugin(self.model.feature_extractor)
+        self.feature_encoder = name
 
     def num_frames(self, num_samples: int) -> int:
         """Frames ``T`` the encoder produces for ``num_samples`` input samples (0 when too short)."""
@@ -557,61 +292,76 @@ class Encoder:
                                      return_tensors="np")
         return np.asarray(out["input_values"][0], dtype=np.float32)
 
-    @torch.inference_mode()
-    def forward(self, batch: np.ndarray | Sequence[np.ndarray], *,
-                layers: Sequence[int] | None = None) -> np.ndarray | list[np.ndarray]:
-        """One forward pass over already-normalised inputs.
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        """float16: autocast over float32 weights (norms stay float32); float32 on CUDA: no TF32."""
+        if self.device.type != "cuda":
+            yield
+            return
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), \
+                    torch.autocast("cuda", dtype=torch.float16, enabled=self.dtype == "float16"):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
-        Inputs of equal length run as they are. Inputs of different lengths run exactly too: the per-frame
-        layers multiply the zero-padded batch (larger matrices), while each input's convolutions run on its
-        own samples and its positional convolution and attention on its own frames, so every result equals
-        that input's single pass bit for bit.
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype of the model's weights, which inputs are cast to (float32 under float16 autocast)."""
+        return torch.float32 if self.dtype == "float16" else DTYPES[self.dtype]
+
+    @torch.inference_mode()
+    def forward(self, batch: Sequence[np.ndarray] | np.ndarray, *,
+                layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """One forward pass over already-normalised inputs; every result equals the input's single pass.
 
         Args:
-            batch: ``[B, N]`` float32, or a list of ``[N_i]`` arrays, normalised with :meth:`normalise`.
+            batch: ``B`` inputs ``[N_i]`` float32, normalised with :meth:`normalise` (or a ``[B, N]`` array).
             layers: hidden-state indices to return (default all).
 
         Returns:
-            ``[B, L, T, H]`` float32 for an array; for a list, a list of ``[L, T_i, H]``.
+            ``B`` tensors ``[L, T_i, H]`` on :attr:`device`, in the compute dtype (views of one batch tensor).
+
+        Raises:
+            ValueError: inputs of different frame counts for an architecture that cannot mix them.
         """
         lengths = [len(w) for w in batch]
-        mixed = not isinstance(batch, np.ndarray) and len(set(lengths)) > 1
-        if not mixed:
-            padded, mask = np.stack(batch) if not isinstance(batch, np.ndarray) else batch, None
-        else:
-            padded = np.zeros((len(batch), max(lengths)), dtype=np.float32)
-            for row, wave in zip(padded, batch, strict=True):
-                row[:len(wave)] = wave
-            mask = torch.from_numpy(np.arange(padded.shape[1])[None, :] < np.array(lengths)[:, None]).long()
-        x = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))
+        frames = [self.num_frames(n) for n in lengths]
+        if len(set(frames)) > 1 and not self.architecture.mixed_lengths:
+            raise ValueError(f"{self.architecture.model_type}: expected inputs of one frame count per pass, found "
+                             f"{sorted(set(frames))}; plan passes with features.extract.plan_batches.")
+        padded = torch.zeros(len(batch), max(lengths))
+        for row, wave in zip(padded, batch, strict=True):
+            row[:len(wave)] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
         if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-            mask = None if mask is None else mask.to(self.device)
-        x = x.to(DTYPES[self.dtype])
-        token = _MIXED_BATCH.set((lengths, [self.num_frames(n) for n in lengths]) if mixed else None)
-        try:
-            states = self.model(x, attention_mask=mask, output_hidden_states=True).hidden_states
-        finally:
-            _MIXED_BATCH.reset(token)
-        picked = states if layers is None else [states[i] for i in layers]
-        if isinstance(batch, np.ndarray) or self.device.type == "cuda":  # one copy to the host
-            out = torch.stack(picked, dim=1).float().cpu().numpy()
-            return out if isinstance(batch, np.ndarray) else \
-                [o[:, :self.num_frames(n)] for o, n in zip(out, lengths, strict=True)]
-        # on CPU one utterance at a time, its own frames only: each layer copied (and cast to float32) once, no
-        # padded frames; and no whole-batch array, which from 4 x 4.2 s up is above glibc's mmap threshold (32 MB)
-        # and, in a process that features.extract.tune_malloc has not tuned, faulted in afresh at every pass
-        outs = []
-        for b, n in enumerate(lengths):
-            out = torch.empty(len(picked), self.num_frames(n), self.hidden_size)
-            for layer, s in zip(out, picked, strict=True):
-                layer.copy_(s[b, :layer.shape[0]])
-            outs.append(out.numpy())
-        return outs
+            padded = padded.pin_memory().to(self.device, non_blocking=True)
+        x = padded.to(self.input_dtype)
+        with self._precision():
+            if self.per_utterance_features and len(set(lengths)) > 1:
+                features = x.new_zeros(len(batch), self.model.config.conv_dim[-1], max(frames))
+                for b, (n, t) in enumerate(zip(lengths, frames, strict=True)):
+                    features[b, :, :t] = self._features(x[b:b + 1, :n])[0]
+            else:
+                features = self._features(x)[:, :, :max(frames)]
+            projected = self.model.feature_projection(features.transpose(1, 2))
+            hidden = projected[0] if isinstance(projected, tuple) else projected
+            mask = None
+            if len(set(frames)) > 1:
+                mask = torch.arange(max(frames), device=x.device)[None, :] < torch.tensor(frames, device=x.device)[:, None]
+            self._captured = []
+            try:
+                self.model.encoder(hidden, attention_mask=mask)
+                states = self._captured
+            finally:
+                self._captured = None
+        picked = torch.stack(states if layers is None else [states[i] for i in layers], dim=1)  # [B, L, T, H]
+        return [picked[b, :, :t] for b, t in enumerate(frames)]
 
     def iter_hidden_states(self, wave: np.ndarray, *, layers: Sequence[int] | None = None,
-                           normalised: bool = False) -> Iterator[np.ndarray]:
-        """Hidden states of one utterance as consecutive ``[L, t, H]`` pieces (windowed when long).
+                           normalised: bool = False) -> Iterator[torch.Tensor]:
+        """Hidden states of one utterance as consecutive ``[L, t, H]`` pieces on the device (windowed when long).
 
         Args:
             wave: ``[N]`` float32 at :attr:`sample_rate`.
@@ -624,46 +374,93 @@ class Encoder:
         x = wave if normalised else self.normalise(wave)
         total = self.num_frames(len(x))
         if total == 0:
-            raise ValueError(f"expected at least {self.receptive_field} samples ({self.receptive_field / self.sample_rate * 1000:.0f} ms) "
-                             f"for one frame, found {len(x)}; drop or pad such clips upstream.")
+            raise ValueError(f"expected at least {self.receptive_field} samples "
+                             f"({self.receptive_field / self.sample_rate * 1000:.0f} ms) for one frame, found "
+                             f"{len(x)}; drop or pad such clips upstream.")
         if len(x) <= self.max_single_samples:
-            yield self.forward(x[None], layers=layers)[0]
+            yield self.forward([x], layers=layers)[0]
             return
         for start in range(0, total, self.window_frames):
             stop = min(total, start + self.window_frames)
             lo, hi = max(0, start - self.context_frames), min(total, stop + self.context_frames)
-            out = self.forward(x[None, lo * self.stride:(hi - 1) * self.stride + self.receptive_field], layers=layers)[0]
-            yield out[:, start - lo:stop - lo]
+            window = x[lo * self.stride:(hi - 1) * self.stride + self.receptive_field]
+            yield self.forward([window], layers=layers)[0][:, start - lo:stop - lo]
 
     def hidden_states(self, wave: np.ndarray, *, layers: Sequence[int] | None = None) -> np.ndarray:
         """All hidden states of one utterance: ``[N]`` at :attr:`sample_rate` -> ``[L, T, H]`` float32."""
-        return np.concatenate(list(self.iter_hidden_states(wave, layers=layers)), axis=1)
+        return torch.cat([p.float().cpu() for p in self.iter_hidden_states(wave, layers=layers)], dim=1).numpy()
 
 
-def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype: str = "float32",
-                 revision: str | None = None, chunk_seconds: float = 30.0,
-                 overlap_seconds: float = 2.0) -> Encoder:
+def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats: int = 3,
+                           gain: float = 1.10) -> dict:
+    """Time each applicable feature encoder inside whole forward passes on this machine and keep the fastest
+    plug-in only when it makes the pass at least ``gain`` times as fast as the library's modules.
+
+    Returns:
+        ``{"chosen": name, "seconds": {name: best pass time}, "probe_seconds": ...}`` (also kept as
+        ``enc.feature_encoder_timing``).
+    """
+    probe = [np.random.default_rng(0).standard_normal(int(probe_seconds * enc.sample_rate)).astype(np.float32)]
+    seconds = {}
+    for name in FEATURE_ENCODERS:
+        try:
+            enc.use_feature_encoder(name)
+        except ValueError:  # not applicable to this architecture
+            continue
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first pass warms up
+            start = time.perf_counter()
+            out = enc.forward(probe)
+            if enc.device.type == "cuda":
+                torch.cuda.synchronize(enc.device)
+            best = min(best, time.perf_counter() - start)
+            del out
+        seconds[name] = best
+    fastest = min(seconds, key=seconds.get)
+    chosen = fastest if seconds["library"] >= gain * seconds[fastest] else "library"
+    enc.use_feature_encoder(chosen)
+    enc.feature_encoder_timing = {"chosen": chosen, "seconds": {k: round(v, 4) for k, v in seconds.items()},
+                                  "probe_seconds": probe_seconds}
+    return enc.feature_encoder_timing
+
+
+def _refuse_unsupported(name: str, config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"{name}: model_type {model_type!r} is not supported; expected one of "
+                         f"{', '.join(sorted(ARCHITECTURES))} (a raw-waveform encoder whose batches this tool can "
+                         "keep exact). Pass such a checkpoint to --encoder.")
+
+
+def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
+                 revision: str | None = None, chunk_seconds: float = 30.0, overlap_seconds: float = 2.0,
+                 feature_encoder: str = "auto") -> Encoder:
     """Load a frozen Hugging Face speech encoder and its feature extractor.
 
     Args:
         name_or_dir: hub id (e.g. ``facebook/wav2vec2-base``) or a local folder saved with ``save_pretrained``.
         device: ``auto``, ``cpu`` or ``cuda``.
-        dtype: compute dtype, ``float32``, ``bfloat16`` or ``float16`` (weights are cast; outputs are float32).
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16`` (CUDA only); see :func:`pick_dtype`.
         revision: hub branch, tag or commit (default ``main``).
         chunk_seconds, overlap_seconds: window and context on each side for long inputs.
+        feature_encoder: ``auto`` (timed, see :func:`choose_feature_encoder`), or a key of
+            :data:`FEATURE_ENCODERS`.
 
     Returns:
         An :class:`Encoder` in eval mode, gradients off.
 
     Raises:
-        OSError: the model is neither a local folder nor cached/downloadable (e.g. offline).
-        ValueError: unknown dtype, or the model is not a raw-waveform encoder.
+        OSError: the model is neither a local folder nor cached/downloadable (e.g. offline), or its files are
+            damaged.
+        ValueError: unknown dtype or device, or an architecture outside :data:`ARCHITECTURES`.
     """
-    from transformers import AutoFeatureExtractor, AutoModel
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}.")
     dev = resolve_device(device)
+    dtype = pick_dtype(dtype, dev)
+    if feature_encoder != "auto" and feature_encoder not in FEATURE_ENCODERS:
+        raise ValueError(f"feature encoder {feature_encoder!r}: expected auto or one of {', '.join(FEATURE_ENCODERS)}.")
     name = str(name_or_dir)
     kw = {"revision": revision or "main", "trust_remote_code": False}
     # A local folder or the hub cache first (no network); the hub only when neither has it and we may go online.
@@ -672,35 +469,50 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
     error: Exception | None = None
     for local_only in attempts:
         try:
+            config = AutoConfig.from_pretrained(name, local_files_only=local_only, **kw)
+            _refuse_unsupported(name, config)
+            if ARCHITECTURES[config.model_type].sdpa:
+                config._attn_implementation = "sdpa"
             extractor = AutoFeatureExtractor.from_pretrained(name, local_files_only=local_only, **kw)
             # use_safetensors=None: safetensors when the checkpoint has them, else .bin (loaded weights_only).
-            model = AutoModel.from_pretrained(name, use_safetensors=None, local_files_only=local_only, **kw)
+            model = AutoModel.from_pretrained(name, config=config, use_safetensors=None,
+                                              local_files_only=local_only, **kw)
             break
-        except (OSError, ValueError) as err:
+        except ValueError as err:
+            if "not supported" in str(err):
+                raise
+            error = err
+        except (OSError, RuntimeError, SafetensorError) as err:
             error = err
     else:
+        damaged = Path(name).is_dir() and error is not None and not isinstance(error, FileNotFoundError) \
+            and any(Path(name).glob("*.safetensors")) | any(Path(name).glob("*.bin"))
+        if damaged:
+            raise OSError(f"cannot load encoder {name!r}: {error}\nExpected a complete folder saved with "
+                          "save_pretrained; its weights or config look truncated or damaged. Download it again "
+                          "(e.g. `hf download facebook/wav2vec2-base --local-dir DIR`).") from error
         raise OSError(
             f"cannot load encoder {name!r}: {error}\nExpected a Hugging Face model id that is cached or reachable, "
-            "or a local folder saved with save_pretrained; found neither (offline?). Point at a local copy with "
-            "`--encoder /path/to/wav2vec2-base`, the environment variable SER_ENCODER, or `features.encoder` "
-            "in params.yaml (fetch one once with `hf download facebook/wav2vec2-base --local-dir DIR`)."
+            "or a local folder saved with save_pretrained; found neither (offline?). Point at a local copy: "
+            "`features.encoders` in params.yaml for `dvc repro` (or `dvc exp run -S 'features.encoders=[DIR]'`), "
+            "`--encoder DIR` for `python -m features.extract` (fetch one once with "
+            "`hf download facebook/wav2vec2-base --local-dir DIR`)."
         ) from error
-    if not hasattr(model.config, "conv_kernel") or "input_values" not in extractor.model_input_names:
-        raise ValueError(f"{name}: expected a raw-waveform encoder of the wav2vec2 family (wav2vec2, HuBERT, "
-                         f"WavLM), found model_type {model.config.model_type!r}. Pass such a checkpoint to --encoder.")
-    model = model.to(dev, dtype=DTYPES[dtype]).eval().requires_grad_(False)
-    for module in model.modules():  # weight norm of the positional conv: computed once, not every forward
+    if "input_values" not in extractor.model_input_names:
+        raise ValueError(f"{name}: expected a raw-waveform encoder (feature extractor taking input_values), found "
+                         f"{type(extractor).__name__}. Pass a wav2vec2-family checkpoint to --encoder.")
+    weights = torch.float32 if dtype == "float16" else DTYPES[dtype]  # float16: autocast over float32 weights
+    model = model.to(dev, dtype=weights).eval().requires_grad_(False)
+    for module in model.modules():  # the positional conv's weight norm: computed once here, not every pass
         if parametrize.is_parametrized(module):
             for tensor_name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
-    fast_kernels = use_fast_cpu_kernels(model, DTYPES[dtype]) if dev.type == "cpu" else []
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-        AttentionInterface.register(UNPADDED_ATTENTION, unpadded_attention)
-        AttentionMaskInterface.register(UNPADDED_ATTENTION, sdpa_mask)
-        model.set_attn_implementation(UNPADDED_ATTENTION)
     local = Path(name)
-    rev = _fingerprint_dir(local) if local.is_dir() else (getattr(model.config, "_commit_hash", None) or revision)
-    return Encoder(model, extractor, name=name, revision=rev, device=dev, dtype=dtype,
-                   chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds, fast_kernels=fast_kernels)
+    rev = fingerprint_dir(local) if local.is_dir() else (getattr(model.config, "_commit_hash", None) or revision)
+    enc = Encoder(model, extractor, name=name, revision=rev, device=dev, dtype=dtype,
+                  chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds)
+    if feature_encoder == "auto":
+        choose_feature_encoder(enc)
+    else:
+        enc.use_feature_encoder(feature_encoder)
+    return enc

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import multiprocessing
 import os
+import platform
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from features.cache import (
@@ -41,7 +42,15 @@ from features.cache import (
     finish,
     read_manifests,
 )
-from features.encoder import DEFAULT_ENCODER, Encoder, load_encoder
+from features.encoder import (
+    DEFAULT_ENCODER,
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    DTYPES,
+    FEATURE_ENCODERS,
+    Encoder,
+    load_encoder,
+)
 from pipeline.audio import AudioError, load_audio
 from pipeline.processes import cpu_cores, die_with_parent
 
@@ -50,17 +59,45 @@ def versions() -> dict:
     """Library versions recorded in a store (informative; they do not invalidate it)."""
     import h5py
     import soxr
-    import torch
     import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
             "h5py": h5py.__version__, "soxr": soxr.__version__}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what the platform says)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def provenance(enc: Encoder, procs: int) -> dict:
+    """What produced a run's entries (recorded with them; not part of the store's identity): the hardware, the
+    feature-encoder implementation and how it was chosen, the process layout and the library versions."""
+    record = {"device": str(enc.device), "cpu": cpu_model(), "procs": procs,
+              "threads_per_proc": 1 if enc.device.type == "cpu" else torch.get_num_threads(),
+              "feature_encoder": enc.feature_encoder, "feature_encoder_timing": enc.feature_encoder_timing,
+              "attention": getattr(enc.model.config, "_attn_implementation", None), "versions": versions()}
+    if enc.device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(enc.device)
+    return record
+
+
 def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """``"all"`` or ``"0,6,12"`` -> hidden-state indices, checked against ``num_layers``."""
-    layers = list(range(num_layers)) if spec == "all" else [int(s) for s in spec.split(",") if s.strip()]
-    if not layers or any(not 0 <= i < num_layers for i in layers):
-        raise ValueError(f"--layers {spec!r}: expected 'all' or comma-separated indices in 0..{num_layers - 1}.")
+    """``"all"`` or ``"0,6,12"`` -> hidden-state indices, checked against ``num_layers``.
+
+    Raises:
+        ValueError: not ``all`` or integers, an index out of range, or one listed twice.
+    """
+    try:
+        layers = list(range(num_layers)) if spec == "all" else [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        layers = []
+    if not layers or any(not 0 <= i < num_layers for i in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"--layers {spec!r}: expected 'all' or distinct comma-separated indices in "
+                         f"0..{num_layers - 1}.")
     return layers
 
 
@@ -86,6 +123,7 @@ class Job:
     max_batch: int = 4
     max_padding: float = 0.1
     tail_alone: int = 0
+    storage_dtype: str = "float16"
 
 
 def decoded(rows: Sequence[dict], enc: Encoder, job: Job
@@ -161,15 +199,60 @@ def plan_batches(rows: pd.DataFrame, todo: set[str], job: Job, enc: Encoder) -> 
     return [b for b in batches if any(r["todo"] for r in b)]
 
 
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """Start an asynchronous copy of a device tensor into page-locked host memory (CPU tensors pass through);
+    the copy is complete once the device's stream is synchronised."""
+    if x.device.type == "cpu":
+        return x
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return out.copy_(x, non_blocking=True)
+
+
+def summarise(states: torch.Tensor, storage_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the states' device: frames cast to the storage dtype, and per-layer mean ‖ std (ddof=0) over time
+    computed in float32 from the unrounded states. ``[L, T, H]`` -> ``([L, T, H], [L, 2H])``."""
+    x = states.float()
+    std, mean = torch.std_mean(x, dim=1, correction=0)
+    return states.to(storage_dtype), torch.cat([mean, std], dim=-1)
+
+
+def forward_split(enc: Encoder, waves: list[np.ndarray], layers: Sequence[int]) -> list[torch.Tensor]:
+    """:meth:`Encoder.forward`; a pass that runs out of device memory is split in halves and retried, down to
+    single rows (each row's result does not depend on its batch-mates)."""
+    try:
+        return enc.forward(waves, layers=layers)
+    except torch.OutOfMemoryError as err:
+        if len(waves) == 1:
+            raise MemoryError(f"one utterance of {len(waves[0]) / enc.sample_rate:.1f} s does not fit in "
+                              f"{enc.device} memory ({err}); expected windows that fit: pass a smaller "
+                              "--chunk-seconds.") from err
+        if enc.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(waves) // 2
+        return forward_split(enc, waves[:half], layers) + forward_split(enc, waves[half:], layers)
+
+
+def _groups(ready: list, enc: Encoder) -> list[list]:
+    """The decoded rows of a pass that may share one forward: all of them, or (for an architecture that cannot
+    mix frame counts) those of equal frame count."""
+    if enc.architecture.mixed_lengths:
+        return [ready] if ready else []
+    by_frames: dict[int, list] = {}
+    for item in ready:
+        by_frames.setdefault(enc.num_frames(len(item[1])), []).append(item)
+    return list(by_frames.values())
+
+
 def encode_rows(enc: Encoder, batches: Sequence[Sequence[dict]], job: Job, add: Callable[..., None],
                 end_batch: Callable[[], None] = lambda: None) -> Iterator[tuple[float, dict | None]]:
     """Encode passes of rows (``id, path, source, seconds, todo``, from :func:`plan_batches`); long inputs are
     windowed and streamed. :meth:`Encoder.forward` keeps every row of a pass exact.
 
-    Each result of a ``todo`` row goes to ``add(uid, source=..., frames=... | pieces=..., ...)``, then
-    ``end_batch()`` runs after each pass. Yields, per ``todo`` row, ``(seconds of audio encoded, skip record
-    or None)``.
+    Each result of a ``todo`` row goes to ``add(uid, source=..., frames=..., pooled=... | pieces=..., ...)``
+    (frames already in the storage dtype, cast and pooled on the device), then ``end_batch()`` runs after each
+    pass. Yields, per ``todo`` row, ``(seconds of audio encoded, skip record or None)``.
     """
+    storage = DTYPES[job.storage_dtype]
     flat = [row for batch in batches for row in batch]
     waves = decoded(flat, enc, job)
     for batch in batches:
@@ -181,20 +264,29 @@ def encode_rows(enc: Encoder, batches: Sequence[Sequence[dict]], job: Job, add: 
                 yield 0.0, {"id": row["id"], "path": row["path"], "reason": getattr(err, "reason", "missing"),
                             "detail": str(err)}
         short = [(row, wave) for row, wave in ready if len(wave) <= enc.max_single_samples]
-        states = enc.forward([w for _, w in short], layers=job.layers) if short else []
-        results = {row["id"]: frames for (row, _), frames in zip(short, states, strict=True)}
+        results = {}
+        for group in _groups(short, enc):
+            states = forward_split(enc, [w for _, w in group], job.layers)
+            for (row, _), s in zip(group, states, strict=True):
+                if row["todo"]:
+                    frames, pooled = summarise(s, storage)
+                    results[row["id"]] = (to_host(frames), to_host(pooled))
+            del states
+        if enc.device.type == "cuda":
+            torch.cuda.current_stream(enc.device).synchronize()
         for row, wave in ready:
             if not row["todo"]:
                 continue
             meta = {"path": row["path"], "duration_s": len(wave) / enc.sample_rate}
             if row["id"] in results:
-                add(row["id"], source=row["source"], frames=results[row["id"]], **meta)
+                frames, pooled = results.pop(row["id"])
+                add(row["id"], source=row["source"], frames=frames.numpy(), pooled=pooled.numpy(), **meta)
             else:  # long: windowed, streamed piece by piece into the store
-                add(row["id"], source=row["source"], num_frames=enc.num_frames(len(wave)),
-                    pieces=enc.iter_hidden_states(wave, layers=job.layers, normalised=True),
+                pieces = (p.float().cpu().numpy() for p in enc.iter_hidden_states(wave, layers=job.layers,
+                                                                                  normalised=True))
+                add(row["id"], source=row["source"], num_frames=enc.num_frames(len(wave)), pieces=pieces,
                     hidden_size=enc.hidden_size, **meta)
             yield len(wave) / enc.sample_rate, None
-        del states, results  # before the next pass, which can then reuse their memory
         end_batch()
 
 
@@ -214,49 +306,39 @@ def split_tasks(batches: list[list], procs: int, most: int) -> list[list[list]]:
     return tasks
 
 
-def _glibc():
-    """The C library where it is glibc (whose malloc :func:`tune_malloc` tunes and :func:`release_free_memory`
-    trims), else None."""
-    with contextlib.suppress(OSError):
-        libc = ctypes.CDLL("libc.so.6")
-        if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim"):
-            return libc
-    return None
-
-
-def tune_malloc() -> None:
-    """glibc only: keep freed memory for reuse rather than handing it back to the kernel after every forward
-    pass, which made each large activation fault its pages in afresh (about 3 % of CPU time). Blocks above
-    32 MB (the most glibc's mmap threshold may be) come from the heap too, not from mmap: a windowed long
-    input's first layers (~220 MB for a 34 s window) were mapped and faulted in afresh at every window, ~10 %
-    of its time."""
-    if libc := _glibc():
-        libc.mallopt(-4, 0)        # M_MMAP_MAX: no mmap-ed blocks (threads' arenas still map when they must)
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: up to 1 GB free at the heap's top stays
-
-
-def release_free_memory() -> None:
-    """glibc only: hand the heap's free pages back to the kernel (``malloc_trim``), as :func:`tune_malloc` keeps
-    them. Called before forking the encoder processes: they share the parent's pages copy-on-write, so each would
-    copy the free ones it reuses while the idle parent keeps the originals; released, they are not copied, and
-    the workers' first allocations take pages the kernel has just been given back (on a VM that returns free
-    memory to its host, several times cheaper to fault in than fresh ones)."""
-    if libc := _glibc():
-        libc.malloc_trim(0)
-
-
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Encode on one thread here, as every worker process does: results then never depend on the thread
     count (a store resumed on another machine, or with other ``--procs``, equals an uninterrupted one)."""
-    import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tune_malloc()
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class BackgroundWriter:
+    """Runs store writes in order on one thread, so the device computes the next pass meanwhile; at most
+    ``pending`` writes wait (bounded memory). An error in a write is raised by the next :meth:`submit` or by
+    :meth:`close`."""
+
+    def __init__(self, pending: int = 256):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._futures: deque = deque()
+        self._pending = pending
+
+    def submit(self, fn: Callable, *args, **kwargs) -> None:
+        while self._futures and (self._futures[0].done() or len(self._futures) >= self._pending):
+            self._futures.popleft().result()
+        self._futures.append(self._pool.submit(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        try:
+            while self._futures:
+                self._futures.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 _WORKER: dict = {}
@@ -265,9 +347,7 @@ _FORK = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_
 
 def _init_worker(enc: Encoder) -> None:
     """Worker process (forked, so the model is shared copy-on-write): one thread, dies with its parent."""
-    import torch
     torch.set_num_threads(1)
-    tune_malloc()
     die_with_parent()
     _WORKER["enc"] = enc
 
@@ -282,22 +362,23 @@ def _work(batches: list[list[dict]], part: str, meta: dict, job: Job) -> tuple[f
 
 
 def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, encoder: str | Encoder = DEFAULT_ENCODER,
-            device: str = "auto", dtype: str = "float32", layers: str = "all", max_seconds: float | None = None,
+            device: str = "auto", dtype: str = "auto", layers: str = "all", max_seconds: float | None = None,
             offset_seconds: float = 0.0, storage_dtype: str = "float16", skips: str | os.PathLike | None = None,
             chunk_seconds: float = 30.0, batch_seconds: float = 60.0, procs: int | None = None,
             workers: int | None = None, part_entries: int = 16, max_batch: int | None = None,
-            tail_alone: int | None = None) -> dict:
-    """Build or update the wav2vec2 feature store ``out`` for the rows of ``manifests``.
+            tail_alone: int | None = None, feature_encoder: str = "auto") -> dict:
+    """Build or update the feature store ``out`` for the rows of ``manifests``.
 
-    On CPU, ``procs`` forked processes of one thread each share the rows (faster than one process with
-    several threads: no per-op synchronisation, and robust to other load on the machine); on CUDA one process
-    feeds the GPU, with ``workers`` decoding threads.
+    On CPU, ``procs`` forked processes of one thread each share the rows (no per-op synchronisation, and results
+    that do not depend on the thread count); on CUDA one process feeds the GPU, with ``workers`` decoding
+    threads and the store written by a background thread.
 
     Args:
         manifests: manifest CSVs (``id, path, ...``), concatenated.
-        out: the ``.h5`` store; reused entries are kept, new rows computed, rows no longer listed dropped.
+        out: the store (see :mod:`features.store`); entries already computed with the same settings are reused.
         encoder: hub id or local folder (or an already loaded :class:`~features.encoder.Encoder`, whose own
-            device, dtype and window then apply).  device, dtype: see :func:`features.encoder.load_encoder`.
+            device, dtype and window then apply).  device, dtype, feature_encoder: see
+            :func:`features.encoder.load_encoder`.
         layers: ``all`` or hidden-state indices ``0,6,12``.
         max_seconds, offset_seconds: crop each file to ``[offset, offset + max)`` seconds (None: to the end).
         storage_dtype: ``float16`` or ``float32`` for frames (pooled statistics are always float32).
@@ -306,37 +387,40 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         batch_seconds: most audio (padded) per forward pass.
         procs: single-thread encoder processes on CPU (default: one per core); 1 on CUDA.
         workers: decoding threads per process (default 1 on CPU, 8 on CUDA).
-        part_entries: utterances per part file (the most work a kill can lose).
+        part_entries: utterances per shard (the most work a kill can lose).
         max_batch: most utterances per forward pass (default 4 on CPU, 64 on CUDA).
         tail_alone: the shortest rows that run in single passes, computed last so that the processes end
             together (default 16 on CPU, 0 on CUDA).
 
     Returns:
-        ``{"computed", "reused", "skipped", "stored", "removed", "audio_seconds"}``.
+        The summary of :func:`features.cache.finish` (``computed``, ``reused``, ``skipped``, ``stored``, ...).
     """
+    if storage_dtype not in {"float16", "float32"}:
+        raise ValueError(f"storage dtype {storage_dtype!r}: expected float16 or float32.")
     rows = read_manifests(manifests)
     enc = encoder if isinstance(encoder, Encoder) else load_encoder(
-        encoder, device=device, dtype=dtype, chunk_seconds=chunk_seconds)
+        encoder, device=device, dtype=dtype, chunk_seconds=chunk_seconds, feature_encoder=feature_encoder)
     cuda = enc.device.type == "cuda"
     job = Job(parse_layers(layers, enc.num_layers), offset_seconds, max_seconds, batch_seconds,
               workers or (8 if cuda else 1), max_batch or (64 if cuda else 4),
-              tail_alone=(0 if cuda else 16) if tail_alone is None else tail_alone)
-    meta = {"kind": "wav2vec2", "encoder": enc.name, "revision": enc.revision, "sample_rate": enc.sample_rate,
-            "layers": job.layers, "dtype": enc.dtype, "storage_dtype": storage_dtype, "max_seconds": max_seconds,
-            "offset_seconds": offset_seconds, "chunk_seconds": enc.chunk_seconds,
-            "overlap_seconds": enc.overlap_seconds, "frame_stride": enc.stride, "versions": versions()}
+              tail_alone=(0 if cuda else 16) if tail_alone is None else tail_alone, storage_dtype=storage_dtype)
+    procs = 1 if cuda else (procs or cpu_cores())
+    meta = {"kind": "wav2vec2", "encoder": enc.name, "revision": enc.revision,
+            "model_type": enc.architecture.model_type, "sample_rate": enc.sample_rate,
+            "layers": job.layers, "dtype": enc.dtype, "storage_dtype": storage_dtype, "device": enc.device.type,
+            "max_seconds": max_seconds, "offset_seconds": offset_seconds, "chunk_seconds": enc.chunk_seconds,
+            "overlap_seconds": enc.overlap_seconds, "frame_stride": enc.stride,
+            "versions": versions(), "provenance": provenance(enc, procs)}
     build = StoreBuild(out, meta, part_entries=part_entries)
     todo, skipped = build.plan(rows)
     if build.rebuild_reason:
-        print(f"extract: rebuilding {out}: {build.rebuild_reason}")
+        print(f"extract: {out}: {build.rebuild_reason}")
     batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
     total = float(cropped_seconds(todo, job).fillna(0).sum()) if "duration_s" in todo else None
-    procs = 1 if cuda else (procs or cpu_cores())
     done_s, computed = 0.0, 0
     with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar:
         if procs > 1 and sum(map(len, batches)) > 1:
             tasks = split_tasks(batches, procs, part_entries)
-            release_free_memory()
             with ProcessPoolExecutor(min(procs, len(tasks)), mp_context=_FORK,
                                      initializer=_init_worker, initargs=(enc,)) as pool:
                 futures = [pool.submit(_work, t, str(build.reserve_part()), meta, job) for t in tasks]
@@ -348,17 +432,51 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                     skipped.extend(task_skips)
                     advance(bar, seconds)
         else:
-            add = lambda uid, **kw: build.add(uid, roll=False, **kw)  # noqa: E731 (parts roll between passes)
-            with contextlib.nullcontext() if cuda else single_thread():
-                for seconds, skip in encode_rows(enc, batches, job, add, end_batch=build.roll):
-                    if skip:
-                        skipped.append(skip)
-                    else:
-                        computed += 1
-                    done_s += seconds
-                    advance(bar, seconds)
+            writer = BackgroundWriter()
+            add = lambda uid, **kw: writer.submit(build.add, uid, roll=False, **kw)  # noqa: E731 (shards roll between passes)
+            try:
+                with contextlib.nullcontext() if cuda else single_thread():
+                    for seconds, skip in encode_rows(enc, batches, job, add,
+                                                     end_batch=lambda: writer.submit(build.roll)):
+                        if skip:
+                            skipped.append(skip)
+                        else:
+                            computed += 1
+                        done_s += seconds
+                        advance(bar, seconds)
+            finally:
+                writer.close()
     return finish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
                   audio_seconds=done_s)
+
+
+def _positive(kind: type) -> Callable[[str], float | int]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, found {text!r}")
+        return value
+    return parse
+
+
+def _seconds_or_none(text: str) -> float | None:
+    if text in {"", "null", "None"}:
+        return None
+    value = _positive(float)(text)
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, found {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -366,29 +484,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add_store_args(p)
     p.add_argument("--encoder", default=os.environ.get("SER_ENCODER") or DEFAULT_ENCODER,
                    help="hub id or local folder (default: $SER_ENCODER or %(default)s)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="compute dtype; auto: bfloat16 where this CPU or GPU runs it fast, else float32")
     p.add_argument("--storage-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--layers", default="all", help="'all' or hidden-state indices, e.g. 0,6,12")
-    p.add_argument("--max-seconds", type=lambda s: None if s in {"", "null", "None"} else float(s), default=None)
-    p.add_argument("--offset-seconds", type=float, default=0.0)
-    p.add_argument("--chunk-seconds", type=float, default=30.0, help="longer inputs are windowed")
-    p.add_argument("--batch-seconds", type=float, default=60.0, help="most audio (padded) per forward pass")
-    p.add_argument("--procs", type=int, default=None, help="single-thread encoder processes on CPU (default: one per core)")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default 1 on CPU, 8 on CUDA)")
-    p.add_argument("--part-entries", type=int, default=16, help="utterances per part file (kill-safety grain)")
-    p.add_argument("--max-batch", type=int, default=None,
+    p.add_argument("--max-seconds", type=_seconds_or_none, default=None)
+    p.add_argument("--offset-seconds", type=_non_negative, default=0.0)
+    p.add_argument("--chunk-seconds", type=_positive(float), default=30.0, help="longer inputs are windowed")
+    p.add_argument("--batch-seconds", type=_positive(float), default=60.0, help="most audio (padded) per forward pass")
+    p.add_argument("--procs", type=_positive(int), default=None,
+                   help="single-thread encoder processes on CPU (default: one per core)")
+    p.add_argument("--workers", type=_positive(int), default=None, help="decoding threads (default 1 on CPU, 8 on CUDA)")
+    p.add_argument("--part-entries", type=_positive(int), default=16, help="utterances per shard (kill-safety grain)")
+    p.add_argument("--max-batch", type=_positive(int), default=None,
                    help="most utterances per forward pass (default 4 on CPU, 64 on CUDA)")
+    p.add_argument("--feature-encoder", default="auto", choices=["auto", *FEATURE_ENCODERS],
+                   help="auto: the library's modules unless a plug-in is >= 10%% faster here (timed at start-up)")
     a = p.parse_args(argv)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     return extract(a.manifest, a.out, encoder=a.encoder, device=a.device, dtype=a.dtype, layers=a.layers,
                    max_seconds=a.max_seconds, offset_seconds=a.offset_seconds, storage_dtype=a.storage_dtype,
-                   skips=a.skips, chunk_seconds=a.chunk_seconds, batch_seconds=a.batch_seconds, procs=a.procs, workers=a.workers,
-                   part_entries=a.part_entries, max_batch=a.max_batch)
+                   skips=a.skips, chunk_seconds=a.chunk_seconds, batch_seconds=a.batch_seconds, procs=a.procs,
+                   workers=a.workers, part_entries=a.part_entries, max_batch=a.max_batch,
+                   feature_encoder=a.feature_encoder)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (OSError, ValueError) as err:  # a clear message, not a traceback
+    except (OSError, ValueError, MemoryError) as err:  # a clear message, not a traceback
         sys.exit(f"error: {err}")

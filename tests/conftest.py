@@ -72,3 +72,46 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
                              do_normalize=True, return_attention_mask=False).save_pretrained(out)
     return out
+
+
+#: Tiny stand-ins carrying each real checkpoint's architecture flags (7 convolutions of the real kernels and
+#: strides, so 20 ms frames; 32 channels per positional-convolution group: fewer make oneDNN's bfloat16 grouped
+#: convolution unreliable).
+TINY_ARCHITECTURES = {
+    "wav2vec2-base": ("Wav2Vec2", {"feat_extract_norm": "group", "do_stable_layer_norm": False, "conv_bias": False}),
+    "wav2vec2-large-lv60": ("Wav2Vec2", {"feat_extract_norm": "layer", "do_stable_layer_norm": True,
+                                         "conv_bias": True}),
+    "hubert-base": ("Hubert", {"feat_extract_norm": "group", "do_stable_layer_norm": False, "conv_bias": False}),
+    "wavlm-base-plus": ("WavLM", {"feat_extract_norm": "group", "do_stable_layer_norm": False, "conv_bias": False,
+                                  "num_buckets": 32, "max_bucket_distance": 80}),
+    "data2vec-audio-base": ("Data2VecAudio", {"conv_bias": True, "num_conv_pos_embedding_layers": 5,
+                                              "conv_pos_kernel_size": 5}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(name, seed=0, **config)`` -> a folder saved with ``save_pretrained`` holding a tiny, randomly
+    initialised model with the flags of ``name`` (a key of ``TINY_ARCHITECTURES``); built once per arguments."""
+    import torch
+    import transformers
+
+    built: dict = {}
+
+    def build(name: str, seed: int = 0, **overrides) -> Path:
+        key = (name, seed, tuple(sorted(overrides.items())))
+        if key not in built:
+            prefix, flags = TINY_ARCHITECTURES[name]
+            kw = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+                  "conv_dim": (32,) * 7, "num_conv_pos_embedding_groups": 2, "vocab_size": 8, **flags, **overrides}
+            if prefix != "Data2VecAudio":
+                kw.setdefault("num_conv_pos_embeddings", 16)
+            torch.manual_seed(seed)
+            config = getattr(transformers, f"{prefix}Config")(**kw)
+            out = tmp_path_factory.mktemp(name)
+            getattr(transformers, f"{prefix}Model")(config).eval().save_pretrained(out)
+            transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(out)
+            built[key] = out
+        return built[key]
+
+    return build
