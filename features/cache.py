@@ -41,6 +41,7 @@ from features.store import (
     identity_slug,
     is_identity_store,
     new_shard_name,
+    pid_alive,
     read_current,
     replace_synced,
     scan_shard,
@@ -106,22 +107,11 @@ def advance(bar, seconds: float) -> None:
     bar.update(seconds)
 
 
-def _pid_alive(pid: str) -> bool:
-    """Whether the process that owns a temporary file (pid in its name) still runs."""
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-
-
 def remove_dead_temporaries(folder: Path) -> list[Path]:
     """Delete ``*.tmp-<pid>`` files in ``folder`` whose process is gone (what a killed writer left); returns them."""
     gone = []
     for tmp in folder.glob("*.tmp-*") if folder.is_dir() else []:
-        if tmp.is_file() and not _pid_alive(tmp.name.rsplit("-", 1)[-1]):
+        if tmp.is_file() and not pid_alive(tmp.name.rsplit("-", 1)[-1]):
             tmp.unlink(missing_ok=True)
             gone.append(tmp)
     return gone
