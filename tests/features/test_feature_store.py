@@ -189,16 +189,7 @@ def test_shard_files_are_opened_lazily_and_boundedly(tmp_path, monkeypatch):
     assert open_shards() == 0
 
 
-def corrupt_frames(shard, uid: str) -> None:
-    """Overwrite bytes in the middle of an utterance's first frames chunk, in place (as a disk fault would)."""
-    with h5py.File(shard) as f:
-        info = f["utterances"][escape_id(uid)]["frames"].id.get_chunk_info(0)
-    with open(shard, "r+b") as raw:
-        raw.seek(info.byte_offset + info.size // 2)
-        raw.write(b"\x7f" * min(16, info.size // 2))
-
-
-def test_damaged_shard_fails_on_read_with_a_clear_error(tmp_path, entries):
+def test_damaged_shard_fails_on_read_with_a_clear_error(tmp_path, entries, corrupt_frames):
     path = write_store(tmp_path / "f.h5", entries, {})
     (shard,) = shards(path)
     corrupt_frames(shard, "c/Actor_01/a")
