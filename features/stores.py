@@ -147,8 +147,9 @@ def cmd_list(root: Path) -> int:
     if table.empty:
         print(f"no feature stores below {root}")
     else:
-        shown = table.assign(size=table["size"].map(human))
-        print(shown.to_string(index=False))
+        shown = table.assign(size=table["size"].map(human)).astype(str)
+        left = {c: f"{{:<{max(len(c), shown[c].str.len().max())}}}".format for c in shown.columns}
+        print(shown.to_string(index=False, justify="left", formatters=left))
         print(f"{len(table)} stores, {human(int(table['size'].sum()))}; "
               f"{int((table['current'] == 'yes').sum())} current, {int((table['current'] == 'no').sum())} unused")
     for p in problems:
