@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from features.cache import PartWriter, StoreBuild, finish, read_manifests, source_hash
-from features.store import FeatureStore, identity_of, identity_slug
+from features.store import FeatureStore, identity_of, identity_slug, mean_std
 
 META_A = {"kind": "wav2vec2", "encoder": "org/enc-a", "revision": None, "sample_rate": 16000, "layers": [0, 1, 2],
           "dtype": "float32", "storage_dtype": "float32", "max_seconds": None, "offset_seconds": 0.0,
@@ -39,7 +39,8 @@ def run_build(out, manifest, meta=META_A, *, part_entries: int = 2, kill_after: 
     for row in todo.itertuples(index=False):
         if computed == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-        build.add(row.id, source=row.source, frames=features_of(row.path, meta), path=row.path)
+        frames = features_of(row.path, meta)  # pooled given: the same arithmetic in every process
+        build.add(row.id, source=row.source, frames=frames, pooled=mean_std(frames), path=row.path)
         computed += 1
     return finish("build", build, out=out, skips=None, skipped=skipped, computed=computed, audio_seconds=0.0)
 
