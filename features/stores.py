@@ -83,9 +83,10 @@ def describe(store: Path) -> dict:
             "size": dir_size(store), "current": "yes" if current_of(store) else "no"}
 
 
-def list_stores(root: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Every identity store below ``root`` as a table, and the problems met (unreadable stores)."""
-    rows, problems = [], []
+def list_stores(root: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Every identity store below ``root`` as a table, one line per collection (its current store and view), and
+    the problems met (unreadable stores or views, views naming a missing store)."""
+    rows, collections, problems = [], [], []
     for store in identity_stores(root):
         try:
             rows.append(describe(store))
@@ -100,8 +101,11 @@ def list_stores(root: Path) -> tuple[pd.DataFrame, list[str]]:
         if view is not None and not is_identity_store(current.parent / view["store"]):
             problems.append(f"{current} names the store {view['store']!r}, which is not there; rerun the extraction "
                             f"with --out {current.parent} to recompute it.")
+        elif view is not None:
+            collections.append(f"collection {current.parent}: current store {view['store']}, "
+                               f"{len(view['entries'])} entries in its view")
     columns = ["path", "kind", "encoder", "dtype", "layers", "entries", "size", "current"]
-    return pd.DataFrame(rows, columns=columns), problems
+    return pd.DataFrame(rows, columns=columns), collections, problems
 
 
 def remove_store(store: Path, *, dry_run: bool = False) -> int:
@@ -143,7 +147,9 @@ def _leftovers(root: Path) -> list[Path]:
 
 
 def cmd_list(root: Path) -> int:
-    table, problems = list_stores(root)
+    table, collections, problems = list_stores(root)
+    for line in collections:
+        print(line)
     if table.empty:
         print(f"no feature stores below {root}")
     else:

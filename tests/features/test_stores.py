@@ -49,6 +49,7 @@ def test_list_shows_every_store_and_which_are_current(root, capsys):
     assert lines[b][1:6] == ["wav2vec2", "org/enc-b", "bfloat16", "0-2", "2"] and lines[b][-1] == "yes"
     assert lines[e][1:6] == ["egemaps", "opensmile/eGeMAPSv02", "float32", "0", "4"] and lines[e][-1] == "yes"
     assert "3 stores" in out and "2 current, 1 unused" in out
+    assert f"collection {root / 'w2v.h5'}: current store {slug(ENC_B)}, 2 entries" in out
 
 
 def test_remove_unused_dry_run_then_for_real(root, capsys):
