@@ -762,7 +762,7 @@ def write_store(path: str | os.PathLike, entries: Mapping[str, tuple[np.ndarray,
                 replace_synced(tmp, shard)
             finally:
                 tmp.unlink(missing_ok=True)
-        store.write_index(store.load(verify=True)[0])
+        store.write_index(store.load()[0])
         write_current(path, store.path.name, view)
     except BaseException:
         if not existed:
