@@ -2,7 +2,7 @@
 
 Per utterance the store holds the 88 functionals (``fs.pooled(uid)`` -> ``[1, 88]``) and the 25 low-level
 descriptors every 10 ms (``fs.frames(uid, 0)`` -> ``[T, 25]``). Audio is read as mono 16 kHz; files are
-processed by a pool of processes, one per core. The store is built incrementally and kill-safely by
+processed by a pool of processes, one per core. The store is built incrementally and kill-safely, append-only, by
 :class:`features.cache.StoreBuild`, in the layout of :mod:`features.store`.
 
 Example:
@@ -86,13 +86,14 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
 
     Args:
         manifests: manifest CSVs (``id, path, ...``), concatenated.
-        out: the ``.h5`` store (reused entries kept, new rows computed, rows no longer listed dropped).
+        out: the store folder (a collection; reused entries kept, new rows computed, rows no longer listed left
+            out of its view).
         skips: CSV of rows not stored (default ``<out>.skips.csv``).
         workers: processes (default: one per core).
-        part_entries: utterances per part file (the most work a kill can lose).
+        part_entries: utterances per shard (the most work a kill can lose).
 
     Returns:
-        ``{"computed", "reused", "skipped", "stored", "removed", "audio_seconds"}``.
+        ``{"computed", "reused", "skipped", "stored", "removed", "corrupt", "audio_seconds"}``.
     """
     import opensmile
 
@@ -105,8 +106,6 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
             "versions": {"opensmile": opensmile.__version__, "numpy": np.__version__}}
     build = StoreBuild(out, meta, part_entries=part_entries)
     todo, skipped = build.plan(rows)
-    if build.rebuild_reason:
-        print(f"egemaps: rebuilding {out}: {build.rebuild_reason}")
     total = float(todo["duration_s"].astype(float).sum()) if "duration_s" in todo else None
     done_s, computed = 0.0, 0
     with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool, \

@@ -1,45 +1,79 @@
-"""The HDF5 feature store: one layout for wav2vec2-family hidden states and for eGeMAPS, and its reader.
+"""The feature store: append-only HDF5 shards kept per feature settings, one layout for wav2vec2-family hidden
+states and for eGeMAPS, and its reader.
 
-Layout (format ``ser-features/1``)::
+Layout (format ``ser-features/2``)::
 
-    /                           attrs: format = "ser-features/1", meta = JSON object (see below)
-    /utterances/<name>          one group per utterance; <name> = escape_id(id) ("/" -> "%2F", "%" -> "%25")
-        attrs: id (the manifest id), num_frames, source (content hash of the audio), duration_s, ...
-        frames   [L, T, H]      storage dtype (float16 by default for wav2vec2, float32 for eGeMAPS),
-                                contiguous layer-major, so one layer is one contiguous read
-        pooled   [L, D]         float32; wav2vec2: per-layer mean ‖ std over frames (D = 2H, std with
+    <out>/                      a collection: the path given to ``--out`` (e.g. data/features/wav2vec2.h5)
+        current.json            {"format", "store": "<identity dir>", "entries": {uid: source}}: the view of the
+                                last successful run, rewritten atomically and only when it changes
+        <slug>/                 one identity store, e.g. wav2vec2-base-float32-1a2b3c4d5e6f
+            store.json          {"format", "identity": {...}}, written once when the store is created
+            shards/<name>.h5    immutable HDF5 shards, each holding whole utterances (layout below)
+            index.json          derived: {shard name: {"size", "mtime_ns", "entries": {uid: source},
+                                "corrupt": {uid: source} (entries found damaged)}}, rewritten atomically when
+                                shards are added; readers rebuild what it lacks from the shards themselves
+
+    shard /                     attrs: format = "ser-features/2", meta = JSON (identity + versions, provenance)
+        /utterances/<name>      one group per utterance; <name> = escape_id(id) ("/" -> "%2F", "%" -> "%25")
+            attrs: id (the manifest id), num_frames, source (content hash of the audio), duration_s, ...
+            frames   [L, T, H]  storage dtype (float16 by default for wav2vec2, float32 for eGeMAPS); chunked one
+                                layer per chunk (utterances streamed in pieces: CHUNK_FRAMES frames per chunk)
+            pooled   [L, D]     float32; wav2vec2: per-layer mean ‖ std over frames (D = 2H, std with
                                 ddof=0, computed from the float32 frames before storage rounding);
                                 eGeMAPS: the 88 functionals (L = 1)
 
-``meta`` holds the feature settings: ``kind`` ("wav2vec2" for any Hugging Face encoder, "egemaps"),
-``encoder``, ``revision``, ``sample_rate``, ``layers`` (hidden-state indices stored, in order; ``frames(uid, i)``
-is ``layers[i]``), ``dtype`` (compute), ``storage_dtype``, ``max_seconds``, ``offset_seconds``, ``versions``
-and, for eGeMAPS, ``functional_names`` and ``lld_names``. Writers produce a whole file under a temporary
-name and ``os.replace`` it, so a reader never sees a half-written store.
+Every dataset carries a fletcher32 checksum per chunk, so a shard damaged after it was written fails on read
+(a clear ``OSError`` naming the utterance and the shard) instead of returning garbage.
+
+The *identity* of a store is its feature settings: the meta dict minus :data:`RUN_KEYS` (``versions``,
+``provenance``: library versions, CPU/GPU model, kernels picked, which describe a run and are kept in each
+shard's ``meta``). Meta keys: ``kind`` ("wav2vec2" for any Hugging Face encoder, "egemaps"), ``encoder``,
+``revision``, ``sample_rate``, ``layers`` (hidden-state indices stored, in order; ``frames(uid, i)`` is
+``layers[i]``), ``dtype`` (compute), ``storage_dtype``, ``max_seconds``, ``offset_seconds``, the window settings
+and, for eGeMAPS, ``functional_names`` and ``lld_names``. The identity directory's name is a readable prefix
+(encoder or kind, dtype) and 12 hex digits of the SHA-256 of the canonical identity JSON: settings switched back
+and forth find their store again. Shards are written under ``<name>.h5.tmp-<pid>``, fsync'd and renamed, so a
+published shard is always whole; nothing published is ever modified.
 
 Example:
-    >>> with FeatureStore("data/features/wav2vec2.h5") as fs:     # doctest: +SKIP
+    >>> with FeatureStore("data/features/wav2vec2.h5") as fs:    # doctest: +SKIP
     ...     x = fs.frames(fs.ids()[0], 12)                          # [T, 768]
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import secrets
+import shutil
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-FORMAT = "ser-features/1"
+FORMAT = "ser-features/2"
+#: Meta keys that describe a run, not the features: recorded per shard, left out of the identity.
+RUN_KEYS = ("versions", "provenance")
+CURRENT, STORE_JSON, INDEX, SHARDS = "current.json", "store.json", "index.json", "shards"
+#: Frames per chunk of an utterance written in pieces (whole utterances are one chunk per layer).
+CHUNK_FRAMES = 1024
+#: Most shard files a reader keeps open at once.
+MAX_OPEN_SHARDS = 32
 
 #: Settings filled in by :func:`write_store` when the caller leaves them out.
 DEFAULT_ATTRS = {"kind": "wav2vec2", "encoder": "synthetic", "revision": None, "sample_rate": 16000,
                  "dtype": "float32", "storage_dtype": "float32", "max_seconds": None,
                  "offset_seconds": 0.0, "versions": {}}
+
+_RERUN = ("Run the extraction that built it again with the same --out: it checks shards that changed since they "
+          "were written and recomputes damaged entries (if it reports none corrupt, delete the shard first).")
 
 
 def escape_id(uid: str) -> str:
@@ -55,30 +89,391 @@ def unescape_id(name: str) -> str:
     return name.replace("%2F", "/").replace("%25", "%")
 
 
-class FeatureStore:
-    """Read-only access to a feature store; datasets are read on demand, never the whole file.
+# ---------------------------------------------------------------------------------------------- identity
 
-    Args:
-        path: the ``.h5`` file.
+
+def _canonical(value):
+    """JSON value with integral floats as ints (``max_seconds: 20`` and ``20.0`` are the same setting)."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def identity_of(meta: Mapping) -> dict:
+    """The feature settings that make a store: ``meta`` minus :data:`RUN_KEYS`, as plain JSON values."""
+    return json.loads(json.dumps({k: v for k, v in meta.items() if k not in RUN_KEYS}))
+
+
+def identity_slug(identity: Mapping) -> str:
+    """Directory name of an identity store: ``<encoder basename or kind>-<dtype>-<12 hex of its SHA-256>``."""
+    digest = hashlib.sha256(json.dumps(_canonical(dict(identity)), sort_keys=True, separators=(",", ":"))
+                            .encode()).hexdigest()[:12]
+    name = str(identity.get("encoder") or identity.get("kind") or "features").rstrip("/\\")
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", re.split(r"[/\\]", name)[-1]).strip("-.") or "features"
+    return "-".join(str(p) for p in (base, identity.get("dtype"), digest) if p)
+
+
+# --------------------------------------------------------------------------------- files written atomically
+
+
+def temporary_sibling(path: Path) -> Path:
+    """``<path>.tmp-<pid>``: where a new file is written before it is renamed onto ``path`` (the pid tells a live
+    writer's file from a killed one's debris)."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def pid_alive(pid: str | int) -> bool:
+    """Whether the process that owns a temporary file or folder (pid in its name) still runs."""
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def _sync_dir(path: Path) -> None:
+    """fsync a directory, so that a rename in it survives a machine crash (where the platform allows)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace_synced(tmp: Path, target: Path) -> None:
+    """fsync a closed file, rename it onto ``target`` (atomic: ``target`` is old or new, never partial), fsync the
+    directory."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    _sync_dir(Path(target).parent)
+
+
+def write_json(path: str | os.PathLike, obj) -> bool:
+    """Write ``obj`` as JSON atomically, only if the file's content would change; returns whether it wrote."""
+    path = Path(path)
+    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if path.read_text() == text:
+            return False
+    tmp = temporary_sibling(path)
+    try:
+        tmp.write_text(text)
+        replace_synced(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the {what} ({err}); expected the JSON file a feature extraction "
+                         "wrote. Rerun the extraction (`python -m features.extract` or `features.egemaps`).") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: expected a {what} of format {FORMAT!r}, found {found!r}. Rerun the "
+                         "extraction (`python -m features.extract` or `features.egemaps`).")
+    return data
+
+
+def new_shard_name() -> str:
+    """A fresh shard file name; names sort in the order they were made (newest last)."""
+    return f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(2)}.h5"
+
+
+# --------------------------------------------------------------------------------------------- collections
+
+
+def read_current(collection: str | os.PathLike) -> dict | None:
+    """A collection's ``current.json`` (``format, store, entries``), or None where no run has finished.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is not a feature store of this format.
+        ValueError: the file is unreadable or not of this format.
+    """
+    path = Path(collection) / CURRENT
+    if not path.is_file():
+        return None
+    data = _read_json(path, "current view")
+    if not isinstance(data.get("store"), str) or not isinstance(data.get("entries"), dict):
+        raise ValueError(f"{path}: expected keys 'store' (a folder name) and 'entries' ({{id: source}}), found "
+                         f"{sorted(data)}. Rerun the extraction.")
+    return data
+
+
+def write_current(collection: str | os.PathLike, store: str, entries: Mapping[str, str]) -> bool:
+    """Point a collection at identity store ``store`` with the view ``{uid: source}`` (only if it changes)."""
+    return write_json(Path(collection) / CURRENT, {"format": FORMAT, "store": store, "entries": dict(entries)})
+
+
+def is_identity_store(path: str | os.PathLike) -> bool:
+    return (Path(path) / STORE_JSON).is_file()
+
+
+# ---------------------------------------------------------------------------------------------- the shards
+
+
+def _shard_meta(f: h5py.File, path: Path) -> dict:
+    if f.attrs.get("format") != FORMAT or "utterances" not in f:
+        raise ValueError(f"{path}: expected a feature shard of format {FORMAT!r}, found {f.attrs.get('format')!r}.")
+    return json.loads(f.attrs["meta"])
+
+
+def _attr(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def scan_shard(path: str | os.PathLike) -> dict[str, str]:
+    """``{uid: source}`` of a shard, read from its attributes only (no data is read)."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        _shard_meta(f, path)
+        return {str(_attr(g.attrs["id"])): str(_attr(g.attrs.get("source", ""))) for g in f["utterances"].values()}
+
+
+def verify_shard(path: str | os.PathLike, expected: Mapping[str, str] | None = None
+                 ) -> tuple[dict[str, str], dict[str, str]]:
+    """Read every dataset of a shard (checking its checksums), layer by layer.
+
+    Args:
+        path: the shard.
+        expected: ``{uid: source}`` it was published with (from the index); None: what its attributes say.
+
+    Returns:
+        ``(good, damaged)``, each ``{uid: source}``; an unreadable shard has every expected entry damaged.
+    """
+    path = Path(path)
+    good: dict[str, str] = {}
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return {}, dict(expected or {})
+    with f:
+        try:
+            _shard_meta(f, path)
+            held = {str(_attr(g.attrs["id"])): n for n, g in f["utterances"].items()}
+        except (OSError, KeyError, ValueError):
+            return {}, dict(expected or {})
+        failed: dict[str, str] = {}
+        for uid, name in held.items():
+            source = (expected or {}).get(uid, "")
+            try:
+                group = f["utterances"][name]
+                source = str(_attr(group.attrs.get("source", "")))
+                frames = group["frames"]
+                for layer in range(frames.shape[0]):
+                    frames[layer]
+                group["pooled"][()]
+            except (OSError, KeyError, ValueError):
+                failed[uid] = source
+                continue
+            if expected is None or expected.get(uid) == source:
+                good[uid] = source
+    damaged = failed if expected is None else {u: s for u, s in expected.items() if u not in good}
+    return good, damaged
+
+
+def _record(path: Path, entries: Mapping[str, str], corrupt: Mapping[str, str] | None = None) -> dict:
+    st = path.stat()
+    rec = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "entries": dict(entries)}
+    if corrupt:
+        rec["corrupt"] = dict(corrupt)
+    return rec
+
+
+class IdentityStore:
+    """One identity directory: ``store.json``, ``shards/``, ``index.json``.
+
+    Args:
+        path: the directory.
+
+    Raises:
+        FileNotFoundError: no ``store.json`` there.
+        ValueError: ``store.json`` is unreadable or of another format.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no feature store here; expected the output of "
-                                    "`python -m features.extract` or `python -m features.egemaps`.")
-        self._h5 = h5py.File(self.path, "r")
-        if self._h5.attrs.get("format") != FORMAT or "utterances" not in self._h5:
-            found = self._h5.attrs.get("format")
-            self._h5.close()
-            raise ValueError(f"{self.path}: expected a feature store of format {FORMAT!r}, found "
-                             f"{found!r}. Rebuild it with `python -m features.extract`.")
-        self.attrs: dict = json.loads(self._h5.attrs["meta"])
-        self._utts = self._h5["utterances"]
+        if not is_identity_store(self.path):
+            raise FileNotFoundError(f"{self.path}: no identity store here (expected a folder holding {STORE_JSON}, "
+                                    "written by `python -m features.extract` or `features.egemaps`).")
+        data = _read_json(self.path / STORE_JSON, "store description")
+        if not isinstance(data.get("identity"), dict):
+            raise ValueError(f"{self.path / STORE_JSON}: expected an 'identity' object, found "
+                             f"{type(data.get('identity')).__name__}. Remove this store and rerun the extraction.")
+        self.identity: dict = data["identity"]
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, identity: Mapping) -> IdentityStore:
+        """Open the identity store at ``path``, creating it (``store.json`` written once) if it is not there.
+
+        Raises:
+            ValueError: a store is there with another identity.
+        """
+        path = Path(path)
+        (path / SHARDS).mkdir(parents=True, exist_ok=True)
+        if not is_identity_store(path):
+            write_json(path / STORE_JSON, {"format": FORMAT, "identity": identity_of(identity)})
+        store = cls(path)
+        if _canonical(store.identity) != _canonical(identity_of(identity)):
+            raise ValueError(f"{path}: holds features of other settings ({store.identity}); expected "
+                             f"{identity_of(identity)}. Move it away and rerun.")
+        return store
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.path / SHARDS
+
+    def published(self) -> list[Path]:
+        """Published shard files, oldest first."""
+        return sorted(self.shards_dir.glob("*.h5")) if self.shards_dir.is_dir() else []
+
+    def read_index(self) -> dict | None:
+        """``index.json`` as written, or None where it is missing or unreadable (it is derived data)."""
+        try:
+            index = json.loads((self.path / INDEX).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        ok = isinstance(index, dict) and all(
+            isinstance(r, dict) and {"size", "mtime_ns", "entries"} <= set(r) for r in index.values())
+        return index if ok else None
+
+    def load(self, *, verify: bool = False) -> tuple[dict, dict[str, dict[str, str]]]:
+        """The index of the published shards: ``index.json`` completed from the shards themselves.
+
+        Args:
+            verify: build mode: a shard that changed since it was indexed (size or mtime), or that the index does
+                not list, has every entry read (checksums); damaged entries move to its ``corrupt`` record.
+                Reader mode (False): the index is trusted and unlisted shards are read from their attributes.
+
+        Returns:
+            ``(index, damaged)``: ``{shard name: {"size", "mtime_ns", "entries", ["corrupt"]}}`` in shard order,
+            and ``{shard name: {uid: source}}`` of the entries found damaged now.
+        """
+        stored = self.read_index() or {}
+        index, damaged = {}, {}
+        for path in self.published():
+            rec, st = stored.get(path.name), path.stat()
+            if rec is not None and (not verify or (rec["size"], rec["mtime_ns"]) == (st.st_size, st.st_mtime_ns)):
+                index[path.name] = rec
+                continue
+            if verify:
+                expected = None if rec is None else {**rec["entries"], **rec.get("corrupt", {})}
+                good, bad = verify_shard(path, expected)
+                if bad:
+                    damaged[path.name] = bad
+                corrupt = {**(rec or {}).get("corrupt", {}), **bad}
+                index[path.name] = _record(path, good, {u: s for u, s in corrupt.items() if u not in good})
+            else:
+                try:
+                    index[path.name] = _record(path, scan_shard(path))
+                except (OSError, KeyError, ValueError):
+                    index[path.name] = _record(path, {})
+        return index, damaged
+
+    def write_index(self, index: Mapping) -> bool:
+        return write_json(self.path / INDEX, dict(index))
+
+
+def entries_by_uid(index: Mapping[str, Mapping]) -> dict[str, dict[str, str]]:
+    """``{uid: {source: shard name}}`` over an index; where shards hold the same entry, the newest wins."""
+    held: dict[str, dict[str, str]] = {}
+    for name in sorted(index):
+        for uid, source in index[name]["entries"].items():
+            held.setdefault(uid, {})[source] = name
+    return held
+
+
+def dir_size(path: str | os.PathLike) -> int:
+    """Bytes a folder takes on disk (allocated blocks where the platform says, else file sizes)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(root, name))
+                total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- the reader
+
+
+def _not_a_store(path: Path) -> Exception:
+    if not path.exists():
+        return FileNotFoundError(f"{path}: no feature store here; expected the output (--out) of "
+                                 "`python -m features.extract` or `python -m features.egemaps`.")
+    if path.is_file():
+        with contextlib.suppress(OSError):
+            with h5py.File(path, "r") as f:
+                found = f.attrs.get("format")
+            return ValueError(f"{path}: expected a feature store folder of format {FORMAT!r}, found an HDF5 file "
+                              f"(format {found!r}). Rebuild it with `python -m features.extract --out DIR` (or "
+                              "`features.egemaps`).")
+        return ValueError(f"{path}: expected a feature store folder of format {FORMAT!r}, found a file. Pass the "
+                          "--out of `python -m features.extract` or `features.egemaps`.")
+    stores = sorted(p.name for p in path.iterdir() if is_identity_store(p))
+    if stores:
+        return ValueError(f"{path}: no finished run here ({CURRENT} is missing), found identity stores {stores}. "
+                          "Rerun the extraction with this --out, or pass one of them.")
+    return ValueError(f"{path}: expected a feature store folder (with {CURRENT} or {STORE_JSON}), found neither. "
+                      "Pass the --out of `python -m features.extract` or `features.egemaps`.")
+
+
+class FeatureStore:
+    """Read-only access to a feature store; datasets are read on demand, shard files opened lazily.
+
+    Args:
+        path: a collection (the ``--out`` of an extraction: the entries of its last run) or one identity store
+            inside it (all its entries, the newest per utterance).
+
+    Raises:
+        FileNotFoundError: nothing there, or the view's identity store is gone.
+        ValueError: not a feature store of this format, or its view names entries no shard holds.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._open: OrderedDict[str, h5py.File] = OrderedDict()
+        current = read_current(self.path) if self.path.is_dir() else None
+        if current is not None:
+            store_dir = self.path / current["store"]
+            if not is_identity_store(store_dir):
+                raise FileNotFoundError(f"{self.path}/{CURRENT} points to {current['store']!r}, which is not there "
+                                        "(removed?). Rerun the extraction with this --out to recompute it.")
+        elif self.path.is_dir() and is_identity_store(self.path):
+            store_dir = self.path
+        else:
+            raise _not_a_store(self.path)
+        self.store = IdentityStore(store_dir)
+        index, _ = self.store.load()
+        held = entries_by_uid(index)
+        if current is None:  # the newest entry of every utterance
+            self._where = {u: by_source[max(by_source, key=lambda s: by_source[s])] for u, by_source in held.items()}
+        else:
+            self._where, missing = {}, []
+            for uid, source in current["entries"].items():
+                if source in held.get(uid, {}):
+                    self._where[uid] = held[uid][source]
+                else:
+                    missing.append(uid)
+            if missing:
+                raise ValueError(f"{self.path}: {len(missing)} entries of the last run's view are in no shard of "
+                                 f"{store_dir.name} (e.g. {missing[0]!r}); a shard was removed or damaged. Rerun "
+                                 "the extraction with this --out to recompute them.")
+        self._ids = sorted(self._where, key=escape_id)
+        self.attrs: dict = dict(self.store.identity)
+        if self._where:
+            newest = max(self._where.values())
+            meta = self._guard(None, newest, "attributes", lambda f: _shard_meta(f, self._shard_path(newest)))
+            self.attrs.update({k: meta[k] for k in RUN_KEYS if k in meta})
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -87,7 +482,30 @@ class FeatureStore:
         self.close()
 
     def close(self) -> None:
-        self._h5.close()
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def _shard_path(self, name: str) -> Path:
+        return self.store.shards_dir / name
+
+    def _file(self, name: str) -> h5py.File:
+        if name in self._open:
+            self._open.move_to_end(name)
+            return self._open[name]
+        f = h5py.File(self._shard_path(name), "r")
+        self._open[name] = f
+        while len(self._open) > MAX_OPEN_SHARDS:
+            self._open.popitem(last=False)[1].close()
+        return f
+
+    def _guard(self, uid: str | None, shard: str, what: str, read):
+        """Run ``read(h5 file)``; any HDF5 failure (a checksum mismatch, a damaged header) becomes a clear error."""
+        try:
+            return read(self._file(shard))
+        except (OSError, KeyError, ValueError) as err:
+            whose = f"{uid}: cannot read its {what}" if uid else f"cannot read the {what}"
+            raise OSError(f"{whose} from {self._shard_path(shard)} ({err}); the shard was damaged after it was "
+                          f"written. {_RERUN}") from err
 
     @property
     def num_layers(self) -> int:
@@ -109,24 +527,25 @@ class FeatureStore:
 
     def ids(self) -> list[str]:
         """Utterance ids (the manifest's ``id``), sorted by their escaped names."""
-        return [unescape_id(name) for name in self._utts]
+        return list(self._ids)
 
     def __contains__(self, uid: str) -> bool:
-        return escape_id(uid) in self._utts
+        return uid in self._where
 
     def __len__(self) -> int:
-        return len(self._utts)
+        return len(self._where)
 
-    def _group(self, uid: str) -> h5py.Group:
+    def _read(self, uid: str, what: str, read):
         try:
-            return self._utts[escape_id(uid)]
+            shard = self._where[uid]
         except KeyError:
             raise KeyError(f"{uid!r} is not in {self.path} ({len(self)} utterances); expected an id of the "
                            "manifest it was extracted from. Re-run extraction on that manifest.") from None
+        return self._guard(uid, shard, what, lambda f: read(f["utterances"][escape_id(uid)]))
 
     def num_frames(self, uid: str) -> int:
         """Number of frames ``T`` of one utterance."""
-        return int(self._group(uid)["frames"].shape[1])
+        return int(self._read(uid, "frames", lambda g: g["frames"].shape[1]))
 
     def frames(self, uid: str, layer: int) -> np.ndarray:
         """Frame-level features of one stored layer.
@@ -137,29 +556,33 @@ class FeatureStore:
 
         Returns:
             ``[T, H]`` float32.
+
+        Raises:
+            OSError: the shard holding it is damaged (checksum mismatch).
         """
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer {layer}: expected 0 <= layer < {self.num_layers} (stored hidden states "
                              f"{self.attrs['layers']}); pass a position in attrs['layers'].")
-        return self._group(uid)["frames"][layer].astype(np.float32, copy=False)
+        return self._read(uid, "frames", lambda g: g["frames"][layer]).astype(np.float32, copy=False)
 
     def all_frames(self, uid: str) -> np.ndarray:
         """Every stored layer of one utterance, ``[L, T, H]`` float32."""
-        return self._group(uid)["frames"][()].astype(np.float32, copy=False)
+        return self._read(uid, "frames", lambda g: g["frames"][()]).astype(np.float32, copy=False)
 
     def pooled(self, uid: str) -> np.ndarray:
         """Utterance-level features: ``[L, 2H]`` mean ‖ std per layer (eGeMAPS: ``[1, 88]``), float32."""
-        return self._group(uid)["pooled"][()].astype(np.float32, copy=False)
-
-    def frames_extent(self, uid: str) -> tuple[int, int] | None:
-        """``(offset, bytes)`` of an utterance's frames in the file, or None where they are not stored whole."""
-        data = self._group(uid)["frames"].id
-        offset = data.get_offset()
-        return None if offset is None else (offset, data.get_storage_size())
+        return self._read(uid, "pooled", lambda g: g["pooled"][()]).astype(np.float32, copy=False)
 
     def entry_attrs(self, uid: str) -> dict:
         """Per-utterance attributes (``id``, ``num_frames``, ``source``, ``duration_s``, ...)."""
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self._group(uid).attrs.items()}
+        return self._read(uid, "attributes", lambda g: {k: _attr(v) for k, v in g.attrs.items()})
+
+    def shard_of(self, uid: str) -> Path:
+        """The shard file holding ``uid``'s entry (for messages and tools)."""
+        return self._shard_path(self._where[uid])
+
+
+# ---------------------------------------------------------------------------------------------- the writer
 
 
 def mean_std(frames: np.ndarray) -> np.ndarray:
@@ -203,11 +626,11 @@ class _Moments:
 
 
 class StoreWriter:
-    """Write a new store file (the caller renames it into place; see :func:`atomic_path`).
+    """Write one shard file (the caller publishes it; see :class:`features.cache.PartWriter`).
 
     Args:
         path: file to create (overwritten).
-        attrs: the store's settings (``meta``); must contain ``layers`` and ``storage_dtype``.
+        attrs: the store's settings (``meta``, run keys included); must contain ``layers`` and ``storage_dtype``.
     """
 
     def __init__(self, path: str | os.PathLike, attrs: Mapping):
@@ -230,43 +653,41 @@ class StoreWriter:
             self._h5.flush()
             self._h5.close()
 
-    def sync(self) -> None:
-        """Flush what is written so far and wait until the disk has it (the file stays open)."""
-        self._h5.flush()
-        with open(self.path, "rb") as f:
-            os.fdatasync(f.fileno())
-
     def add(self, uid: str, frames: np.ndarray, pooled: np.ndarray | None = None, **meta) -> None:
-        """Add one utterance: ``frames [L, T, H]``; ``pooled [L, D]`` (mean ‖ std of ``frames`` when None)."""
+        """Add one utterance: ``frames [L, T, H]`` (one chunk per layer); ``pooled [L, D]`` (mean ‖ std of
+        ``frames`` when None)."""
         frames = np.asarray(frames)
-        self.add_pieces(uid, [frames], num_frames=frames.shape[1], hidden_size=frames.shape[2],
-                        pooled=pooled, **meta)
+        self._add(uid, [frames], frames.shape[1], frames.shape[2], pooled, chunk=frames.shape[1], meta=meta)
 
     def add_pieces(self, uid: str, pieces: Iterable[np.ndarray], *, num_frames: int, hidden_size: int,
                    pooled: np.ndarray | None = None, **meta) -> None:
-        """Add one utterance whose frames arrive as consecutive ``[L, t, H]`` pieces (bounded memory).
+        """Add one utterance whose frames arrive as consecutive ``[L, t, H]`` pieces (bounded memory: chunks of
+        :data:`CHUNK_FRAMES` frames per layer, each written whole).
 
         Raises:
             ValueError: the pieces do not add up to ``num_frames`` frames of ``len(attrs["layers"])``
                 layers, or a value does not fit the storage dtype.
         """
+        self._add(uid, pieces, num_frames, hidden_size, pooled, chunk=min(num_frames, CHUNK_FRAMES), meta=meta)
+
+    def _add(self, uid, pieces, num_frames, hidden_size, pooled, *, chunk, meta) -> None:
         if num_frames < 1:
             raise ValueError(f"{uid}: expected at least one frame, found {num_frames}.")
         group = self._utts.create_group(escape_id(uid))
         try:
-            self._fill(uid, group, pieces, num_frames, hidden_size, pooled)
+            self._fill(uid, group, pieces, num_frames, hidden_size, pooled, chunk)
         except BaseException:
             del self._utts[escape_id(uid)]  # never leave a half-written entry behind
             raise
         group.attrs.update({"id": uid, "num_frames": num_frames, **{k: v for k, v in meta.items() if v is not None}})
 
     def _fill(self, uid: str, group: h5py.Group, pieces: Iterable[np.ndarray], num_frames: int, hidden_size: int,
-              pooled: np.ndarray | None) -> None:
+              pooled: np.ndarray | None, chunk: int) -> None:
         n_layers = len(self.attrs["layers"])
         # every element is written below, so no fill pass (HDF5 would otherwise write the whole dataset twice)
         data = group.create_dataset("frames", shape=(n_layers, num_frames, hidden_size), dtype=self.storage_dtype,
-                                    fill_time="never")
-        moments, at = _Moments(), 0
+                                    chunks=(1, chunk, hidden_size), fletcher32=True, fill_time="never")
+        moments, at, written, held = _Moments(), 0, 0, []
         for piece in pieces:
             if piece.shape[0] != n_layers or piece.shape[2] != hidden_size or at + piece.shape[1] > num_frames:
                 raise ValueError(f"{uid}: piece of shape {piece.shape} at frame {at} does not fit "
@@ -276,56 +697,40 @@ class StoreWriter:
                 raise ValueError(f"{uid}: values out of {self.storage_dtype} range (max |x| = "
                                  f"{np.abs(piece).max():.4g}); expected finite features. "
                                  "Store as float32 (--storage-dtype float32).")
-            stored = np.ascontiguousarray(_cast(piece, self.storage_dtype))
-            data.write_direct(stored, dest_sel=np.s_[:, at:at + piece.shape[1]])  # 5x faster than data[sel] = ...
+            held.append(_cast(piece, self.storage_dtype))
             if pooled is None:
                 moments.update(piece)
             at += piece.shape[1]
+            end = at if at == num_frames else at // chunk * chunk  # whole chunks only: no read-modify-write
+            if end > written:
+                block = held[0] if len(held) == 1 else np.concatenate(held, axis=1)
+                data.write_direct(np.ascontiguousarray(block[:, :end - written]), dest_sel=np.s_[:, written:end])
+                held = [block[:, end - written:]] if at > end else []
+                written = end
         if at != num_frames:
             raise ValueError(f"{uid}: expected {num_frames} frames, the pieces held {at}.")
-        group.create_dataset("pooled", data=np.asarray(moments.pooled() if pooled is None else pooled,
-                                                       dtype=np.float32))
-
-    def copy_entry(self, src: FeatureStore, uid: str) -> None:
-        """Copy one utterance's group unchanged from another store (HDF5-level copy, no decoding)."""
-        src._h5.copy(src._group(uid), self._utts, name=escape_id(uid))
+        pooled = np.asarray(moments.pooled() if pooled is None else pooled, dtype=np.float32)
+        group.create_dataset("pooled", data=pooled, chunks=pooled.shape, fletcher32=True)
 
 
-def temporary_sibling(path: Path) -> Path:
-    """``<path>.tmp-<pid>``: where a new version of ``path`` is written (the pid tells a live writer's file
-    from a killed one's garbage)."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def replace_synced(tmp: Path, target: Path) -> None:
-    """fsync a closed file, then rename it onto ``target`` (atomic: ``target`` is old or new, never partial)."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; on success :func:`replace_synced` it onto ``path``.
-
-    On an exception (or a kill) the target is untouched; a leftover ``*.tmp-<pid>`` is garbage.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    try:
-        yield tmp
-        replace_synced(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def content_hash(*arrays: np.ndarray | None) -> str:
+    """Hash of arrays' bytes: the ``source`` of synthetic entries (other data, other entry)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        if a is not None:
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def write_store(path: str | os.PathLike, entries: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
                 attrs: Mapping | None = None) -> Path:
-    """Write a complete store at once, atomically (handy for building small synthetic stores in tests).
+    """Write a collection whose view is exactly ``entries`` (handy for building small synthetic stores in tests).
+
+    The entries go to one new shard of the identity store of ``attrs``; ``current.json`` then points at them.
+    A failure leaves the collection as it was (and none at all where there was none).
 
     Args:
-        path: the ``.h5`` file to (over)write.
+        path: the collection folder (created if needed).
         entries: ``{uid: (frames [L, T, H], pooled [L, D] or None)}``; None pools as mean ‖ std ``[L, 2H]``.
         attrs: store settings; missing keys are taken from :data:`DEFAULT_ATTRS` and ``layers`` defaults
             to ``list(range(L))``.
@@ -336,9 +741,31 @@ def write_store(path: str | os.PathLike, entries: Mapping[str, tuple[np.ndarray,
     Example:
         >>> write_store(tmp / "f.h5", {"c/a": (np.ones((2, 5, 4)), None)}, {})   # doctest: +SKIP
     """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: expected a feature store folder, found a file. Remove it or choose another path.")
     first = next(iter(entries.values()), (np.zeros((1, 1, 1)), None))[0]
     meta = {**DEFAULT_ATTRS, "layers": list(range(np.shape(first)[0])), **(attrs or {})}
-    with atomic_path(path) as tmp, StoreWriter(tmp, meta) as writer:
-        for uid, (frames, pooled) in entries.items():
-            writer.add(uid, frames, pooled)
-    return Path(path)
+    identity = identity_of(meta)
+    existed = path.exists()
+    try:
+        store = IdentityStore.create(path / identity_slug(identity), identity)
+        view = {}
+        if entries:
+            shard = store.shards_dir / new_shard_name()
+            tmp = temporary_sibling(shard)
+            try:
+                with StoreWriter(tmp, meta) as writer:
+                    for uid, (frames, pooled) in entries.items():
+                        view[uid] = content_hash(frames, pooled)
+                        writer.add(uid, frames, pooled, source=view[uid])
+                replace_synced(tmp, shard)
+            finally:
+                tmp.unlink(missing_ok=True)
+        store.write_index(store.load()[0])
+        write_current(path, store.path.name, view)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path

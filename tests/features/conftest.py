@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+
+from features.store import escape_id
 
 MANIFEST_COLUMNS = ["id", "path", "corpus", "speaker", "gender", "emotion", "duration_s", "sample_rate", "channels"]
 
@@ -82,3 +85,17 @@ def run_probe():
         out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, env=env)
         return float(out.stdout.split()[-1])
     return run
+
+
+@pytest.fixture
+def corrupt_frames():
+    """``corrupt_frames(shard, uid)``: overwrite bytes in the middle of an utterance's first frames chunk, in place
+    (as a disk fault would)."""
+    def corrupt(shard, uid: str) -> None:
+        with h5py.File(shard) as f:
+            info = f["utterances"][escape_id(uid)]["frames"].id.get_chunk_info(0)
+        with open(shard, "r+b") as raw:
+            raw.seek(info.byte_offset + info.size // 2)
+            raw.write(b"\x7f" * min(16, info.size // 2))
+
+    return corrupt

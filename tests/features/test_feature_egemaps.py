@@ -39,5 +39,8 @@ def test_store_on_ravdess_incremental_with_skips(ravdess_root, make_manifest, tm
             f, lld = egemaps_features(wave, rate)
             np.testing.assert_allclose(fs.pooled(uid)[0], f, rtol=1e-5)
             np.testing.assert_array_equal(fs.frames(uid, 0), lld)
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     again = extract_egemaps([manifest], out, workers=1)
-    assert (again["computed"], again["reused"], again["stored"]) == (0, 3, 3)
+    assert (again["computed"], again["reused"], again["stored"], again["corrupt"]) == (0, 3, 3, 0)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files  # an append-only store: nothing rewritten
+    assert len(list(out.glob("*/shards/*.h5"))) == 1  # one shard of whole utterances
