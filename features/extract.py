@@ -49,8 +49,10 @@ from features.encoder import (
     DTYPES,
     FEATURE_ENCODERS,
     Encoder,
+    choose_feature_encoder,
     load_encoder,
 )
+from features.store import FeatureStore
 from pipeline.audio import AudioError, load_audio
 from pipeline.processes import cpu_cores, die_with_parent
 
@@ -83,6 +85,19 @@ def provenance(enc: Encoder, procs: int) -> dict:
     if enc.device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(enc.device)
     return record
+
+
+def recorded_feature_encoder(store_dir: Path) -> str | None:
+    """The feature-encoder implementation the newest shard of an identity store was computed with (None for a
+    store without shards, or one that names an implementation this version does not have)."""
+    if not any((store_dir / "shards").glob("*.h5")):
+        return None
+    try:
+        with FeatureStore(store_dir) as fs:
+            name = (fs.attrs.get("provenance") or {}).get("feature_encoder")
+    except (OSError, ValueError):
+        return None
+    return name if name in FEATURE_ENCODERS else None
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -398,8 +413,10 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
     if storage_dtype not in {"float16", "float32"}:
         raise ValueError(f"storage dtype {storage_dtype!r}: expected float16 or float32.")
     rows = read_manifests(manifests)
+    timed = not isinstance(encoder, Encoder) and feature_encoder == "auto"  # timed below, only if there is work
     enc = encoder if isinstance(encoder, Encoder) else load_encoder(
-        encoder, device=device, dtype=dtype, chunk_seconds=chunk_seconds, feature_encoder=feature_encoder)
+        encoder, device=device, dtype=dtype, chunk_seconds=chunk_seconds,
+        feature_encoder="library" if timed else feature_encoder)
     cuda = enc.device.type == "cuda"
     job = Job(parse_layers(layers, enc.num_layers), offset_seconds, max_seconds, batch_seconds,
               workers or (8 if cuda else 1), max_batch or (64 if cuda else 4),
@@ -410,12 +427,18 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             "layers": job.layers, "dtype": enc.dtype, "storage_dtype": storage_dtype, "device": enc.device.type,
             "max_seconds": max_seconds, "offset_seconds": offset_seconds, "chunk_seconds": enc.chunk_seconds,
             "overlap_seconds": enc.overlap_seconds, "frame_stride": enc.stride,
-            "versions": versions(), "provenance": provenance(enc, procs)}
+            "versions": versions()}
     build = StoreBuild(out, meta, part_entries=part_entries)
     todo, skipped = build.plan(rows)
-    if build.rebuild_reason:
-        print(f"extract: {out}: {build.rebuild_reason}")
     batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
+    if batches and timed:
+        earlier = recorded_feature_encoder(build.store_dir)
+        if earlier is None:
+            choose_feature_encoder(enc)
+        else:  # a resumed or extended store is computed as it began, whatever today's timing says
+            enc.use_feature_encoder(earlier)
+            enc.feature_encoder_timing = {"chosen": earlier, "kept_from": "the store's earlier shards"}
+    meta["provenance"] = build.meta["provenance"] = provenance(enc, procs)
     total = float(cropped_seconds(todo, job).fillna(0).sum()) if "duration_s" in todo else None
     done_s, computed = 0.0, 0
     with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar:

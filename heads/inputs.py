@@ -69,12 +69,15 @@ def encoder_source(settings: dict, override: str | None = None) -> tuple[str, st
 
 
 def _wav2vec2(run: Run, *, encoder: str | None, device: str, dtype: str | None) -> RunInputs:
-    from features.encoder import load_encoder
+    from features.encoder import load_encoder, resolve_device
     from features.store import mean_std
 
     settings = run.feature_settings
     name, revision = encoder_source(settings, encoder)
-    enc = load_encoder(name, device=device, dtype=dtype or settings.get("dtype") or "float32", revision=revision)
+    dtype = dtype or settings.get("dtype") or "float32"
+    if dtype == "float16" and resolve_device(device).type == "cpu":
+        dtype = "float32"  # features extracted on a GPU in float16: CPUs compute them in float32
+    enc = load_encoder(name, device=device, dtype=dtype, revision=revision)
     layers = list(settings.get("hidden_states") or settings["layers"])
     recorded_rev = settings.get("revision")
     if recorded_rev and enc.revision != recorded_rev:
@@ -94,12 +97,7 @@ def _wav2vec2(run: Run, *, encoder: str | None, device: str, dtype: str | None) 
     pooled = run.kind == "sklearn"
 
     def compute(waves: Sequence[np.ndarray]) -> list[np.ndarray]:
-        xs = [enc.normalise(w) for w in waves]
-        if len({len(x) for x in xs}) == 1 and len(xs[0]) <= enc.max_single_samples:
-            states = list(enc.forward(np.stack(xs), layers=layers))  # equal lengths: one exact batch
-        else:
-            states = [np.concatenate(list(enc.iter_hidden_states(x, layers=layers, normalised=True)), axis=1)
-                      for x in xs]
+        states = [enc.hidden_states(w, layers=layers) for w in waves]
         return [mean_std(s) if pooled else s for s in states]
 
     where = f"{name}@{enc.revision}" if enc.revision else name

@@ -65,7 +65,7 @@ def wav2vec2_run(tmp_path_factory, tiny_encoder_dir):
     from heads.train import train_heads
 
     root = tmp_path_factory.mktemp("w2v_run")
-    enc = load_encoder(tiny_encoder_dir, device="cpu")
+    enc = load_encoder(tiny_encoder_dir, device="cpu", dtype="float32")
     entries = synthetic_experiment(root, lambda w: (enc.hidden_states(w), None))
     write_store(root / "features.h5", entries, {"kind": "wav2vec2", "encoder": str(tiny_encoder_dir),
                                                 "revision": enc.revision, "layers": list(range(enc.num_layers))})
@@ -157,7 +157,7 @@ def test_prediction_equals_run_on_extracted_features(wav2vec2_run, tiny_encoder_
     status, out, _ = run_cli(capsys, path, "--model", wav2vec2_run)
     run = load_run(wav2vec2_run)
     wave = sf.read(str(path), dtype="float32")[0]
-    frames = load_encoder(tiny_encoder_dir, device="cpu").hidden_states(wave)  # every layer, as the store
+    frames = load_encoder(tiny_encoder_dir, device="cpu", dtype="float32").hidden_states(wave)  # every layer, as the store
     expected = run.predict_proba([frames])[0]
     got = json.loads(out)[0]["probabilities"]
     np.testing.assert_allclose([got[k] for k in LABELS], expected, atol=1e-5)

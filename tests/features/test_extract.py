@@ -1,9 +1,8 @@
-"""Stage extract: exactness, incremental and resumable builds, invalidation, bad audio, CLI."""
+"""Stage extract: exactness, append-only and resumable builds, stores per settings, bad audio, CLI."""
 
 from __future__ import annotations
 
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -15,12 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import torch
 
 from features import extract as extract_mod
-from features.cache import boot_time
 from features.encoder import Encoder
 from features.extract import extract, main
-from features.store import FeatureStore, replace_synced
+from features.store import FeatureStore
 from pipeline.audio import load_audio
 
 
@@ -47,20 +46,30 @@ def _ravdess_manifest(ravdess_root, tmp_path, manifest_rows):
     return path, pd.concat([rows, dup])
 
 
+def _files_state(root):
+    """(inode, mtime) of every file below ``root``."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _shards(out):
+    return sorted(out.glob("*/shards/*.h5"))
+
+
 @pytest.mark.parametrize("storage, rtol, procs", [("float16", 2e-3, 1), ("float32", 1e-5, 2)])
 def test_cached_frames_equal_direct_forward_on_ravdess(ravdess_root, tiny_encoder_dir, direct_forward, tmp_path,
                                                        forward_calls, manifest_rows, storage, rtol, procs):
     manifest, rows = _ravdess_manifest(ravdess_root, tmp_path, manifest_rows)
     assert rows["duration_s"].nunique() >= 4  # mixed lengths
-    summary = extract([manifest], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
+    summary = extract([manifest], tmp_path / "f", encoder=str(tiny_encoder_dir), device="cpu", dtype="float32",
                       storage_dtype=storage, procs=procs, part_entries=3, tail_alone=0)
     assert summary["computed"] == len(rows) and summary["skipped"] == 0
     if procs == 1:  # (worker processes' calls are not seen by the spy)
         # inputs of different lengths shared a pass (their frames are checked exact below)
         assert any(len(set(lengths)) > 1 for lengths in forward_calls)
-    with FeatureStore(tmp_path / "f.h5") as fs:
+    with FeatureStore(tmp_path / "f") as fs:
         assert sorted(fs.ids()) == sorted(rows["id"]) and fs.num_layers == 4
         assert fs.attrs["storage_dtype"] == storage and fs.attrs["kind"] == "wav2vec2"
+        assert fs.attrs["device"] == "cpu" and fs.attrs["provenance"]["cpu"]
         for row in rows.itertuples():
             want = direct_forward(load_audio(row.path, sample_rate=16000))
             assert fs.num_frames(row.id) == want.shape[1]
@@ -69,22 +78,49 @@ def test_cached_frames_equal_direct_forward_on_ravdess(ravdess_root, tiny_encode
                 scale = np.abs(want[layer]).max()
                 np.testing.assert_allclose(got, want[layer], rtol=rtol, atol=rtol * scale)
             np.testing.assert_allclose(fs.pooled(row.id)[:, :32], want.mean(1), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(fs.pooled(row.id)[:, 32:], want.std(1), rtol=1e-4, atol=1e-4)
 
 
-def test_incremental_reuse_add_remove_change(synth_files, make_manifest, tiny_encoder_dir, tmp_path, forward_calls,
-                                             write_audio):
-    out = tmp_path / "f.h5"
-    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "procs": 1}
+@pytest.mark.parametrize("procs", [1, 2])
+def test_data2vec_rows_of_different_frame_counts_never_share_a_pass(tiny_model_dir, synth_files, make_manifest,
+                                                                     tmp_path, forward_calls, procs):
+    from transformers import AutoModel
+
+    model_dir = tiny_model_dir("data2vec-audio-base")
+    extract([make_manifest(synth_files)], tmp_path / "f", encoder=str(model_dir), device="cpu", dtype="float32",
+            procs=procs, tail_alone=0)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    from features.encoder import load_encoder
+    enc = load_encoder(model_dir, device="cpu", dtype="float32")
+    for lengths in forward_calls:
+        assert len({enc.num_frames(n) for n in lengths}) == 1
+    with FeatureStore(tmp_path / "f") as fs:
+        assert len(fs) == len(synth_files)
+        for path in synth_files:
+            uid = f"synth/{path.parent.name}/{path.stem}"
+            x = torch.from_numpy(enc.normalise(load_audio(path, sample_rate=16000)))[None]
+            with torch.no_grad():
+                want = torch.stack(model(x, output_hidden_states=True).hidden_states, 1)[0].numpy()
+            got = fs.all_frames(uid)
+            assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+
+
+def test_append_only_reuse_add_change(synth_files, make_manifest, tiny_encoder_dir, tmp_path, forward_calls,
+                                      write_audio):
+    out = tmp_path / "f"
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "dtype": "float32", "procs": 1}
     first = extract([make_manifest(synth_files[:4])], out, **kw)
     assert first["computed"] == 4
     before = {u: FeatureStore(out).frames(u, 2) for u in FeatureStore(out).ids()}
     forward_calls.clear()
-    mtime = out.stat().st_mtime_ns
+    state = _files_state(out)
     again = extract([make_manifest(synth_files[:4])], out, **kw)
     assert again == {**again, "computed": 0, "reused": 4, "removed": 0} and forward_calls == []
-    assert out.stat().st_mtime_ns == mtime  # nothing rewritten
+    assert _files_state(out) == state  # a rerun writes nothing
+    shards = {p: state[p] for p in _shards(out)}
     more = extract([make_manifest(synth_files)], out, **kw)
     assert (more["computed"], more["reused"], more["stored"]) == (2, 4, 6)
+    assert {p: _files_state(out)[p] for p in shards} == shards  # existing shards untouched (inode, mtime)
     write_audio(synth_files[0], seconds=0.9, seed=99)  # same path and id, new content
     changed = extract([make_manifest(synth_files[:3])], out, **kw)
     assert (changed["computed"], changed["reused"], changed["removed"], changed["stored"]) == (1, 2, 3, 3)
@@ -94,18 +130,23 @@ def test_incremental_reuse_add_remove_change(synth_files, make_manifest, tiny_en
         np.testing.assert_array_equal(fs.frames(kept, 2), before[kept])
 
 
-def test_settings_change_rebuilds_instead_of_mixing(synth_files, make_manifest, tiny_encoder_dir, tmp_path, capsys):
-    out, manifest = tmp_path / "f.h5", make_manifest(synth_files[:3])
-    extract([manifest], out, encoder=str(tiny_encoder_dir), device="cpu")
-    for change in [{"max_seconds": 0.5}, {"dtype": "bfloat16"}, {"layers": "0,3"}]:
-        summary = extract([manifest], out, encoder=str(tiny_encoder_dir), device="cpu", **change)
+def test_switching_settings_back_and_forth_recomputes_nothing(synth_files, make_manifest, tiny_model_dir,
+                                                              tmp_path):
+    out, manifest = tmp_path / "f", make_manifest(synth_files[:3])
+    a, b = str(tiny_model_dir("wav2vec2-base")), str(tiny_model_dir("hubert-base"))
+    kw = {"device": "cpu", "dtype": "float32"}
+    assert extract([manifest], out, encoder=a, **kw)["computed"] == 3
+    assert extract([manifest], out, encoder=b, **kw)["computed"] == 3
+    with FeatureStore(out) as fs:
+        assert fs.attrs["model_type"] == "hubert"
+    third = extract([manifest], out, encoder=a, **kw)
+    assert (third["computed"], third["reused"]) == (0, 3)
+    for change in [{"max_seconds": 0.5}, {"layers": "0,2"}, {"dtype": "bfloat16"}]:
+        summary = extract([manifest], out, encoder=a, **{**kw, **change})
         assert summary["computed"] == 3 and summary["reused"] == 0
-        assert "rebuilding" in capsys.readouterr().out
+    assert len([d for d in out.iterdir() if d.is_dir()]) == 5  # one store per identity, side by side
     with FeatureStore(out) as fs:
-        assert fs.attrs["layers"] == [0, 3] and fs.attrs["dtype"] == "float32" and fs.num_layers == 2
-    summary = extract([manifest], out, encoder=str(tiny_encoder_dir), device="cpu", max_seconds=0.5)
-    with FeatureStore(out) as fs:
-        assert fs.attrs["max_seconds"] == 0.5 and all(fs.num_frames(u) == 25 for u in fs.ids())
+        assert fs.attrs["dtype"] == "bfloat16" and fs.num_layers == 3
 
 
 def test_bad_audio_is_reported_not_dropped(synth_files, make_manifest, tiny_encoder_dir, tmp_path):
@@ -117,7 +158,7 @@ def test_bad_audio_is_reported_not_dropped(synth_files, make_manifest, tiny_enco
     sf.write(bad / "nan.wav", np.array([0.1, np.nan] * 4000, np.float32), 16000, subtype="FLOAT")
     paths = synth_files[:2] + sorted(bad.iterdir()) + [bad / "missing.wav"]
     skips = tmp_path / "skips.csv"
-    summary = extract([make_manifest(paths)], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
+    summary = extract([make_manifest(paths)], tmp_path / "f", encoder=str(tiny_encoder_dir), device="cpu",
                       skips=skips)
     assert (summary["computed"], summary["skipped"], summary["stored"]) == (2, 5, 2)
     report = pd.read_csv(skips).set_index("id")["reason"].to_dict()
@@ -125,30 +166,38 @@ def test_bad_audio_is_reported_not_dropped(synth_files, make_manifest, tiny_enco
                       "synth/bad/nan": "non_finite", "synth/bad/missing": "missing"}
 
 
-def test_empty_and_repeated_manifests(tmp_path, make_manifest, synth_files, tiny_encoder_dir):
+def test_empty_and_repeated_manifests_and_bad_options(tmp_path, make_manifest, synth_files, tiny_encoder_dir,
+                                                      capsys):
     empty = tmp_path / "empty.csv"
     pd.DataFrame(columns=["id", "path", "duration_s"]).to_csv(empty, index=False)
     main(["--manifest", str(empty), "--manifest", str(make_manifest(synth_files[:1])), "--out",
-          str(tmp_path / "f.h5"), "--encoder", str(tiny_encoder_dir), "--device", "cpu", "--layers", "1,2"])
-    with FeatureStore(tmp_path / "f.h5") as fs:
+          str(tmp_path / "f"), "--encoder", str(tiny_encoder_dir), "--device", "cpu", "--layers", "1,2"])
+    with FeatureStore(tmp_path / "f") as fs:
         assert len(fs) == 1 and fs.attrs["layers"] == [1, 2]
-    assert (tmp_path / "f.h5.skips.csv").read_text().strip() == "id,path,reason,detail"
-    main(["--manifest", str(empty), "--out", str(tmp_path / "e.h5"), "--encoder", str(tiny_encoder_dir)])
-    with FeatureStore(tmp_path / "e.h5") as fs:
+    assert (tmp_path / "f.skips.csv").read_text().strip() == "id,path,reason,detail"
+    main(["--manifest", str(empty), "--out", str(tmp_path / "e"), "--encoder", str(tiny_encoder_dir)])
+    with FeatureStore(tmp_path / "e") as fs:
         assert fs.ids() == []
     twice = make_manifest(synth_files[:1], name="again.csv")
     with pytest.raises(ValueError, match="unique ids"):
-        extract([twice, twice], tmp_path / "f.h5", encoder=str(tiny_encoder_dir))
-    with pytest.raises(ValueError, match="--layers"):
-        extract([twice], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), layers="0,9")
+        extract([twice, twice], tmp_path / "f", encoder=str(tiny_encoder_dir))
+    for layers in ["0,9", "0,0", "x"]:
+        with pytest.raises(ValueError, match="--layers"):
+            extract([twice], tmp_path / "f", encoder=str(tiny_encoder_dir), layers=layers)
+    for option, value in [("--batch-seconds", "0"), ("--procs", "-1"), ("--max-seconds", "-5"),
+                          ("--offset-seconds", "-1"), ("--chunk-seconds", "x")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--manifest", str(twice), "--out", str(tmp_path / "g"), option, value])
+        assert exit_info.value.code == 2 and option in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
 
 
 def test_long_file_is_streamed_in_windows(tmp_path, write_audio, make_manifest, tiny_encoder_dir, forward_calls):
     long = write_audio(tmp_path / "long" / "a.wav", seconds=9.0)
-    extract([make_manifest([long])], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
-            chunk_seconds=1.0, procs=1)
+    extract([make_manifest([long])], tmp_path / "f", encoder=str(tiny_encoder_dir), device="cpu",
+            chunk_seconds=1.0, procs=1, feature_encoder="library")  # (no start-up timing passes)
     assert len(forward_calls) == 9 and max(max(c) for c in forward_calls) < 6 * 16000
-    with FeatureStore(tmp_path / "f.h5") as fs:
+    with FeatureStore(tmp_path / "f") as fs:
         assert fs.num_frames("synth/long/a") == 450 and fs.attrs["chunk_seconds"] == 1.0
 
 
@@ -156,77 +205,62 @@ def test_killed_run_resumes_to_the_same_store(tmp_path, write_audio, make_manife
     files = [write_audio(tmp_path / "a" / f"s{i % 3}" / f"u{i:02d}.wav", seconds=1.0 + 0.05 * i, seed=i)
              for i in range(24)]
     manifest = make_manifest(files)
-    out = tmp_path / "killed" / "f.h5"
+    out = tmp_path / "killed" / "f"
     cmd = [sys.executable, "-m", "features.extract", "--manifest", str(manifest), "--out", str(out), "--encoder",
-           str(tiny_encoder_dir), "--device", "cpu", "--part-entries", "1"]
+           str(tiny_encoder_dir), "--device", "cpu", "--dtype", "float32", "--part-entries", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = out.with_name("f.h5.parts")
-    deadline = time.monotonic() + 60
-    while len(list(parts.glob("part-*.h5"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while len(_shards(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not out.exists(), "the run finished before it could be killed"
-    n_parts = len(list(parts.glob("part-*.h5")))
-    assert 3 <= n_parts < 24
-    # each run in a fresh process, as the stage runs (oneDNN caches kernels built for one thread count,
-    # so a process that ran the model with other threads before may differ in the last bits)
+    assert not (out / "current.json").exists(), "the run finished before it could be killed"
+    n_shards = len(_shards(out))
+    assert 3 <= n_shards < 24
+    published = {p: _files_state(out)[p] for p in _shards(out)}
     resumed = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     reused = int(re.search(r"(\d+) reused", resumed).group(1))
-    assert reused >= n_parts and f"{24 - reused} computed" in resumed
-    assert sorted(p.name for p in out.parent.iterdir()) == ["f.h5", "f.h5.skips.csv"]  # no parts, no debris
-    clean = tmp_path / "clean.h5"
+    assert reused >= n_shards and f"{24 - reused} computed" in resumed
+    assert {p: _files_state(out)[p] for p in published} == published  # the killed run's shards kept as they were
+    assert not list(out.rglob("*.tmp-*"))  # no debris
+    clean = tmp_path / "clean"
     subprocess.run([*cmd[:cmd.index("--out") + 1], str(clean), *cmd[cmd.index("--out") + 2:]], check=True,
                    capture_output=True)
     with FeatureStore(out) as a, FeatureStore(clean) as b:
-        assert a.ids() == b.ids() and len(a) == 24
+        assert sorted(a.ids()) == sorted(b.ids()) and len(a) == 24
         for uid in a.ids():
             np.testing.assert_array_equal(a.all_frames(uid), b.all_frames(uid))
             np.testing.assert_array_equal(a.pooled(uid), b.pooled(uid))
 
 
-def test_kill_during_merge_keeps_old_store(synth_files, make_manifest, tiny_encoder_dir, tmp_path, monkeypatch):
-    out = tmp_path / "f.h5"
-    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu"}
+def test_a_failed_write_stops_the_run_and_keeps_the_previous_view(synth_files, make_manifest, tiny_encoder_dir,
+                                                                  tmp_path, monkeypatch):
+    out = tmp_path / "f"
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "procs": 1}
     extract([make_manifest(synth_files[:2])], out, **kw)
+    view = (out / "current.json").read_bytes()
 
-    def killed_before_rename(tmp, target):
-        if target != out:
-            return replace_synced(tmp, target)  # parts are published as usual
-        assert tmp.stat().st_size > 0  # the merged copy was written ...
-        raise KeyboardInterrupt         # ... and the process dies before os.replace
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("features.cache.replace_synced", killed_before_rename)  # as the cache imported it
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr("features.cache.PartWriter.add", disk_full)
+    with pytest.raises(OSError, match="No space left"):
         extract([make_manifest(synth_files)], out, **kw)
     monkeypatch.undo()
+    assert (out / "current.json").read_bytes() == view
     with FeatureStore(out) as fs:
-        assert len(fs) == 2  # the old store, whole
-    parts = sorted(out.with_name("f.h5.parts").glob("part-*.h5"))
-    assert parts and all(os.stat(p).st_mtime >= boot_time() for p in parts)
-    summary = extract([make_manifest(synth_files)], out, **kw)
-    assert (summary["computed"], summary["reused"], summary["stored"]) == (0, 6, 6)
+        assert len(fs) == 2
+    assert extract([make_manifest(synth_files)], out, **kw)["computed"] == 4
 
 
-def test_unsynced_parts_from_before_a_reboot_are_recomputed(synth_files, make_manifest, tiny_encoder_dir,
-                                                             tmp_path, monkeypatch):
-    out = tmp_path / "f.h5"
-    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu"}
-    monkeypatch.setattr("features.cache.StoreBuild.finish", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):  # killed after the work, before the merge: parts are left
-        extract([make_manifest(synth_files)], out, **kw)
-    monkeypatch.undo()
-    parts = sorted(out.with_name("f.h5.parts").glob("part-*.h5"))
-    assert parts
-    os.utime(parts[0], (0, 0))  # as if written before the machine's last boot (a crash may have torn it)
-    with FeatureStore(parts[0]) as fs:
-        lost = len(fs)
-    summary = extract([make_manifest(synth_files)], out, **kw)  # (in this process again: new part names)
-    assert (summary["computed"], summary["reused"], summary["stored"]) == (lost, 6 - lost, 6)
+def test_versions_and_provenance_recorded(tiny_encoder_dir):
+    from features.encoder import load_encoder
 
-
-def test_versions_recorded():
     assert {"torch", "transformers", "numpy", "h5py"} <= set(extract_mod.versions())
+    enc = load_encoder(tiny_encoder_dir, device="cpu")
+    record = extract_mod.provenance(enc, procs=2)
+    assert record["feature_encoder"] == enc.feature_encoder and record["cpu"] and record["procs"] == 2
+    assert record["feature_encoder_timing"]["chosen"] == enc.feature_encoder
 
 
 def test_passes_are_planned_over_every_row_and_split_longest_first(tiny_encoder_dir):
@@ -281,58 +315,3 @@ def test_decoding_runs_two_passes_ahead_and_long_files_one_ahead(tiny_encoder_di
     assert most_ahead([2.5] * 24) == 8
     assert most_ahead([3600.0] * 4) == 1  # an hour is 230 MB decoded: one is held ahead, not sixteen
     assert most_ahead([float("nan")] * 4) == 1  # unknown lengths count as the whole budget
-
-
-_LIBC = """
-import ctypes
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-"""
-
-_REUSE_PROBE = _LIBC + """
-import resource, sys
-if sys.argv[1] == "tuned":
-    from features.extract import tune_malloc
-    tune_malloc()
-size = 64 << 20  # twice the most glibc's mmap threshold may be
-block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-block = libc.malloc(size); ctypes.memset(block, 1, size)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
-def test_tuned_malloc_reuses_large_blocks_without_fresh_page_faults(run_probe):
-    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    assert run_probe(_REUSE_PROBE, "plain") > pages // 2  # glibc maps a block this large afresh: every page faults
-    assert run_probe(_REUSE_PROBE, "tuned") < pages // 100  # from the heap, freed and reused: its pages are there
-
-
-_RELEASE_PROBE = _LIBC + """
-import resource
-from features.extract import release_free_memory, tune_malloc
-def resident_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-tune_malloc()
-size = 64 << 20
-block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
-kept = resident_mb()
-release_free_memory()
-print(kept - resident_mb())
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not os.path.exists("/proc/self/statm"),
-                    reason="glibc's malloc, resident size from /proc")
-def test_free_heap_is_released_before_the_workers_fork(synth_files, make_manifest, tiny_encoder_dir, tmp_path,
-                                                       monkeypatch, run_probe):
-    assert run_probe(_RELEASE_PROBE) > 48  # the tuned heap kept the freed 64 MB; released, it is gone
-
-    workers_then = []
-    monkeypatch.setattr(extract_mod, "release_free_memory",
-                        lambda: workers_then.append(len(extract_mod.multiprocessing.active_children())))
-    summary = extract([make_manifest(synth_files)], tmp_path / "f.h5", encoder=str(tiny_encoder_dir), device="cpu",
-                      procs=2, part_entries=2, tail_alone=0)
-    assert summary["computed"] == len(synth_files) and workers_then == [0]
