@@ -32,13 +32,6 @@ from heads.models import HEADS
 MODELS = "models"
 
 
-def clear_models(out: str | os.PathLike) -> None:
-    """Remove the fold models an earlier run left in ``out/models`` (another fold count or ensemble size would
-    otherwise mix into :func:`load_run`)."""
-    for path in (Path(out) / MODELS).glob("fold_*"):
-        path.unlink()
-
-
 def save_torch_fold(out: str | os.PathLike, fold: int, model: torch.nn.Module, config: dict,
                     member: int | None = None) -> None:
     """Write ``models/fold_<k>.safetensors`` (``fold_<k>_<m>`` for member ``m`` of an ensemble) and its JSON
