@@ -283,10 +283,12 @@ def test_encoder_location_follows_override_and_env(wav2vec2_run, tiny_encoder_di
 
 def test_command_line_mistakes(wav2vec2_run, write_audio, tmp_path, capsys):
     path = write_audio(tmp_path / "a.wav", seconds=1.0)
-    status, _, err = run_cli(capsys, path, "--model", tmp_path / "no_run")
-    assert status == 2 and "fold_" in err
+    (tmp_path / "empty_run").mkdir()
+    status, _, err = run_cli(capsys, path, "--model", tmp_path / "empty_run")
+    assert status == 2 and "metrics.json not found" in err
     for extra in (["--plot", tmp_path / "p.png"], ["--segment-seconds", 2, "--hop-seconds", 3],
-                  ["--segment-seconds", 0.1]):
+                  ["--segment-seconds", 0.1], ["--batch-size", 0], ["--max-whole-seconds", -1],
+                  ["--segment-seconds", 2, "--plot", tmp_path], ["--model", tmp_path / "no_run"]):
         with pytest.raises(SystemExit) as exc:
             main([str(path), "--model", str(wav2vec2_run), *map(str, extra)])
         assert exc.value.code == 2
