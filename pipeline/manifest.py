@@ -26,6 +26,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.audio import AudioError, audio_info, check_samples
+from pipeline.cli import existing_file, output_file, positive_int, run_main
 from pipeline.corpora import CORPORA, NameRejected
 
 COLUMNS = ["id", "path", "corpus", "speaker", "gender", "emotion", "duration_s", "sample_rate", "channels"]
@@ -139,14 +140,15 @@ def summary(manifest: pd.DataFrame, rejects: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", action="append", default=[], help="corpus name (repeat with --root)")
     parser.add_argument("--root", action="append", default=[], help="corpus folder, one per --corpus")
-    parser.add_argument("--sources", help="JSON written by pipeline.pull: {corpus: {root: ...}}")
-    parser.add_argument("--out", required=True, help="manifest CSV to write")
-    parser.add_argument("--rejects", help="rejects CSV (default: beside --out as <name>_rejects.csv)")
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--sources", type=existing_file, help="JSON written by pipeline.pull: {corpus: {root: ...}}")
+    parser.add_argument("--out", required=True, type=output_file, help="manifest CSV to write")
+    parser.add_argument("--rejects", type=output_file, help="rejects CSV (default: beside --out as <name>_rejects.csv)")
+    parser.add_argument("--workers", type=positive_int, default=8)
     args = parser.parse_args(argv)
     if len(args.corpus) != len(args.root):
         parser.error("give one --root per --corpus")

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.cli import existing_file, output_file, positive_int, run_main
+
 SCHEMES = ("actor_holdout", "speaker_kfold", "cross_corpus", "random")
 PARTITIONS = ("train", "val", "test")
 #: Speaker-group folds of each corpus's usual protocol: ``None`` means leave one speaker out.
@@ -213,13 +215,14 @@ def read_split(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return splits, info
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.split", description=__doc__.split("\n")[0])
-    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--manifest", required=True, type=existing_file)
     parser.add_argument("--scheme", required=True, choices=SCHEMES)
-    parser.add_argument("--out", required=True, help="splits CSV; the sidecar JSON is written beside it")
+    parser.add_argument("--out", required=True, type=output_file, help="splits CSV; the sidecar JSON is written beside it")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--folds", type=int, default=None, help="speaker_kfold: number of speaker groups")
+    parser.add_argument("--folds", type=positive_int, default=None, help="speaker_kfold: number of speaker groups")
     args = parser.parse_args(argv)
     manifest = pd.read_csv(args.manifest, dtype={"id": str, "speaker": str})
     try:
