@@ -225,6 +225,25 @@ def test_digital_silence_inside_a_file_is_not_classified(wav2vec2_run, tmp_path,
     check_probabilities(segs[2])
 
 
+def test_plot_draws_silent_segments_instead_of_crashing(wav2vec2_run, tmp_path, capsys):
+    x = tone(9.0, 180.0, seed=1)
+    x[3 * 16000:6 * 16000] = 0.0
+    path, plot = tmp_path / "gap.wav", tmp_path / "gap.png"
+    sf.write(str(path), x, 16000, subtype="PCM_16")
+    status, out, err = run_cli(capsys, path, "--model", wav2vec2_run, "--segment-seconds", 3, "--plot", plot)
+    assert status == 0 and "Traceback" not in err
+    assert json.loads(out)[0]["segments"][1]["silent"] is True
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_folder_given_as_file_is_named_as_such(wav2vec2_run, write_audio, tmp_path, capsys):
+    good = write_audio(tmp_path / "good.wav", seconds=1.0)
+    status, out, _ = run_cli(capsys, tmp_path, good, "--model", wav2vec2_run)
+    [folder, ok] = json.loads(out)
+    assert status == 1 and folder["reason"] == "folder" and "is a folder; expected an audio file" in folder["error"]
+    check_probabilities(ok)
+
+
 def test_bad_inputs_are_per_file_errors(wav2vec2_run, write_audio, tmp_path, capsys):
     good = write_audio(tmp_path / "good.wav", seconds=1.0)
     garbage = tmp_path / "garbage.wav"
