@@ -309,7 +309,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augmentation", type=_flag, default=True,
                         help="use augmented copies of the manifests (true/false, default true)")
     parser.add_argument("--out", required=True, type=output_dir, help="run directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--normalisation", default="global", choices=NORMALISATIONS)
     parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--patience", type=non_negative_int, default=None)

@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", required=True, type=existing_file, help="splits CSV (its splits.json beside it)")
     parser.add_argument("--out", required=True, type=output_dir, help="output folder; manifest.csv and rejects.csv go there")
     parser.add_argument("--copies", type=non_negative_int, default=1, help="copies per training utterance (0: off)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--balance", type=_flag, nargs="?", const=True, default=False,
                         help="more copies for minority classes, equal counts in the end")
     parser.add_argument("--label-set", default=None, help="balance over this label set (default: all)")

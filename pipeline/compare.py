@@ -29,7 +29,7 @@ import pandas as pd
 
 from pipeline import report, stats
 from pipeline.audits import cross_corpus, leakage
-from pipeline.cli import existing_dir, existing_file, output_dir, positive_int, run_main
+from pipeline.cli import existing_dir, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.metrics import SCORES, scores
 from pipeline.runs import Run, System, augmented, group_systems, load_run
 
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=output_dir, help="output directory")
     parser.add_argument("--format", default=",".join(FORMATS), help="comma-separated: md, csv, latex")
     parser.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples and permutation swaps")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the resampling")
     parser.add_argument("--manifest", action="append", default=[], type=existing_file, help="manifest(s) for corpus and speaker")
     parser.add_argument("--baseline", help="reference system for p-values (default: eGeMAPS RandomForest)")
     args = parser.parse_args(argv)

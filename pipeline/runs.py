@@ -209,9 +209,15 @@ def load_run(path: str | os.PathLike) -> Run:
         raise ValueError(f"{path / 'predictions.csv'} cannot be read as CSV ({err}); the file is damaged. "
                          "Re-run the train stage.") from None
     check_predictions(path, metrics, predictions)
-    history = pd.read_csv(path / "history.csv") if (path / "history.csv").is_file() else None
-    layers = path / "layer_weights.json"
-    layer_weights = json.loads(layers.read_text()) if layers.is_file() else None
+    history = layer_weights = None
+    try:
+        if (path / "history.csv").is_file():
+            history = pd.read_csv(path / "history.csv")
+        if (path / "layer_weights.json").is_file():
+            layer_weights = json.loads((path / "layer_weights.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' and json's parse errors are ValueErrors
+        raise ValueError(f"{path}: history.csv or layer_weights.json cannot be read ({err}); the run is damaged. "
+                         "Re-run the train stage.") from None
     return Run(path, metrics, dict(metrics["protocol"]), labels, predictions, history, layer_weights)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import existing_file, output_file, positive_int, run_main
+from pipeline.cli import existing_file, non_negative_int, output_file, positive_int, run_main
 
 SCHEMES = ("actor_holdout", "speaker_kfold", "cross_corpus", "random")
 PARTITIONS = ("train", "val", "test")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True, type=existing_file)
     parser.add_argument("--scheme", required=True, choices=SCHEMES)
     parser.add_argument("--out", required=True, type=output_file, help="splits CSV; the sidecar JSON is written beside it")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--folds", type=positive_int, default=None, help="speaker_kfold: number of speaker groups")
     args = parser.parse_args(argv)
     manifest = pd.read_csv(args.manifest, dtype={"id": str, "speaker": str})
