@@ -22,8 +22,11 @@ import pandas as pd
 
 from pipeline.labels import select_labels
 from pipeline.split import check_speaker_independent, read_split
+from pipeline.tables import read_table
 
 PARTITIONS = ("train", "val", "test")
+#: Manifest columns every trainer reads.
+MANIFEST_COLUMNS = ("id", "path", "corpus", "speaker", "emotion")
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,8 @@ def read_manifests(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     Raises:
         ValueError: an id listed twice.
     """
-    frame = pd.concat([pd.read_csv(p, dtype={"id": str, "speaker": str}) for p in paths], ignore_index=True)
+    frame = pd.concat([read_table(p, required=MANIFEST_COLUMNS, what="manifest", dtype={"id": str, "speaker": str})
+                       for p in paths], ignore_index=True)
     dup = frame["id"][frame["id"].duplicated()]
     if len(dup):
         raise ValueError(f"{len(dup)} ids appear in more than one manifest row, e.g. {dup.head(3).tolist()}; "
