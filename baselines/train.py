@@ -26,10 +26,21 @@ from baselines.models import MODELS, build_model, speaker_standardise
 from features.store import FeatureStore
 from heads.data import LRUCache
 from heads.fit import TrainConfig
-from heads.runs import clear_models, save_sklearn_fold
-from heads.train import FoldJob, add_training_args, config_from_args, default_jobs, report, run_folds
+from heads.runs import save_sklearn_fold
+from heads.train import (
+    FoldJob,
+    add_training_args,
+    check_label_set,
+    config_from_args,
+    default_jobs,
+    distinct_layers,
+    report,
+    run_folds,
+)
+from pipeline.cli import LayerList, UsageError, existing_file, positive_float, positive_int, run_main
 from pipeline.experiment import load_experiment
 from pipeline.metrics import prediction_frame, scores, write_run
+from pipeline.rundir import staged_run
 
 NORMALISATIONS = ("global", "speaker")
 
@@ -58,35 +69,42 @@ def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model:
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
     with FeatureStore(features) as store:
         exp.require_ids(store.ids(), str(features))
-        used = store.layer_positions(layers)
+        used = distinct_layers(store.layer_positions(layers))
         ids = exp.needed_ids()
         X = np.stack([store.pooled(uid)[used].reshape(-1) for uid in ids])
         attrs = dict(store.attrs)
+    bad = [uid for uid, finite in zip(ids, np.isfinite(X).all(axis=1), strict=True) if not finite]
+    if bad:
+        raise ValueError(f"{features}: {len(bad)} utterances have NaN or infinite features, e.g. {bad[:5]}; "
+                         "expected finite values (the store is corrupt). Delete those entries (or the store) and "
+                         "extract again.")
+    exp.warn_missing_classes(("train", "val"))
     if normalisation == "speaker":
         X = speaker_standardise(X, exp.speakers(ids))
     row = {uid: i for i, uid in enumerate(ids)}
     kind = attrs.get("kind", "features")
     feature_settings = {**attrs, "used_layers": used, "hidden_states": [attrs["layers"][i] for i in used]}
-    predictions, extras = [], {}
-    clear_models(out)
-    for fold in exp.folds:
-        fit_ids = fold.train + fold.val
-        estimator = build_model(model, seed=seed, **(settings or {}))
-        estimator.fit(X[[row[i] for i in fit_ids]], exp.y(fit_ids))
-        proba = np.zeros((len(fold.test), len(exp.labels)))
-        proba[:, estimator.classes_] = estimator.predict_proba(X[[row[i] for i in fold.test]])
-        predictions.append(prediction_frame(fold.test, fold.index, exp.y(fold.test), proba, exp.labels))
-        extras[fold.index] = {"n_fit": len(fit_ids)}
-        save_sklearn_fold(out, fold.index, {
-            "kind": "sklearn", "model": model, "estimator": estimator, "labels": exp.labels,
-            "classes": estimator.classes_.tolist(), "normalisation": {"mode": normalisation},
-            "feature_settings": feature_settings, "settings": settings or {}})
-        print(f"fold {fold.index}: test ua {scores(exp.y(fold.test), proba.argmax(1))['ua']:.3f}", file=sys.stderr)
-    protocol = {"system": system or f"{model}_{kind}", "model": model, "feature_set": kind,
-                "features": str(features), **exp.protocol(), "normalisation": normalisation, "seed": seed,
-                "layers": used, "fit_on": "train+val", "settings": settings or {}}
-    return write_run(out, labels=exp.labels, predictions=pd.concat(predictions, ignore_index=True),
-                     speakers=exp.frame["speaker"], protocol=protocol, fold_extras=extras)
+    with staged_run(out) as tmp:  # the previous run stays whole until this one is complete
+        predictions, extras = [], {}
+        for fold in exp.folds:
+            fit_ids = fold.train + fold.val
+            estimator = build_model(model, seed=seed, **(settings or {}))
+            estimator.fit(X[[row[i] for i in fit_ids]], exp.y(fit_ids))
+            proba = np.zeros((len(fold.test), len(exp.labels)))
+            proba[:, estimator.classes_] = estimator.predict_proba(X[[row[i] for i in fold.test]])
+            predictions.append(prediction_frame(fold.test, fold.index, exp.y(fold.test), proba, exp.labels))
+            extras[fold.index] = {"n_fit": len(fit_ids)}
+            save_sklearn_fold(tmp, fold.index, {
+                "kind": "sklearn", "model": model, "estimator": estimator, "labels": exp.labels,
+                "classes": estimator.classes_.tolist(), "normalisation": {"mode": normalisation},
+                "feature_settings": feature_settings, "settings": settings or {}})
+            ua = scores(exp.y(fold.test), proba.argmax(1))["ua"]
+            print(f"fold {fold.index}: test ua {ua:.3f}", file=sys.stderr)
+        protocol = {"system": system or f"{model}_{kind}", "model": model, "feature_set": kind,
+                    "features": str(features), **exp.protocol(), "normalisation": normalisation, "seed": seed,
+                    "layers": used, "fit_on": "train+val", "settings": settings or {}}
+        return write_run(tmp, labels=exp.labels, predictions=pd.concat(predictions, ignore_index=True),
+                         speakers=exp.frame["speaker"], protocol=protocol, fold_extras=extras)
 
 
 def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out: str, merge_calm: bool = False,
@@ -122,19 +140,26 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
     return run_folds(job, protocol=protocol, jobs=jobs)
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m baselines.train", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, choices=[*sorted(MODELS), "mfcc_cnn"])
-    parser.add_argument("--features", default=None, help="feature store (.h5); rf and svm only")
-    parser.add_argument("--layers", type=int, nargs="*", default=None,
-                        help="rf/svm: positions in the store's layers (default: all)")
-    parser.add_argument("--n-estimators", type=int, default=500, help="rf")
-    parser.add_argument("--C", type=float, default=10.0, help="svm")
-    parser.add_argument("--n-jobs", type=int, default=1, help="rf")
-    parser.add_argument("--n-mels", type=int, default=64, help="mfcc_cnn")
-    parser.add_argument("--n-mfcc", type=int, default=None, help="mfcc_cnn: MFCCs instead of log-mel")
+    parser.add_argument("--features", default=None, type=existing_file,
+                        help="feature store (.h5); rf and svm only")
+    parser.add_argument("--layers", action=LayerList, default=None,
+                        help="rf/svm: positions in the store's layers, each once: 0 3 or 0,3 (default: all)")
+    parser.add_argument("--n-estimators", type=positive_int, default=500, help="rf")
+    parser.add_argument("--C", type=positive_float, default=10.0, help="svm")
+    parser.add_argument("--n-jobs", type=int, default=1, help="rf (-1: every core)")
+    parser.add_argument("--n-mels", type=positive_int, default=64, help="mfcc_cnn")
+    parser.add_argument("--n-mfcc", type=positive_int, default=None, help="mfcc_cnn: MFCCs instead of log-mel")
     add_training_args(parser)
     args = parser.parse_args(argv)
+    check_label_set(args.label_set)
+    if args.n_jobs == 0 or args.n_jobs < -1:
+        raise UsageError(f"--n-jobs {args.n_jobs}: expected a whole number of at least 1, or -1 for every core.")
+    if args.n_mfcc and args.n_mfcc > args.n_mels:
+        raise UsageError(f"--n-mfcc {args.n_mfcc}: expected at most --n-mels ({args.n_mels}) coefficients.")
     common = {"manifests": args.manifest, "split": args.split, "label_set": args.label_set, "out": args.out,
               "merge_calm": args.merge_calm, "augmentation": args.augmentation,
               "normalisation": args.normalisation, "seed": args.seed,
@@ -147,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                                   cache_mb=args.cache_mb, jobs=args.jobs, threads=args.threads,
                                   members=args.ensemble)
         if not args.features:
-            raise ValueError(f"--model {args.model} reads utterance-level features; expected --features "
+            raise UsageError(f"--model {args.model} reads utterance-level features; expected --features "
                              "F.h5, found none. Pass the eGeMAPS (or wav2vec2) feature store.")
         settings = ({"n_estimators": args.n_estimators, "n_jobs": args.n_jobs} if args.model == "rf"
                     else {"C": args.C})

@@ -38,7 +38,19 @@ class StoreFrames:
         self.store, self.layers = store, list(layers)
 
     def __call__(self, uid: str) -> np.ndarray:
-        return np.stack([np.asarray(self.store.frames(uid, layer), dtype=np.float32) for layer in self.layers])
+        """Frames ``[L, T, H]`` of ``uid``.
+
+        Raises:
+            ValueError: NaN or infinite values (a corrupt store): training on them would end at chance
+                without a word, so the utterance and the store are named instead.
+        """
+        x = np.stack([np.asarray(self.store.frames(uid, layer), dtype=np.float32) for layer in self.layers])
+        if not np.isfinite(x).all():
+            raise ValueError(f"{getattr(self.store, 'path', 'feature store')}: utterance {uid!r} has "
+                             f"{int((~np.isfinite(x)).sum())} NaN or infinite values in layers {self.layers}; "
+                             "expected finite features (the store is corrupt). Delete the store (or that entry) "
+                             "and extract again.")
+        return x
 
 
 class LRUCache:

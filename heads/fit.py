@@ -48,6 +48,20 @@ class TrainConfig:
     max_frames: int | None = None
     balance: str = "weights"
 
+    def __post_init__(self):
+        """Refuse settings that would train nothing or train silently wrong (checked before any work)."""
+        checks = {"epochs": self.epochs >= 1, "patience": self.patience >= 0, "lr": self.lr > 0,
+                  "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
+                  "max_frames": self.max_frames is None or self.max_frames >= 1}
+        wrong = [k for k, ok in checks.items() if not ok]
+        if wrong:
+            found = ", ".join(f"{k}={getattr(self, k)!r}" for k in wrong)
+            raise ValueError(f"training settings {found}: expected epochs >= 1, patience >= 0, lr > 0, "
+                             "weight_decay >= 0, batch_size >= 1 and max_frames >= 1 (or None for whole "
+                             "utterances). Fix the option or params.yaml's train block.")
+        if self.balance not in BALANCES:
+            raise ValueError(f"unknown balance {self.balance!r}; expected one of {BALANCES}.")
+
 
 @dataclass
 class FoldData:

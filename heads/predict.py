@@ -36,6 +36,7 @@ from heads.inputs import RunInputs, run_inputs
 from heads.runs import Run, load_run
 from heads.timeline import cut_windows, plan_segments, plot_timelines, weighted_mean
 from pipeline.audio import AudioError, audio_info, check_samples, load_audio, stream_audio
+from pipeline.cli import existing_dir, output_file, positive_float, positive_int, run_main
 
 MIN_SECONDS = 0.25
 MIN_SEGMENT_SECONDS = 0.5
@@ -148,6 +149,9 @@ def predict_file(path: str, *, run: Run, inputs: RunInputs, segment_seconds: flo
             ``non_finite`` or ``too_short`` (see the module docstring).
         ValueError: the features cannot be computed for this audio.
     """
+    if os.path.isdir(path):
+        raise AudioError("folder", f"{path}: is a folder; expected an audio file. Pass the recordings inside it "
+                                   f"(e.g. {os.path.join(path, '*.wav')}).")
     if not os.path.isfile(path):
         raise AudioError("missing", f"{path}: no such file; expected an audio file. Check the path.")
     info = audio_info(path)
@@ -209,21 +213,23 @@ def predict_files(paths: Sequence[str], *, run: Run, inputs: RunInputs, verbose:
     return results
 
 
+@run_main
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m heads.predict", description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="+", metavar="FILE", help="recordings (any format libsndfile reads)")
-    p.add_argument("--model", required=True, help="run directory written by heads.train or baselines.train")
-    p.add_argument("--segment-seconds", type=float, default=None, help="timeline window length S")
-    p.add_argument("--hop-seconds", type=float, default=None, help="seconds between windows (default S)")
-    p.add_argument("--max-whole-seconds", type=float, default=30.0,
+    p.add_argument("--model", required=True, type=existing_dir,
+                   help="run directory written by heads.train or baselines.train")
+    p.add_argument("--segment-seconds", type=positive_float, default=None, help="timeline window length S")
+    p.add_argument("--hop-seconds", type=positive_float, default=None, help="seconds between windows (default S)")
+    p.add_argument("--max-whole-seconds", type=positive_float, default=30.0,
                    help="longest file classified in one pass; longer files are labelled from segments")
     p.add_argument("--format", default="json", choices=FORMATS)
-    p.add_argument("--plot", default=None, help="PNG of class probabilities over time (one panel per file)")
+    p.add_argument("--plot", default=None, type=output_file, help="PNG of class probabilities over time (one panel per file)")
     p.add_argument("--encoder", default=None, help="hub id or local folder (default: $SER_ENCODER, else the run's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="encoder compute dtype (default: the one used at extraction)")
-    p.add_argument("--batch-size", type=int, default=8, help="segments per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="segments per forward pass")
     p.add_argument("--verbose", action="store_true", help="progress and real-time factor on stderr")
     a = p.parse_args(argv)
     if a.segment_seconds is not None and a.segment_seconds < MIN_SEGMENT_SECONDS:
@@ -253,12 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         audio, wall = sum(r["duration_s"] for r in ok), time.perf_counter() - t1
         print(f"total: {audio:.1f} s of audio in {wall:.2f} s, real-time factor {wall / audio:.4f}", file=sys.stderr)
     sys.stdout.write({"json": to_json, "csv": to_csv, "table": to_table}[a.format](results, run.labels))
+    status = 1 if len(ok) < len(results) else 0
     if a.plot:
         try:
             plot_timelines(results, run.labels, a.plot)
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
-    return 1 if len(ok) < len(results) else 0
+            status = 1
+    return status
 
 
 if __name__ == "__main__":

@@ -24,19 +24,15 @@ from pathlib import Path
 import joblib
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from heads.data import Normaliser, collate, frame_stats
 from heads.models import HEADS
+from pipeline.rundir import recover_run
+from pipeline.runs import load_run as read_run
 
 MODELS = "models"
-
-
-def clear_models(out: str | os.PathLike) -> None:
-    """Remove the fold models an earlier run left in ``out/models`` (another fold count or ensemble size would
-    otherwise mix into :func:`load_run`)."""
-    for path in (Path(out) / MODELS).glob("fold_*"):
-        path.unlink()
 
 
 def save_torch_fold(out: str | os.PathLike, fold: int, model: torch.nn.Module, config: dict,
@@ -149,31 +145,68 @@ class Run:
 
 
 def _load_torch(path: Path, builders: dict) -> tuple[object, dict]:
-    cfg = json.loads(path.read_text())
-    model = builders[cfg["model"]](**cfg["model_kwargs"])
-    model.load_state_dict(load_file(path.with_suffix(".safetensors")))
+    try:
+        cfg = json.loads(path.read_text())
+        model = builders[cfg["model"]](**cfg["model_kwargs"])
+        model.load_state_dict(load_file(path.with_suffix(".safetensors")))
+    except (OSError, json.JSONDecodeError, KeyError, RuntimeError, SafetensorError) as err:
+        raise ValueError(f"{path.with_suffix('')}.{{json,safetensors}} cannot be loaded ({type(err).__name__}: "
+                         f"{err}); expected a fold model written by heads.train or baselines.train. The run is "
+                         "damaged: re-run the train stage.") from None
     return model.eval(), cfg
+
+
+def _load_joblib(path: Path) -> dict:
+    try:
+        payload = joblib.load(path)
+    except Exception as err:  # noqa: BLE001 (unpickling a damaged file raises anything)
+        raise ValueError(f"{path} cannot be loaded ({type(err).__name__}: {err}); expected a fold model written by "
+                         "baselines.train. The run is damaged: re-run the train stage.") from None
+    return payload
+
+
+def _check_models(run_dir: Path, names: list[str], metrics: dict) -> None:
+    """Refuse models that do not match ``metrics.json``: every fold it lists, ``ensemble`` members each."""
+    folds = sorted(int(f["fold"]) for f in metrics["folds"])
+    members = int(metrics["protocol"].get("ensemble") or 1)
+    expected = sorted(f"fold_{k}" if members == 1 else f"fold_{k}_{m}" for k in folds for m in range(members))
+    if sorted(names) != expected:
+        missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+        raise ValueError(f"{run_dir / MODELS} does not match {run_dir / 'metrics.json'} (folds {folds}, "
+                         f"{members} model(s) per fold): missing {missing}, unexpected {extra}. The run is "
+                         "incomplete or mixed with another: re-run the train stage.")
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
     """Load every fold model of a run directory written by ``heads.train`` or ``baselines.train``.
 
+    The run is read and checked first (``pipeline.runs.load_run``: ``metrics.json`` against
+    ``predictions.csv``), then its models against ``metrics.json``: one per fold (``ensemble`` per fold for
+    torch ensembles), none missing and none left over, so a run never predicts from part of its folds.
+
     Raises:
-        FileNotFoundError: no fold model under ``run_dir/models``.
+        FileNotFoundError: no run directory, or no ``metrics.json``/``predictions.csv``.
+        NotADirectoryError: ``run_dir`` is a file.
+        ValueError: an inconsistent or damaged run, or models that do not match ``metrics.json``.
     """
+    if not Path(run_dir).exists() and not recover_run(run_dir).exists():
+        raise FileNotFoundError(f"{run_dir}: no such run directory; expected the --out of heads.train or "
+                                "baselines.train. Check the path.")
+    metrics = read_run(run_dir).metrics
     folder = Path(run_dir) / MODELS
     order = lambda p: [int(n) for n in p.stem.split("_")[1:]]  # noqa: E731 (fold, then member)
     configs = sorted(folder.glob("fold_*.json"), key=order)
+    payloads = sorted(folder.glob("fold_*.joblib"), key=order)
+    if not configs and not payloads:
+        raise FileNotFoundError(f"{folder}: expected fold_<k>.json + .safetensors or fold_<k>.joblib "
+                                "files; found none. Point at a run directory written by heads.train or "
+                                "baselines.train.")
+    _check_models(Path(run_dir), [p.stem for p in configs or payloads], metrics)
     if configs:
         builders = _torch_models()
         folds = [_load_torch(p, builders) for p in configs]
     else:
-        payloads = sorted(folder.glob("fold_*.joblib"), key=order)
-        if not payloads:
-            raise FileNotFoundError(f"{folder}: expected fold_<k>.json + .safetensors or fold_<k>.joblib "
-                                    "files; found none. Point at a run directory written by heads.train or "
-                                    "baselines.train.")
-        folds = [(p["estimator"], p) for p in map(joblib.load, payloads)]
+        folds = [(p["estimator"], p) for p in map(_load_joblib, payloads)]
     first = folds[0][1]
     return Run(Path(run_dir), first["kind"], first["model"], list(first["labels"]),
                first["normalisation"]["mode"], first["feature_settings"], folds)

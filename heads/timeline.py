@@ -95,7 +95,8 @@ def plot_timelines(results: Sequence[dict], labels: Sequence[str], out: str | os
     """Draw class probabilities over time, one panel per file that has ``segments``, into one PNG.
 
     Each segment is a stacked bar from its start (width: the hop, or its own length when shorter), so the
-    colours show how the probability mass is shared between classes; the title gives the file's label.
+    colours show how the probability mass is shared between classes; the title gives the file's label. A
+    segment of digital silence (``probabilities`` None) is a grey hatched bar labelled ``silent``.
 
     Args:
         results: per-file dicts as :func:`heads.predict.predict_file` returns (``file``, ``label``,
@@ -124,15 +125,20 @@ def plot_timelines(results: Sequence[dict], labels: Sequence[str], out: str | os
         if len(starts) > 1:
             widths = np.minimum(widths, np.diff(starts, append=starts[-1] + widths[-1]))
         bottom = np.zeros(len(segs))
+        silent = np.array([s.get("probabilities") is None for s in segs])
         for c, label in enumerate(labels):
-            p = np.array([s["probabilities"][label] for s in segs])
+            p = np.array([0.0 if s.get("probabilities") is None else s["probabilities"][label] for s in segs])
             ax.bar(starts, p, width=widths, bottom=bottom, align="edge", color=colours[c % len(colours)],
                    label=label, linewidth=0)
             bottom += p
+        if silent.any():  # digital silence is not classified: a grey bar, so the gap reads as silence
+            ax.bar(starts[silent], np.ones(int(silent.sum())), width=widths[silent], align="edge",
+                   color="0.85", hatch="//", edgecolor="0.6", linewidth=0, label="silent")
         ax.set_xlim(0, segs[-1]["end"])
         ax.set_ylim(0, 1)
         ax.set_ylabel("probability")
-        ax.set_title(f"{os.path.basename(result['file'])}: {result['label']}", fontsize=10, loc="left")
+        title = result.get("label") or "every segment silent"
+        ax.set_title(f"{os.path.basename(result['file'])}: {title}", fontsize=10, loc="left")
     axes[-1, 0].set_xlabel("time (s)")
     handles, names = axes[0, 0].get_legend_handles_labels()  # top of the stack first, as drawn
     axes[0, 0].legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,

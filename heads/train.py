@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import multiprocessing
 import sys
@@ -31,11 +32,24 @@ from features.store import FeatureStore
 from heads.data import NORMALISATIONS, LRUCache, Normaliser, Reader, StoreFrames
 from heads.fit import BALANCES, FoldData, TrainConfig, evaluate, fit, seed_everything
 from heads.models import HEADS, build_head
-from heads.runs import clear_models, save_torch_fold
+from heads.runs import save_torch_fold
+from pipeline.cli import (
+    LayerList,
+    UsageError,
+    existing_file,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    probability,
+    run_main,
+)
 from pipeline.experiment import Experiment, load_experiment
 from pipeline.labels import label_set_names
 from pipeline.metrics import prediction_frame, scores, write_run
 from pipeline.processes import cpu_cores, die_with_parent
+from pipeline.rundir import staged_run
 
 
 @contextlib.contextmanager
@@ -116,6 +130,9 @@ def run_folds(job: FoldJob, *, protocol: dict, jobs: int = 1) -> dict:
     """Train every model of every fold of ``job.exp`` (``jobs`` at a time, each in a fresh process when more
     than one), then write the run directory.
 
+    The whole run is written into a staging sibling of ``job.out`` and swapped in only when complete
+    (``pipeline.rundir.staged_run``): a failure or a kill at any moment leaves the previous run as it was.
+
     Each model trains on ``job.threads`` torch threads whatever ``jobs`` is, so a fixed seed gives the same
     metrics on a 2-core laptop and a 64-core server.
 
@@ -129,7 +146,12 @@ def run_folds(job: FoldJob, *, protocol: dict, jobs: int = 1) -> dict:
     """
     if job.members < 1:
         raise ValueError(f"members {job.members}: expected at least 1 model per fold.")
-    clear_models(job.out)
+    job.exp.warn_missing_classes()
+    with staged_run(job.out) as tmp:
+        return _run_folds(dataclasses.replace(job, out=str(tmp)), protocol=protocol, jobs=jobs)
+
+
+def _run_folds(job: FoldJob, *, protocol: dict, jobs: int) -> dict:
     tasks = [(i, m) for i in range(len(job.exp.folds)) for m in range(job.members)]  # (fold position, member)
     args = ([job] * len(tasks), [i for i, _ in tasks], [m for _, m in tasks])
     if jobs <= 1 or len(tasks) == 1:
@@ -157,6 +179,15 @@ def run_folds(job: FoldJob, *, protocol: dict, jobs: int = 1) -> dict:
     return write_run(job.out, labels=job.exp.labels, predictions=pd.concat(predictions, ignore_index=True),
                      speakers=job.exp.frame["speaker"], protocol=protocol, history=history,
                      layer_weights=layer_weights, fold_extras=extras)
+
+
+def distinct_layers(used: Sequence[int]) -> list[int]:
+    """``used`` layer positions, refused when one is given twice (it would be stored and weighted twice)."""
+    twice = sorted({i for i in used if list(used).count(i) > 1})
+    if twice:
+        raise ValueError(f"layers {list(used)}: expected each layer once, found {twice} more than once. "
+                         "Drop the repeats.")
+    return list(used)
 
 
 def store_reader(path: str, layers: Sequence[int], cache_mb: int) -> Reader:
@@ -202,7 +233,7 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
     with FeatureStore(features) as store:
         exp.require_ids(store.ids(), str(features))
-        used = store.layer_positions(layers)
+        used = distinct_layers(store.layer_positions(layers))
         input_dim = store.frames(exp.folds[0].train[0], used[0]).shape[1]
         kind = store.attrs.get("kind", "features")
         settings = {**store.attrs, "used_layers": used, "max_frames": config.max_frames,
@@ -245,13 +276,9 @@ def apply_defaults(args: argparse.Namespace, defaults: dict) -> argparse.Namespa
 
 
 def report(out: str, train: Callable[[], dict]) -> int:
-    """Run a trainer for a command line: expected errors become one ``error:`` line (exit 2), success prints
-    the headline figures (exit 0)."""
-    try:
-        metrics = train()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """Run a trainer for a command line and print the headline figures (exit 0); its expected failures are
+    left to ``pipeline.cli.run_main`` (one ``error:`` line, exit 1)."""
+    metrics = train()
     print(f"{out}: ua {metrics['ua']:.3f} ± {metrics['ua_std']:.3f}, wa {metrics['wa']:.3f}, "
           f"macro_f1 {metrics['macro_f1']:.3f}", file=sys.stderr)
     return 0
@@ -265,45 +292,40 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
 
 
-def _count(text: str) -> int:
-    """A whole number of at least 1 (models per fold, threads, processes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, found {text!r}")
-    return value
+def check_label_set(name: str) -> None:
+    """Refuse an unknown ``--label-set`` as a command-line error (exit 2) before anything is read."""
+    if name not in label_set_names():
+        raise UsageError(f"unknown label set {name!r}; expected one of {label_set_names()}.")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by the torch trainers (heads and the MFCC-CNN baseline)."""
-    parser.add_argument("--manifest", action="append", required=True,
+    parser.add_argument("--manifest", action="append", required=True, type=existing_file,
                         help="manifest CSV; repeat to add an augmented-copies manifest")
-    parser.add_argument("--split", required=True)
+    parser.add_argument("--split", required=True, type=existing_file)
     parser.add_argument("--label-set", required=True, help=f"one of {label_set_names()}")
     parser.add_argument("--merge-calm", type=_flag, nargs="?", const=True, default=False,
                         help="map calm onto neutral (true/false; bare flag: true)")
     parser.add_argument("--augmentation", type=_flag, default=True,
                         help="use augmented copies of the manifests (true/false, default true)")
-    parser.add_argument("--out", required=True, help="run directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, type=output_dir, help="run directory")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--normalisation", default="global", choices=NORMALISATIONS)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--patience", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--max-frames", type=int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None)
+    parser.add_argument("--patience", type=non_negative_int, default=None)
+    parser.add_argument("--lr", type=positive_float, default=None)
+    parser.add_argument("--weight-decay", type=non_negative_float, default=None)
+    parser.add_argument("--batch-size", type=positive_int, default=None)
+    parser.add_argument("--max-frames", type=non_negative_int, default=None,
                         help="random training crop / central evaluation crop in frames (0: whole utterances)")
     parser.add_argument("--balance", default=TrainConfig.balance, choices=BALANCES)
-    parser.add_argument("--dropout", type=float, default=None)
-    parser.add_argument("--cache-mb", type=int, default=2048, help="frame cache budget in MiB")
-    parser.add_argument("--ensemble", type=_count, default=None,
+    parser.add_argument("--dropout", type=probability, default=None)
+    parser.add_argument("--cache-mb", type=non_negative_int, default=2048, help="frame cache budget in MiB")
+    parser.add_argument("--ensemble", type=positive_int, default=None,
                         help="models per fold from different seeds, their probabilities averaged")
-    parser.add_argument("--threads", type=_count, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads per model (the metrics depend on it, not on --jobs)")
-    parser.add_argument("--jobs", type=_count, default=None,
+    parser.add_argument("--jobs", type=positive_int, default=None,
                         help="models trained at once, each in its own process (default: one per CPU core)")
     parser.add_argument("--system", default=None, help="run name in comparisons")
 
@@ -315,24 +337,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        batch_size=args.batch_size, max_frames=args.max_frames or None, balance=args.balance)
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m heads.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--features", required=True, help="feature store (.h5)")
+    parser.add_argument("--features", required=True, type=existing_file, help="feature store (.h5)")
     parser.add_argument("--head", required=True, choices=sorted(HEADS))
-    parser.add_argument("--layers", type=int, nargs="*", default=None,
-                        help="positions in the store's layers (default: all)")
-    parser.add_argument("--hidden", type=int, default=None, help="conv head width")
+    parser.add_argument("--layers", action=LayerList, default=None,
+                        help="positions in the store's layers, each once: 0 3 or 0,3 (default: all)")
+    parser.add_argument("--hidden", type=positive_int, default=None, help="conv head width")
     parser.add_argument("--pooling", default=None, choices=["mean", "stats"],
                         help="conv head: mean (Pepino et al.) or mean ‖ std over valid frames")
     add_training_args(parser)
     args = parser.parse_args(argv)
+    check_label_set(args.label_set)
     try:
         with FeatureStore(args.features) as store:
             kind = store.attrs.get("kind", "wav2vec2")
     except (OSError, ValueError) as err:
-        print(f"error: cannot read the feature store {args.features} ({err}); expected an HDF5 store written "
-              "by features.extract or features.egemaps.", file=sys.stderr)
-        return 2
+        raise ValueError(f"cannot read the feature store {args.features} ({err}); expected an HDF5 store "
+                         "written by features.extract or features.egemaps.") from err
     apply_defaults(args, RECOMMENDED.get((args.head, kind), {}))
     conv_only = {"hidden": args.hidden, "pooling": args.pooling} if args.head == "conv" else {}
     head_kwargs = {"dropout": args.dropout, **conv_only}

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,31 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
         raise AudioError("no_samples", f"{path}: header announces {info.frames} frames at "
                                        f"{info.samplerate} Hz; expected a non-empty recording.")
     return AudioInfo(path, int(info.frames), int(info.samplerate), int(info.channels), info.format, info.subtype)
+
+
+#: Chunk sizes that streaming writers put in a header when the length is unknown; not a sign of truncation.
+_UNKNOWN_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF}
+
+
+def check_complete(info: AudioInfo) -> None:
+    """Refuse a file whose data chunk is shorter than its header announces (a truncated copy or download).
+
+    libsndfile reads such a WAV or AIFF up to where the data stops and reports the mismatch in its log
+    (``data : 64000 (should be 31978)``); without this check the file would be used at part of its length.
+
+    Raises:
+        AudioError: ``truncated``, with the announced and the present bytes.
+    """
+    try:
+        log = sf.info(info.path).extra_info
+    except (sf.LibsndfileError, RuntimeError):
+        return
+    for line in log.splitlines():
+        match = re.match(r"\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", line)
+        if match and int(match[2]) not in _UNKNOWN_SIZES and int(match[3]) < int(match[2]):
+            raise AudioError("truncated", f"{info.path}: the header announces {int(match[2])} bytes of audio, "
+                                          f"the file holds {int(match[3])}; expected a complete file (it would be "
+                                          "used at part of its length). Copy or download it again.")
 
 
 def check_samples(info: AudioInfo, *, block_frames: int = 65536) -> None:

@@ -34,6 +34,7 @@ from audiomentations.core.transforms_interface import BaseWaveformTransform
 from tqdm import tqdm
 
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio, write_audio
+from pipeline.cli import existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.labels import select_labels
 from pipeline.split import read_split
 
@@ -341,21 +342,22 @@ def read_chain(path: str | os.PathLike, key: str | None = None) -> dict:
     return dict(node or {})
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.augment", description=__doc__.split("\n")[0])
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--split", required=True, help="splits CSV (its splits.json beside it)")
-    parser.add_argument("--out", required=True, help="output folder; manifest.csv and rejects.csv go there")
-    parser.add_argument("--copies", type=int, default=1, help="copies per training utterance (0: off)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--manifest", required=True, type=existing_file)
+    parser.add_argument("--split", required=True, type=existing_file, help="splits CSV (its splits.json beside it)")
+    parser.add_argument("--out", required=True, type=output_dir, help="output folder; manifest.csv and rejects.csv go there")
+    parser.add_argument("--copies", type=non_negative_int, default=1, help="copies per training utterance (0: off)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--balance", type=_flag, nargs="?", const=True, default=False,
                         help="more copies for minority classes, equal counts in the end")
     parser.add_argument("--label-set", default=None, help="balance over this label set (default: all)")
     parser.add_argument("--merge-calm", type=_flag, nargs="?", const=True, default=False,
                         help="count calm as neutral when balancing")
-    parser.add_argument("--chain", default=None, help="YAML/JSON file with the chain, e.g. params.yaml")
+    parser.add_argument("--chain", default=None, type=existing_file, help="YAML/JSON file with the chain, e.g. params.yaml")
     parser.add_argument("--chain-key", default=None, help="dotted key of the chain in it, e.g. augment.chain")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: every core)")
     args = parser.parse_args(argv)
     try:
         chain = read_chain(args.chain, args.chain_key) if args.chain else {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import pandas as pd
 
 from pipeline import report, stats
 from pipeline.audits import cross_corpus, leakage
+from pipeline.cli import existing_dir, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.metrics import SCORES, scores
 from pipeline.runs import Run, System, augmented, group_systems, load_run
 
@@ -169,15 +171,16 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
     return table
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@run_main
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m pipeline.compare RUN_DIR... --out DIR [--format md,csv,latex]``."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", type=existing_dir, help="run directories to compare")
+    parser.add_argument("--out", required=True, type=output_dir, help="output directory")
     parser.add_argument("--format", default=",".join(FORMATS), help="comma-separated: md, csv, latex")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples and permutation swaps")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
-    parser.add_argument("--manifest", action="append", default=[], help="manifest(s) for corpus and speaker")
+    parser.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples and permutation swaps")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the resampling")
+    parser.add_argument("--manifest", action="append", default=[], type=existing_file, help="manifest(s) for corpus and speaker")
     parser.add_argument("--baseline", help="reference system for p-values (default: eGeMAPS RandomForest)")
     args = parser.parse_args(argv)
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
@@ -185,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     manifests=args.manifest, baseline=args.baseline)
     print(table[COLUMNS].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"wrote {args.out}/report.md")
+    return 0
 
 
 def _manifest_lookups(manifests: Sequence[str | os.PathLike]) -> tuple[Callable, Callable | None]:
@@ -215,4 +219,4 @@ def _text(value) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,8 +22,11 @@ import pandas as pd
 
 from pipeline.labels import select_labels
 from pipeline.split import check_speaker_independent, read_split
+from pipeline.tables import read_table
 
 PARTITIONS = ("train", "val", "test")
+#: Manifest columns every trainer reads.
+MANIFEST_COLUMNS = ("id", "path", "corpus", "speaker", "emotion")
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,26 @@ class Experiment:
                              f"split uses, e.g. {missing[:5]}; expected features for every id. Re-extract "
                              "the features from the same manifest, or re-split.")
 
+    def missing_classes(self, partitions: Sequence[str] = ("train",)) -> dict[int, list[str]]:
+        """Per fold, the labels with no utterance in ``partitions`` (a model cannot learn those classes)."""
+        missing = {}
+        for fold in self.folds:
+            ids = [i for part in partitions for i in getattr(fold, part)]
+            absent = sorted(set(range(len(self.labels))) - set(self.y(ids).tolist()))
+            if absent:
+                missing[fold.index] = [self.labels[c] for c in absent]
+        return missing
+
+    def warn_missing_classes(self, partitions: Sequence[str] = ("train",)) -> dict[int, list[str]]:
+        """Print one ``warning:`` line per fold whose ``partitions`` lack a class; return
+        :meth:`missing_classes`."""
+        missing = self.missing_classes(partitions)
+        for fold, labels in missing.items():
+            print(f"warning: fold {fold} has no {'+'.join(partitions)} utterance of {labels} (label set "
+                  f"{self.label_set!r}); its model never predicts them and their recall in this fold is 0. "
+                  "Choose a split or label set where every fold trains every class.", file=sys.stderr)
+        return missing
+
     def protocol(self) -> dict:
         """The split and label part of a run's ``protocol`` block."""
         return {
@@ -104,7 +128,8 @@ def read_manifests(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     Raises:
         ValueError: an id listed twice.
     """
-    frame = pd.concat([pd.read_csv(p, dtype={"id": str, "speaker": str}) for p in paths], ignore_index=True)
+    frame = pd.concat([read_table(p, required=MANIFEST_COLUMNS, what="manifest", dtype={"id": str, "speaker": str})
+                       for p in paths], ignore_index=True)
     dup = frame["id"][frame["id"].duplicated()]
     if len(dup):
         raise ValueError(f"{len(dup)} ids appear in more than one manifest row, e.g. {dup.head(3).tolist()}; "

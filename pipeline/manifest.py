@@ -7,7 +7,9 @@ Usage::
 
 Each file under a root is either a manifest row or a rejects row (``path, reason, detail``). Reasons:
 ``bad_name`` (outside the corpus's naming convention), ``not_speech`` (song, video), ``empty`` (zero bytes),
-``not_audio`` / ``unreadable`` / ``corrupt`` / ``no_samples`` (libsndfile cannot decode it), ``silent``
+``not_audio`` / ``unreadable`` / ``corrupt`` / ``no_samples`` (libsndfile cannot decode it, or no permission
+to read it), ``truncated`` (less data than the header announces), ``too_short`` (under :data:`MIN_SECONDS`),
+``unreadable_folder``, ``dangling_link``, ``link_loop``, ``not_a_file`` (what the walk could not list), ``silent``
 (all-zero samples), ``non_finite`` (NaN or infinite samples), ``duplicate`` (a second copy of an utterance
 already listed, as in archives that nest the corpus twice). Headers are read in a thread pool; samples
 are scanned only as far as needed (integer PCM stops at the first non-zero block).
@@ -16,8 +18,11 @@ are scanned only as far as needed (integer PCM stops at the first non-zero block
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import json
 import os
+import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +30,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.audio import AudioError, audio_info, check_samples
+from pipeline.audio import AudioError, audio_info, check_complete, check_samples
+from pipeline.cli import existing_file, non_negative_float, output_file, positive_int, run_main
 from pipeline.corpora import CORPORA, NameRejected
 
 COLUMNS = ["id", "path", "corpus", "speaker", "gender", "emotion", "duration_s", "sample_rate", "channels"]
@@ -36,32 +42,96 @@ NOT_AUDIO = {".txt", ".csv", ".md", ".pdf", ".json", ".xml", ".html", ".htm", ".
              ".xlsx", ".jpg", ".png", ".py"}
 #: Lossless containers are preferred when one utterance exists twice (e.g. CREMA-D's WAV and MP3 copies).
 _PREFERRED = {".wav": 0, ".flac": 0, ".aif": 0, ".aiff": 0}
+#: Shortest clip kept, in seconds: one minimum for every feature path, applied here so that no stage downstream
+#: dead-ends on a clip another one accepted (openSMILE's eGeMAPS needs about 0.1 s; ``heads.predict`` refuses
+#: recordings under 0.25 s).
+MIN_SECONDS = 0.25
+
+
+def walk_files(root: Path) -> tuple[list[Path], list[dict]]:
+    """Every regular file below ``root``, sorted, and a rejects row for everything that cannot be listed.
+
+    Hidden folders are included and directory symlinks are followed, each real folder once: nothing is skipped
+    unseen. Rows (``path, reason, detail``) are made for an unreadable folder (``unreadable_folder``), a link
+    whose target is missing (``dangling_link``), a link that leads back into a folder already walked
+    (``link_loop``; an ancestor, or a second link to the same folder) and anything that is neither a file nor a
+    folder (``not_a_file``: sockets, FIFOs, devices).
+    """
+    files, problems = [], []
+
+    def reject(path, reason: str, detail: str) -> None:
+        problems.append({"path": os.path.abspath(path), "reason": reason, "detail": detail})
+
+    def unreadable(err: OSError) -> None:
+        reject(err.filename or root, "unreadable_folder", f"{err.filename}: cannot list the folder ({err.strerror}); "
+               "expected a readable folder, its files are not used. Fix its permissions.")
+
+    seen = {}
+    top = os.stat(root)
+    seen[(top.st_dev, top.st_ino)] = str(root)
+    for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
+        keep = []
+        for name in sorted(dirs):
+            path = Path(folder) / name
+            st = os.stat(path)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                reject(path, "link_loop", f"{path}: leads to {seen[key]}, which is already walked; expected each "
+                       "folder once. Remove the link (its files are listed once, under the first path).")
+                continue
+            seen[key] = str(path)
+            keep.append(name)
+        dirs[:] = keep
+        for name in sorted(names):
+            path = Path(folder) / name
+            try:
+                st = os.stat(path)
+            except OSError as err:
+                if os.path.islink(path) and err.errno == errno.ELOOP:
+                    reject(path, "link_loop", f"{path}: the link points back to itself ({err.strerror}); expected "
+                           "a link to an audio file. Remove or fix the link.")
+                elif os.path.islink(path):
+                    reject(path, "dangling_link", f"{path}: the link's target {os.readlink(path)!r} does not "
+                           "exist; expected a link to an audio file. Fix or remove the link.")
+                else:
+                    reject(path, "unreadable", f"{path}: cannot stat it ({err.strerror}).")
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files.append(path)
+            else:
+                reject(path, "not_a_file", f"{path}: neither a file nor a folder (a socket, FIFO or device); "
+                       "expected audio files only.")
+    return files, problems
 
 
 def list_files(root: Path) -> list[Path]:
-    """Every regular file below ``root``, sorted, hidden folders included (nothing is skipped unseen)."""
-    files = []
-    for folder, dirs, names in os.walk(root):
-        dirs.sort()
-        files.extend(Path(folder) / name for name in sorted(names))
-    return files
+    """Every regular file below ``root`` (see :func:`walk_files`, which also reports what could not be listed)."""
+    return walk_files(root)[0]
 
 
-def _inspect(path: Path) -> tuple[dict | None, str | None, str | None]:
+def _inspect(path: Path, min_seconds: float = 0.0) -> tuple[dict | None, str | None, str | None]:
     """Read the header and scan the samples; returns (audio fields, reject reason, detail)."""
     if path.suffix.lower() in NOT_AUDIO:
         return None, "not_audio", f"{path.suffix} files are not audio"
+    if not os.access(path, os.R_OK):
+        return None, "unreadable", f"{path}: no permission to read it; expected a readable file. Fix its permissions."
     try:
         info = audio_info(path)
+        check_complete(info)
         check_samples(info)
     except AudioError as err:
         return None, err.reason, str(err)
+    except OSError as err:
+        return None, "unreadable", f"{path}: cannot read it ({err.strerror or err})."
+    if info.duration_s < min_seconds:
+        return None, "too_short", (f"{path}: lasts {info.duration_s:.3f} s; expected at least {min_seconds} s "
+                                   "(shorter clips give no eGeMAPS features and little to classify).")
     return {"duration_s": round(info.duration_s, 6), "sample_rate": info.sample_rate,
             "channels": info.channels}, None, None
 
 
-def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8,
-                progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8, progress: bool = True,
+                min_seconds: float = MIN_SECONDS) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Parse and check every file of one corpus.
 
     Args:
@@ -69,6 +139,7 @@ def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8,
         root: the corpus folder (any layout below it).
         workers: threads reading headers (libsndfile releases the GIL).
         progress: show a progress bar.
+        min_seconds: shortest usable clip; shorter ones are rejected as ``too_short``.
 
     Returns:
         ``(manifest, rejects)`` frames with :data:`COLUMNS` (+ ``text``, ``intensity``) and
@@ -85,13 +156,15 @@ def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8,
                          "Run `python -m pipeline.pull` or point --root at a local copy.")
     parse = CORPORA[corpus].parser(root)
     rows, rejects, candidates = [], [], []
-    for path in list_files(root):
+    files, problems = walk_files(root)
+    rejects += [{**p, "corpus": corpus} for p in problems]
+    for path in files:
         try:
             candidates.append((path, parse(path.relative_to(root))))
         except NameRejected as err:
             rejects.append({"path": os.path.abspath(path), "corpus": corpus, "reason": err.reason, "detail": str(err)})
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_inspect, [path for path, _ in candidates])
+        results = pool.map(functools.partial(_inspect, min_seconds=min_seconds), [path for path, _ in candidates])
         bar = tqdm(results, total=len(candidates), desc=f"manifest {corpus}", unit="file", disable=not progress)
         for (path, parsed), (audio, reason, detail) in zip(candidates, bar, strict=True):
             if reason:
@@ -139,14 +212,17 @@ def summary(manifest: pd.DataFrame, rejects: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.manifest", description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", action="append", default=[], help="corpus name (repeat with --root)")
     parser.add_argument("--root", action="append", default=[], help="corpus folder, one per --corpus")
-    parser.add_argument("--sources", help="JSON written by pipeline.pull: {corpus: {root: ...}}")
-    parser.add_argument("--out", required=True, help="manifest CSV to write")
-    parser.add_argument("--rejects", help="rejects CSV (default: beside --out as <name>_rejects.csv)")
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--sources", type=existing_file, help="JSON written by pipeline.pull: {corpus: {root: ...}}")
+    parser.add_argument("--out", required=True, type=output_file, help="manifest CSV to write")
+    parser.add_argument("--rejects", type=output_file, help="rejects CSV (default: beside --out as <name>_rejects.csv)")
+    parser.add_argument("--workers", type=positive_int, default=8)
+    parser.add_argument("--min-seconds", type=non_negative_float, default=MIN_SECONDS,
+                        help=f"shortest clip kept (default {MIN_SECONDS}); shorter ones are rejected as too_short")
     args = parser.parse_args(argv)
     if len(args.corpus) != len(args.root):
         parser.error("give one --root per --corpus")
@@ -156,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if not sources:
         parser.error("name a corpus (--corpus NAME --root DIR) or --sources FILE")
     try:
-        manifest, rejects = build_manifest(sources, workers=args.workers, progress=sys.stderr.isatty())
+        manifest, rejects = build_manifest(sources, workers=args.workers, progress=sys.stderr.isatty(),
+                                           min_seconds=args.min_seconds)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

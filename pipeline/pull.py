@@ -36,6 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.cli import output_dir, output_file, run_main
 from pipeline.corpora import CORPORA
 
 
@@ -264,14 +265,15 @@ def fingerprint(root: Path) -> dict:
     return {"files": count, "bytes": total, "sha256": digest.hexdigest()}
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.pull", description=__doc__.split("\n")[0])
     parser.add_argument("--enabled", "--corpora", nargs="+", required=True, help="corpora to make available")
     for name in CORPORA:
         parser.add_argument(f"--sources.{name}", dest=f"source_{name}", metavar="PATH",
                             help=f"local folder or archive of {name}")
-    parser.add_argument("--data-dir", default="data/raw", help="where downloads and extractions go")
-    parser.add_argument("--out", required=True, help="JSON mapping each corpus to its folder")
+    parser.add_argument("--data-dir", default="data/raw", type=output_dir, help="where downloads and extractions go")
+    parser.add_argument("--out", required=True, type=output_file, help="JSON mapping each corpus to its folder")
     args = parser.parse_args(argv)
     corpora_dir = os.environ.get("SER_CORPORA_DIR")
     found = {}

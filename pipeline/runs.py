@@ -20,7 +20,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from pipeline.rundir import recover_run
 
 PREDICTION_COLUMNS = ("id", "fold", "true", "pred")
 #: Model names of the eGeMAPS RandomForest reference, compared after dropping case and punctuation.
@@ -85,8 +88,99 @@ class System:
         return model in RANDOM_FOREST and "egemaps" in str(self.protocol.get("feature_set", "")).lower()
 
 
+def read_metrics(path: str | os.PathLike) -> dict:
+    """``metrics.json`` of a run directory, parsed and checked for the keys every reader needs.
+
+    Raises:
+        FileNotFoundError: no ``metrics.json``.
+        ValueError: not JSON (a write cut short), or no ``labels``/``protocol``/``folds``.
+    """
+    file = Path(path) / "metrics.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found; expected a run directory written by heads.train or "
+                                "baselines.train (metrics.json, predictions.csv). Run the train stage first, or "
+                                "pass the right directory.")
+    try:
+        metrics = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); expected the metrics a trainer writes. The file is "
+                         "damaged: re-run the train stage.") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{file} holds a {type(metrics).__name__}; expected a JSON object. Re-run the train stage.")
+    for key in ("labels", "protocol", "folds"):
+        if key not in metrics:
+            raise ValueError(f"{file} has no {key!r}; expected the run format of docs/ARCHITECTURE.md. "
+                             "Re-run the train stage with the current code.")
+    return metrics
+
+
+def check_predictions(path: str | os.PathLike, metrics: dict, predictions: pd.DataFrame) -> None:
+    """Refuse a ``predictions.csv`` that does not match its ``metrics.json``.
+
+    Checked: the folds, each fold's ``n_test`` and the total, ids unique within each fold (a cross-corpus scheme
+    may test one id in several folds), no empty cells (a file cut mid-line), labels inside ``labels``, and one
+    finite probability column per label whose rows sum to 1.
+
+    Raises:
+        ValueError: naming the file and what differs.
+    """
+    file = Path(path) / "predictions.csv"
+    redo = "The run is incomplete or damaged: re-run the train stage."
+    labels = [str(x) for x in metrics["labels"]]
+    missing = [c for c in [*PREDICTION_COLUMNS, *labels] if c not in predictions]
+    if missing:
+        raise ValueError(f"{file} lacks columns {missing}; expected {list(PREDICTION_COLUMNS)} and one probability "
+                         f"column per label of metrics.json {labels}. {redo}")
+    empty = predictions[[*PREDICTION_COLUMNS, *labels]].isna().any(axis=1)
+    if empty.any():
+        raise ValueError(f"{file}: {int(empty.sum())} rows have empty or unreadable cells (first at data row "
+                         f"{int(empty.to_numpy().argmax()) + 1}); expected every cell filled. {redo}")
+    unknown = sorted((set(predictions["true"]) | set(predictions["pred"])) - set(labels))
+    if unknown:
+        raise ValueError(f"{file} holds labels {unknown} that are not in metrics.json's labels {labels}; expected "
+                         f"one label set per run. {redo}")
+    try:
+        proba = predictions[labels].to_numpy(dtype=float)
+        folds = predictions["fold"].to_numpy(dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{file}: fold or probability cells that are not numbers; expected numbers. {redo}") from None
+    bad = ~np.isfinite(proba).all(axis=1) | (np.abs(proba.sum(axis=1) - 1.0) > 1e-3) | (proba < 0).any(axis=1)
+    if bad.any():
+        first = int(bad.argmax())
+        raise ValueError(f"{file}: {int(bad.sum())} rows have probabilities that are not finite, negative or do not "
+                         f"sum to 1 (first: id {predictions['id'].iloc[first]!r}, sum {proba[first].sum():.6f}); "
+                         f"expected class probabilities. {redo}")
+    if not np.all(folds == np.round(folds)):
+        raise ValueError(f"{file}: fold cells that are not whole numbers; expected fold indices. {redo}")
+    claimed = {}
+    for entry in metrics["folds"]:
+        try:
+            claimed[int(entry["fold"])] = int(entry["n_test"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{Path(path) / 'metrics.json'}: a fold entry without fold/n_test ({entry!r}); "
+                             f"expected the run format of docs/ARCHITECTURE.md. {redo}") from None
+    found = predictions.groupby(folds.astype(int)).size().to_dict()
+    if set(found) != set(claimed):
+        raise ValueError(f"{file} holds folds {sorted(found)}, but metrics.json lists folds {sorted(claimed)}; "
+                         f"expected the same folds. {redo}")
+    wrong = {k: (found[k], n) for k, n in claimed.items() if found[k] != n}
+    if wrong:
+        detail = ", ".join(f"fold {k}: {f} rows, n_test {n}" for k, (f, n) in sorted(wrong.items()))
+        raise ValueError(f"{file} does not match metrics.json ({detail}); expected n_test rows per fold. {redo}")
+    if "n_test" in metrics and int(metrics["n_test"]) != len(predictions):
+        raise ValueError(f"{file} has {len(predictions)} rows, metrics.json says n_test {metrics['n_test']}; "
+                         f"expected the same count. {redo}")
+    twice = predictions.assign(_fold=folds.astype(int)).duplicated(["_fold", "id"])
+    if twice.any():
+        raise ValueError(f"{file}: {int(twice.sum())} ids appear twice in one fold, e.g. "
+                         f"{predictions.loc[twice, 'id'].head(3).tolist()}; expected each test utterance once per "
+                         f"fold. {redo}")
+
+
 def load_run(path: str | os.PathLike) -> Run:
     """Read a run directory and check it against the contract in ``docs/ARCHITECTURE.md``.
+
+    A run left half-swapped by a killed trainer is put back first (``pipeline.rundir.recover_run``).
 
     Args:
         path: the run directory.
@@ -96,33 +190,34 @@ def load_run(path: str | os.PathLike) -> Run:
 
     Raises:
         FileNotFoundError: ``metrics.json`` or ``predictions.csv`` missing.
-        ValueError: no ``labels``/``protocol`` in ``metrics.json``, missing prediction columns, or labels in the
-            predictions outside ``labels``.
+        ValueError: ``metrics.json`` damaged or without ``labels``/``protocol``/``folds``, or a
+            ``predictions.csv`` that does not match it (:func:`check_predictions`).
     """
-    path = Path(path)
-    for name in ("metrics.json", "predictions.csv"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found; expected a run directory written by heads.train "
-                                    "or baselines.train (metrics.json, predictions.csv). Run the train stage "
-                                    "first, or pass the right directory.")
-    metrics = json.loads((path / "metrics.json").read_text())
-    for key in ("labels", "protocol"):
-        if key not in metrics:
-            raise ValueError(f"{path / 'metrics.json'} has no {key!r}; expected the run format of "
-                             "docs/ARCHITECTURE.md. Re-run the train stage with the current code.")
+    path = recover_run(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; expected a run directory (metrics.json, predictions.csv). "
+                                 "Pass the directory a trainer wrote.")
+    metrics = read_metrics(path)
+    if not (path / "predictions.csv").is_file():
+        raise FileNotFoundError(f"{path / 'predictions.csv'} not found; expected a run directory written by "
+                                "heads.train or baselines.train (metrics.json, predictions.csv). Run the train "
+                                "stage first, or pass the right directory.")
     labels = [str(x) for x in metrics["labels"]]
-    predictions = pd.read_csv(path / "predictions.csv", dtype={"id": str, "true": str, "pred": str})
-    missing = [c for c in PREDICTION_COLUMNS if c not in predictions]
-    if missing:
-        raise ValueError(f"{path / 'predictions.csv'} lacks columns {missing}; expected {list(PREDICTION_COLUMNS)} "
-                         "and one probability column per label. Re-run the train stage.")
-    unknown = sorted((set(predictions["true"]) | set(predictions["pred"])) - set(labels))
-    if unknown:
-        raise ValueError(f"{path / 'predictions.csv'} holds labels {unknown} that are not in metrics.json's labels "
-                         f"{labels}; expected one label set per run. Re-run the train stage.")
-    history = pd.read_csv(path / "history.csv") if (path / "history.csv").is_file() else None
-    layers = path / "layer_weights.json"
-    layer_weights = json.loads(layers.read_text()) if layers.is_file() else None
+    try:
+        predictions = pd.read_csv(path / "predictions.csv", dtype={"id": str, "true": str, "pred": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / 'predictions.csv'} cannot be read as CSV ({err}); the file is damaged. "
+                         "Re-run the train stage.") from None
+    check_predictions(path, metrics, predictions)
+    history = layer_weights = None
+    try:
+        if (path / "history.csv").is_file():
+            history = pd.read_csv(path / "history.csv")
+        if (path / "layer_weights.json").is_file():
+            layer_weights = json.loads((path / "layer_weights.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' and json's parse errors are ValueErrors
+        raise ValueError(f"{path}: history.csv or layer_weights.json cannot be read ({err}); the run is damaged. "
+                         "Re-run the train stage.") from None
     return Run(path, metrics, dict(metrics["protocol"]), labels, predictions, history, layer_weights)
 
 

@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.cli import existing_file, non_negative_int, output_file, positive_int, run_main
+from pipeline.tables import read_table
+
 SCHEMES = ("actor_holdout", "speaker_kfold", "cross_corpus", "random")
 PARTITIONS = ("train", "val", "test")
 #: Speaker-group folds of each corpus's usual protocol: ``None`` means leave one speaker out.
@@ -202,26 +205,31 @@ def read_split(path: str | Path) -> tuple[pd.DataFrame, dict]:
         ValueError: the CSV lacks the ``fold, id, partition`` columns or has an unknown partition.
     """
     path = Path(path)
-    splits = pd.read_csv(path, dtype={"id": str})
-    if not {"fold", "id", "partition"} <= set(splits.columns):
-        raise ValueError(f"{path}: expected columns fold, id, partition; found {list(splits.columns)}.")
+    splits = read_table(path, required=["fold", "id", "partition"], what="split", dtype={"id": str})
     bad = ~splits["partition"].isin(PARTITIONS)
     if bad.any():
         raise ValueError(f"{path}: partition must be one of {PARTITIONS}; found {sorted(splits.loc[bad, 'partition'].unique())}.")
     sidecar = _sidecar(path)
-    info = json.loads(sidecar.read_text()) if sidecar.exists() else {"scheme": "unknown", "speaker_independent": None}
+    try:
+        info = json.loads(sidecar.read_text()) if sidecar.exists() else {"scheme": "unknown",
+                                                                          "speaker_independent": None}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{sidecar} is not valid JSON ({err}); expected the sidecar pipeline.split writes. "
+                         "Re-run the split stage.") from None
     return splits, info
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.split", description=__doc__.split("\n")[0])
-    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--manifest", required=True, type=existing_file)
     parser.add_argument("--scheme", required=True, choices=SCHEMES)
-    parser.add_argument("--out", required=True, help="splits CSV; the sidecar JSON is written beside it")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--folds", type=int, default=None, help="speaker_kfold: number of speaker groups")
+    parser.add_argument("--out", required=True, type=output_file, help="splits CSV; the sidecar JSON is written beside it")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--folds", type=positive_int, default=None, help="speaker_kfold: number of speaker groups")
     args = parser.parse_args(argv)
-    manifest = pd.read_csv(args.manifest, dtype={"id": str, "speaker": str})
+    manifest = read_table(args.manifest, required=["id", "speaker"], what="manifest",
+                          dtype={"id": str, "speaker": str})
     try:
         splits = make_split(manifest, scheme=args.scheme, seed=args.seed, n_folds=args.folds)
     except ValueError as err:

@@ -191,7 +191,7 @@ def test_leaked_speaker_is_refused_unless_random(experiment, tmp_path, capsys):
     bad = tmp_path / "leaky.csv"
     splits.to_csv(bad, index=False)
     bad.with_suffix(".json").write_text(json.dumps({"scheme": "speaker_kfold", "speaker_independent": True}))
-    assert _cli((manifest, bad, features), tmp_path / "run", "--label-set", "four") == 2
+    assert _cli((manifest, bad, features), tmp_path / "run", "--label-set", "four") == 1  # bad data
     assert "not speaker-independent" in capsys.readouterr().err
     bad.with_suffix(".json").write_text(json.dumps({"scheme": "random", "speaker_independent": False}))
     assert _cli((manifest, bad, features), tmp_path / "run", "--label-set", "four") == 0
@@ -236,9 +236,10 @@ def test_cli_defaults_follow_the_feature_kind():
 
 
 @pytest.mark.parametrize("option, value", [("--ensemble", "0"), ("--threads", "0"), ("--jobs", "-1"), ("--jobs", "two")])
-def test_counts_below_one_are_refused_with_a_clear_error(option, value, capsys):
+def test_counts_below_one_are_refused_with_a_clear_error(option, value, experiment, tmp_path, capsys):
+    manifest, split, features = experiment
     with pytest.raises(SystemExit) as exit_:
-        main(["--features", "f.h5", "--head", "conv", "--manifest", "m.csv", "--split", "s.csv",
-              "--label-set", "ravdess8", "--out", "run", option, value])
+        main(["--features", str(features), "--head", "conv", "--manifest", str(manifest), "--split", str(split),
+              "--label-set", "ravdess8", "--out", str(tmp_path / "run"), option, value])
     assert exit_.value.code == 2
     assert f"{option}: expected a whole number of at least 1, found {value!r}" in capsys.readouterr().err

@@ -225,6 +225,25 @@ def test_digital_silence_inside_a_file_is_not_classified(wav2vec2_run, tmp_path,
     check_probabilities(segs[2])
 
 
+def test_plot_draws_silent_segments_instead_of_crashing(wav2vec2_run, tmp_path, capsys):
+    x = tone(9.0, 180.0, seed=1)
+    x[3 * 16000:6 * 16000] = 0.0
+    path, plot = tmp_path / "gap.wav", tmp_path / "gap.png"
+    sf.write(str(path), x, 16000, subtype="PCM_16")
+    status, out, err = run_cli(capsys, path, "--model", wav2vec2_run, "--segment-seconds", 3, "--plot", plot)
+    assert status == 0 and "Traceback" not in err
+    assert json.loads(out)[0]["segments"][1]["silent"] is True
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_folder_given_as_file_is_named_as_such(wav2vec2_run, write_audio, tmp_path, capsys):
+    good = write_audio(tmp_path / "good.wav", seconds=1.0)
+    status, out, _ = run_cli(capsys, tmp_path, good, "--model", wav2vec2_run)
+    [folder, ok] = json.loads(out)
+    assert status == 1 and folder["reason"] == "folder" and "is a folder; expected an audio file" in folder["error"]
+    check_probabilities(ok)
+
+
 def test_bad_inputs_are_per_file_errors(wav2vec2_run, write_audio, tmp_path, capsys):
     good = write_audio(tmp_path / "good.wav", seconds=1.0)
     garbage = tmp_path / "garbage.wav"
@@ -283,10 +302,12 @@ def test_encoder_location_follows_override_and_env(wav2vec2_run, tiny_encoder_di
 
 def test_command_line_mistakes(wav2vec2_run, write_audio, tmp_path, capsys):
     path = write_audio(tmp_path / "a.wav", seconds=1.0)
-    status, _, err = run_cli(capsys, path, "--model", tmp_path / "no_run")
-    assert status == 2 and "fold_" in err
+    (tmp_path / "empty_run").mkdir()
+    status, _, err = run_cli(capsys, path, "--model", tmp_path / "empty_run")
+    assert status == 2 and "metrics.json not found" in err
     for extra in (["--plot", tmp_path / "p.png"], ["--segment-seconds", 2, "--hop-seconds", 3],
-                  ["--segment-seconds", 0.1]):
+                  ["--segment-seconds", 0.1], ["--batch-size", 0], ["--max-whole-seconds", -1],
+                  ["--segment-seconds", 2, "--plot", tmp_path], ["--model", tmp_path / "no_run"]):
         with pytest.raises(SystemExit) as exc:
             main([str(path), "--model", str(wav2vec2_run), *map(str, extra)])
         assert exc.value.code == 2

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -135,3 +136,86 @@ def test_real_ravdess(ravdess_root, tmp_path):
     assert counts["neutral"] == 96 and (counts.drop("neutral") == 192).all() and len(counts) == 8
     assert (manifest["channels"] == 2).sum() == 5
     assert len(pd.read_csv(rejects)) == 0
+
+
+# --- what the walk could not list, truncated and too short files -------------------------------------------
+
+def _ravdess(root, actors=(1, 2)):
+    """Paths of one utterance per speaker."""
+    return [root / f"Actor_{a:02d}" / f"03-01-05-01-01-01-{a:02d}.wav" for a in actors]
+
+
+@pytest.fixture
+def two_actors(tmp_path, write_audio):
+    root = tmp_path / "ravdess"
+    for path in _ravdess(root):
+        write_audio(path)
+    return root
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their permissions")
+def test_unreadable_folder_is_a_reject_not_a_lost_speaker(two_actors):
+    folder = two_actors / "Actor_02"
+    folder.chmod(0)
+    try:
+        manifest, rejects = scan_corpus("ravdess", two_actors, progress=False)
+    finally:
+        folder.chmod(0o755)
+    assert manifest["speaker"].tolist() == ["ravdess_01"]
+    assert rejects[["path", "reason"]].values.tolist() == [[str(folder), "unreadable_folder"]]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_a_reject(two_actors):
+    path = two_actors / "Actor_02" / "03-01-05-01-01-01-02.wav"
+    path.chmod(0)
+    try:
+        _, rejects = scan_corpus("ravdess", two_actors, progress=False)
+    finally:
+        path.chmod(0o644)
+    assert rejects["reason"].tolist() == ["unreadable"] and "permission" in rejects.loc[0, "detail"]
+
+
+def test_directory_symlink_is_followed_once(tmp_path, write_audio):
+    root = tmp_path / "ravdess"
+    [one] = _ravdess(root, actors=(1,))
+    write_audio(one)
+    [elsewhere] = _ravdess(tmp_path / "elsewhere", actors=(3,))
+    write_audio(elsewhere)
+    (root / "Actor_03").symlink_to(elsewhere.parent, target_is_directory=True)
+    (root / "Actor_01" / "loop").symlink_to(root, target_is_directory=True)  # back to an ancestor
+    manifest, rejects = scan_corpus("ravdess", root, progress=False)
+    assert manifest["speaker"].tolist() == ["ravdess_01", "ravdess_03"]
+    assert manifest["id"].tolist()[1] == "ravdess/Actor_03/03-01-05-01-01-01-03"
+    assert rejects[["path", "reason"]].values.tolist() == [[str(root / "Actor_01" / "loop"), "link_loop"]]
+
+
+def test_dangling_and_looping_file_links_are_rejects(two_actors):
+    folder = two_actors / "Actor_01"
+    (folder / "03-01-06-01-01-01-01.wav").symlink_to(two_actors / "gone.wav")
+    (folder / "03-01-07-01-01-01-01.wav").symlink_to(folder / "03-01-07-01-01-01-01.wav")
+    manifest, rejects = scan_corpus("ravdess", two_actors, progress=False)
+    assert len(manifest) == 2
+    assert _reasons(rejects) == {"03-01-06-01-01-01-01.wav": "dangling_link",
+                                 "03-01-07-01-01-01-01.wav": "link_loop"}
+    assert "gone.wav" in rejects["detail"].iloc[0]
+
+
+def test_truncated_wav_is_rejected_not_kept_at_part_of_its_length(two_actors):
+    path = two_actors / "Actor_02" / "03-01-05-01-01-01-02.wav"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert sf.info(str(path)).frames > 0  # libsndfile alone would read the half that is there
+    manifest, rejects = scan_corpus("ravdess", two_actors, progress=False)
+    assert manifest["speaker"].tolist() == ["ravdess_01"]
+    assert rejects["reason"].tolist() == ["truncated"] and "header announces" in rejects.loc[0, "detail"]
+
+
+def test_clip_under_the_minimum_duration_is_rejected_as_too_short(two_actors, write_audio, tmp_path):
+    write_audio(two_actors / "Actor_02" / "03-01-06-01-01-01-02.wav", seconds=0.05)
+    out, rejects_csv = tmp_path / "m.csv", tmp_path / "r.csv"
+    assert main(["--corpus", "ravdess", "--root", str(two_actors), "--out", str(out),
+                 "--rejects", str(rejects_csv)]) == 0
+    rejects = pd.read_csv(rejects_csv)
+    assert len(pd.read_csv(out)) == 2 and rejects["reason"].tolist() == ["too_short"]
+    assert main(["--corpus", "ravdess", "--root", str(two_actors), "--out", str(out), "--min-seconds", "0.01"]) == 0
+    assert len(pd.read_csv(out)) == 3
