@@ -42,6 +42,8 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
+from pipeline.cli import positive_float, positive_int
+
 DEFAULT_CORPUS = Path("../shared/corpora/ravdess")
 
 
@@ -298,11 +300,11 @@ def bench(*, device: str = "auto", audio_seconds: float = 1200.0, dtypes: Sequen
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m features.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--audio-seconds", type=float, default=1200.0)
+    p.add_argument("--audio-seconds", type=positive_float, default=1200.0)
     p.add_argument("--dtypes", default=None, help="comma-separated, e.g. float32,bfloat16")
     p.add_argument("--manifest", default=None, help="take files from this manifest")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="or from this folder (default %(default)s)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--json", default=None, help="write the records here as a JSON list")
     a = p.parse_args(argv)
     records = bench(device=a.device, audio_seconds=a.audio_seconds, manifest=a.manifest, corpus=a.corpus,

@@ -47,6 +47,7 @@ from features.store import (
     scan_shard,
     write_current,
 )
+from pipeline.cli import existing_file, output_dir, output_file
 
 SKIP_COLUMNS = ["id", "path", "reason", "detail"]
 
@@ -311,7 +312,8 @@ def finish(stage: str, build: StoreBuild, *, out, skips, skipped: list[dict], co
 
 def add_store_args(parser) -> None:
     """The arguments every store-building command takes: manifests, output collection, skips file."""
-    parser.add_argument("--manifest", action="append", required=True, help="manifest CSV (repeatable)")
-    parser.add_argument("--out", required=True,
+    parser.add_argument("--manifest", action="append", required=True, type=existing_file,
+                        help="manifest CSV (repeatable)")
+    parser.add_argument("--out", required=True, type=output_dir,
                         help="the feature store folder to build or update (one identity store per settings inside)")
-    parser.add_argument("--skips", help="CSV of rows not stored (default: <out>.skips.csv)")
+    parser.add_argument("--skips", type=output_file, help="CSV of rows not stored (default: <out>.skips.csv)")

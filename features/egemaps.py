@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from features.cache import StoreBuild, add_store_args, advance, finish, read_manifests
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
+from pipeline.cli import positive_int, run_main
 
 
 @functools.cache
@@ -124,16 +125,14 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
                   audio_seconds=done_s)
 
 
+@run_main
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m features.egemaps", description=__doc__.split("\n\n")[0])
     add_store_args(p)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: one per core)")
     a = p.parse_args(argv)
     return extract_egemaps(a.manifest, a.out, skips=a.skips, workers=a.workers)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError) as err:  # a clear message, not a traceback
-        sys.exit(f"error: {err}")
+    sys.exit(main())

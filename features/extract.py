@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import multiprocessing
 import os
 import platform
@@ -54,6 +55,7 @@ from features.encoder import (
 )
 from features.store import FeatureStore
 from pipeline.audio import AudioError, load_audio
+from pipeline.cli import non_negative_float, positive_float, positive_int, run_main
 from pipeline.processes import cpu_cores, die_with_parent
 
 
@@ -238,7 +240,7 @@ def forward_split(enc: Encoder, waves: list[np.ndarray], layers: Sequence[int]) 
         return enc.forward(waves, layers=layers)
     except torch.OutOfMemoryError as err:
         if len(waves) == 1:
-            raise MemoryError(f"one utterance of {len(waves[0]) / enc.sample_rate:.1f} s does not fit in "
+            raise OSError(errno.ENOMEM, f"one utterance of {len(waves[0]) / enc.sample_rate:.1f} s does not fit in "
                               f"{enc.device} memory ({err}); expected windows that fit: pass a smaller "
                               "--chunk-seconds.") from err
         if enc.device.type == "cuda":
@@ -473,35 +475,12 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                   audio_seconds=done_s)
 
 
-def _positive(kind: type) -> Callable[[str], float | int]:
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, found {text!r}")
-        return value
-    return parse
-
-
 def _seconds_or_none(text: str) -> float | None:
-    if text in {"", "null", "None"}:
-        return None
-    value = _positive(float)(text)
-    return value
+    """``--max-seconds``: positive seconds, or empty / ``null`` / ``None`` for whole files (params.yaml's null)."""
+    return None if text in {"", "null", "None"} else positive_float(text)
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, found {text!r}")
-    return value
-
-
+@run_main
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m features.extract", description=__doc__.split("\n\n")[0])
     add_store_args(p)
@@ -513,14 +492,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--storage-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--layers", default="all", help="'all' or hidden-state indices, e.g. 0,6,12")
     p.add_argument("--max-seconds", type=_seconds_or_none, default=None)
-    p.add_argument("--offset-seconds", type=_non_negative, default=0.0)
-    p.add_argument("--chunk-seconds", type=_positive(float), default=30.0, help="longer inputs are windowed")
-    p.add_argument("--batch-seconds", type=_positive(float), default=60.0, help="most audio (padded) per forward pass")
-    p.add_argument("--procs", type=_positive(int), default=None,
+    p.add_argument("--offset-seconds", type=non_negative_float, default=0.0)
+    p.add_argument("--chunk-seconds", type=positive_float, default=30.0, help="longer inputs are windowed")
+    p.add_argument("--batch-seconds", type=positive_float, default=60.0, help="most audio (padded) per forward pass")
+    p.add_argument("--procs", type=positive_int, default=None,
                    help="single-thread encoder processes on CPU (default: one per core)")
-    p.add_argument("--workers", type=_positive(int), default=None, help="decoding threads (default 1 on CPU, 8 on CUDA)")
-    p.add_argument("--part-entries", type=_positive(int), default=16, help="utterances per shard (kill-safety grain)")
-    p.add_argument("--max-batch", type=_positive(int), default=None,
+    p.add_argument("--workers", type=positive_int, default=None, help="decoding threads (default 1 on CPU, 8 on CUDA)")
+    p.add_argument("--part-entries", type=positive_int, default=16, help="utterances per shard (kill-safety grain)")
+    p.add_argument("--max-batch", type=positive_int, default=None,
                    help="most utterances per forward pass (default 4 on CPU, 64 on CUDA)")
     p.add_argument("--feature-encoder", default="auto", choices=["auto", *FEATURE_ENCODERS],
                    help="auto: the library's modules unless a plug-in is >= 10%% faster here (timed at start-up)")
@@ -534,7 +513,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError, MemoryError) as err:  # a clear message, not a traceback
-        sys.exit(f"error: {err}")
+    sys.exit(main())

@@ -183,7 +183,7 @@ def run_main(main: Callable[..., int | None]) -> Callable[..., int]:
 
     :class:`UsageError` returns 2, ``ValueError``/``OSError`` 1, ``KeyboardInterrupt`` 130; argparse's own
     ``SystemExit`` passes through (it already printed the usage and exits 2). The returned status of ``main``
-    is kept (``None`` becomes 0).
+    is kept; ``None`` or a result that is not an int (a stage's summary) becomes 0.
     """
 
     @functools.wraps(main)
@@ -199,6 +199,6 @@ def run_main(main: Callable[..., int | None]) -> Callable[..., int]:
         except KeyboardInterrupt:
             print("error: interrupted; whatever an earlier run wrote is left as it was.", file=sys.stderr)
             return 130
-        return 0 if status is None else int(status)
+        return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
     return wrapped

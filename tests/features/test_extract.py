@@ -207,7 +207,8 @@ def test_killed_run_resumes_to_the_same_store(tmp_path, write_audio, make_manife
     manifest = make_manifest(files)
     out = tmp_path / "killed" / "f"
     cmd = [sys.executable, "-m", "features.extract", "--manifest", str(manifest), "--out", str(out), "--encoder",
-           str(tiny_encoder_dir), "--device", "cpu", "--dtype", "float32", "--part-entries", "1"]
+           str(tiny_encoder_dir), "--device", "cpu", "--dtype", "float32", "--part-entries", "1",
+           "--feature-encoder", "library"]  # two independent stores: the same implementation, bit for bit
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(_shards(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
