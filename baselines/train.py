@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m baselines.train --features F.h5 --manifest M --split S --model rf|svm --label-set NAME --out DIR
+    python -m baselines.train --features DIR --manifest M --split S --model rf|svm --label-set NAME --out DIR
     python -m baselines.train --manifest M --split S --model mfcc_cnn --label-set NAME --out DIR
 
 ``rf`` and ``svm`` read ``FeatureStore.pooled`` (eGeMAPS: the 88 functionals; wav2vec2: mean ‖ std of the
@@ -37,7 +37,14 @@ from heads.train import (
     report,
     run_folds,
 )
-from pipeline.cli import LayerList, UsageError, existing_file, positive_float, positive_int, run_main
+from pipeline.cli import (
+    LayerList,
+    UsageError,
+    existing_dir,
+    positive_float,
+    positive_int,
+    run_main,
+)
 from pipeline.experiment import load_experiment
 from pipeline.metrics import prediction_frame, scores, write_run
 from pipeline.rundir import staged_run
@@ -144,8 +151,8 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m baselines.train", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, choices=[*sorted(MODELS), "mfcc_cnn"])
-    parser.add_argument("--features", default=None, type=existing_file,
-                        help="feature store (.h5); rf and svm only")
+    parser.add_argument("--features", default=None, type=existing_dir,
+                        help="feature store folder; rf and svm only")
     parser.add_argument("--layers", action=LayerList, default=None,
                         help="rf/svm: positions in the store's layers, each once: 0 3 or 0,3 (default: all)")
     parser.add_argument("--n-estimators", type=positive_int, default=500, help="rf")
@@ -173,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                   members=args.ensemble)
         if not args.features:
             raise UsageError(f"--model {args.model} reads utterance-level features; expected --features "
-                             "F.h5, found none. Pass the eGeMAPS (or wav2vec2) feature store.")
+                             "DIR, found none. Pass the eGeMAPS (or wav2vec2) feature store.")
         settings = ({"n_estimators": args.n_estimators, "n_jobs": args.n_jobs} if args.model == "rf"
                     else {"C": args.C})
         return train_sklearn(**common, features=args.features, model=args.model, layers=args.layers,

@@ -153,15 +153,16 @@ def fingerprint_dir(folder: Path) -> str:
 
 
 class StridedMatmulFeatureEncoder:
-    """Optional plug-in: the feature encoder's layers after the first as time-major matrix products.
+    """Optional plug-in: the feature encoder's convolutions as matrix products with the modules' own weights.
 
-    The first layer runs as the model's own module; the output is then kept as ``[T, C]``. A later convolution of
-    kernel ``k`` and stride ``s`` reads, for output frame ``t``, input rows ``t*s .. t*s + k - 1``: its taps are
-    cut into blocks of ``s``, and block ``b`` is one product of the strided view whose row ``t`` is the ``s * C``
-    contiguous values from row ``(t + b) * s`` with the block's weights (prepared once), so no window is copied and
-    wav2vec2's kernel-3 stride-2 layers take two products, its kernel-2 stride-2 ones one. Each layer's own
-    LayerNorm (per frame) and activation follow. It returns what the module returns, up to the rounding of a
-    different summation order.
+    The first convolution (one input channel) is one product of its ``[C, k]`` weight with the ``[k, T]`` windows
+    of the waveform, followed by the layer's own norm (its GroupNorm over time runs on the ``[C, T]`` result) and
+    activation. From then on the features are kept time-major, ``[T, C]``: a convolution of kernel ``k`` and stride
+    ``s`` reads, for output frame ``t``, input rows ``t*s .. t*s + k - 1``; its taps are cut into blocks of ``s``,
+    and block ``b`` is one product of the strided view whose row ``t`` is the ``s * C`` contiguous values from row
+    ``(t + b) * s`` with the block's weights (prepared once), so no window is copied and wav2vec2's kernel-3
+    stride-2 layers take two products, its kernel-2 stride-2 ones one. Each layer's own LayerNorm (per frame) and
+    activation follow. It returns what the module returns, up to the rounding of a different summation order.
 
     Args:
         feature_extractor: the model's ``feature_extractor`` module.
@@ -174,7 +175,12 @@ class StridedMatmulFeatureEncoder:
 
     def __init__(self, feature_extractor):
         layers = list(feature_extractor.conv_layers)
-        self.first = layers[0]
+        first = layers[0]
+        (self.first_kernel,), (self.first_stride,) = first.conv.kernel_size, first.conv.stride
+        self.first_weight = first.conv.weight[:, 0, :].contiguous()  # [C, k]
+        self.first_bias = None if first.conv.bias is None else first.conv.bias[:, None]
+        self.first_norm = getattr(first, "layer_norm", None)
+        self.first_activation = first.activation
         self.layers = []
         for layer in layers[1:]:
             norm = getattr(layer, "layer_norm", None)
@@ -193,7 +199,15 @@ class StridedMatmulFeatureEncoder:
         return torch.stack([self._one(row) for row in input_values])
 
     def _one(self, wave: torch.Tensor) -> torch.Tensor:
-        h = self.first(wave[None, None])[0].T.contiguous()  # [T, C]
+        frames = (wave.shape[0] - self.first_kernel) // self.first_stride + 1
+        windows = wave.as_strided((self.first_kernel, frames), (1, self.first_stride), wave.storage_offset())
+        h = self.first_weight @ windows if self.first_bias is None else \
+            torch.addmm(self.first_bias, self.first_weight, windows)  # [C, T]
+        if isinstance(self.first_norm, torch.nn.GroupNorm):  # over time, per channel: on [C, T]
+            h = self.first_activation(self.first_norm(h[None])[0]).T.contiguous()
+        else:  # per frame, or none: on [T, C]
+            h = h.T
+            h = self.first_activation(h if self.first_norm is None else self.first_norm(h)).contiguous()
         for kernel, stride, blocks, bias, norm, activation in self.layers:
             frames, channels = (h.shape[0] - kernel) // stride + 1, h.shape[1]
             out = None
@@ -269,6 +283,8 @@ class Encoder:
         if name not in FEATURE_ENCODERS:
             raise ValueError(f"feature encoder {name!r}: expected one of {', '.join(FEATURE_ENCODERS)}.")
         plugin = FEATURE_ENCODERS[name]
+        if plugin is not None and self.device.type != "cpu":
+            raise ValueError(f"feature encoder {name!r} is a CPU plug-in; on {self.device.type} expected library.")
         self._features = self.model.feature_extractor if plugin is None else plugin(self.model.feature_extractor)
         self.feature_encoder = name
 
@@ -405,7 +421,7 @@ def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats:
     for name in FEATURE_ENCODERS:
         try:
             enc.use_feature_encoder(name)
-        except ValueError:  # not applicable to this architecture
+        except ValueError:  # not applicable to this architecture or device
             continue
         best = float("inf")
         for _ in range(repeats + 1):  # the first pass warms up

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m heads.train --features F.h5 --manifest M [--manifest AUG] --split S --head conv|linear \\
+    python -m heads.train --features DIR --manifest M [--manifest AUG] --split S --head conv|linear \\
         --label-set NAME [--seed N] --out DIR
 
 Frames stream from the HDF5 store (an LRU cache of ``--cache-mb`` keeps small stores in memory). Per fold:
@@ -36,6 +36,7 @@ from heads.runs import save_torch_fold
 from pipeline.cli import (
     LayerList,
     UsageError,
+    existing_dir,
     existing_file,
     non_negative_float,
     non_negative_int,
@@ -340,7 +341,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 @run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m heads.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--features", required=True, type=existing_file, help="feature store (.h5)")
+    parser.add_argument("--features", required=True, type=existing_dir, help="feature store folder (the --out of features.extract or features.egemaps)")
     parser.add_argument("--head", required=True, choices=sorted(HEADS))
     parser.add_argument("--layers", action=LayerList, default=None,
                         help="positions in the store's layers, each once: 0 3 or 0,3 (default: all)")

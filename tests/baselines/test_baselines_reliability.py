@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from baselines.train import main
-from features.store import escape_id
+from features.store import FeatureStore, escape_id
 from heads.runs import load_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,8 +59,10 @@ def test_non_finite_features_are_refused_and_nothing_is_written(baseline_experim
                                                                capsys):
     out, before = previous_run
     corrupt = tmp_path / "corrupt.h5"
-    shutil.copy(baseline_experiment[2], corrupt)
-    with h5py.File(corrupt, "r+") as h5:
+    shutil.copytree(baseline_experiment[2], corrupt)
+    with FeatureStore(corrupt) as fs:
+        shard = fs.shard_of("syn/syn_02/happy_1")
+    with h5py.File(shard, "r+") as h5:  # written through HDF5: the values are wrong, the checksums right
         h5["utterances"][escape_id("syn/syn_02/happy_1")]["pooled"][0, 4] = np.inf
     assert main(_args(baseline_experiment, out, "--model", "svm", features=corrupt)) == 1
     err = capsys.readouterr().err

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from features.egemaps import egemaps_features, extract_egemaps, main
+from features.egemaps import egemaps_features, extract_egemaps
 from features.store import FeatureStore
 
 
@@ -26,7 +26,7 @@ def test_store_on_ravdess_incremental_with_skips(ravdess_root, make_manifest, tm
     (tmp_path / "empty.wav").write_bytes(b"")
     manifest = make_manifest(files + [tmp_path / "tiny.wav", tmp_path / "empty.wav"])
     out = tmp_path / "e.h5"
-    summary = main(["--manifest", str(manifest), "--out", str(out), "--workers", "2"])
+    summary = extract_egemaps([manifest], out, workers=2)
     assert (summary["computed"], summary["skipped"], summary["stored"]) == (3, 2, 3)
     reasons = pd.read_csv(f"{out}.skips.csv").set_index("id")["reason"].to_dict()
     assert reasons == {f"synth/{tmp_path.name}/tiny": "too_short", f"synth/{tmp_path.name}/empty": "empty"}

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from features.store import escape_id
+from features.store import FeatureStore, escape_id
 from heads.fit import TrainConfig
 from heads.runs import load_run
 from heads.train import main, train_heads
@@ -87,9 +87,11 @@ def test_a_failing_run_leaves_the_previous_run_as_it_was(experiment, previous_ru
     out, before = previous_run
     manifest, split, features = experiment
     corrupt = tmp_path / "corrupt.h5"
-    shutil.copy(features, corrupt)
+    shutil.copytree(features, corrupt)
     uid = "syn/syn_05/sad_2"  # trains in fold 0, so the failure comes after work has started
-    with h5py.File(corrupt, "r+") as h5:
+    with FeatureStore(corrupt) as fs:
+        shard = fs.shard_of(uid)
+    with h5py.File(shard, "r+") as h5:  # written through HDF5: the values are wrong, the checksums right
         frames = h5["utterances"][escape_id(uid)]["frames"]
         frames[0, 3] = np.nan  # one frame of layer 0: 8 values
     with pytest.raises(ValueError, match=rf"corrupt.h5: utterance '{uid}' has 8 NaN or infinite values"):
