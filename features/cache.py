@@ -151,6 +151,15 @@ class PartWriter:
             self._writer.add(uid, source=source, **kw)
         self.count += 1
 
+    def discard(self) -> None:
+        """Give the unfinished shard up after a failure (a full disk, say): close it, ignoring further errors, and
+        delete it, so that nothing half-written stays open for the HDF5 library to flush at exit."""
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        writer.discard()
+        writer.path.unlink(missing_ok=True)
+
     def close(self) -> Path | None:
         """Close the shard, fsync it and rename it to ``path``; returns ``path``, or None when it holds no entry."""
         if self._writer is None:
@@ -276,6 +285,12 @@ class StoreBuild:
                              "another folder.")
         st = shard.stat()
         self._index[shard.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "entries": scan_shard(shard)}
+
+    def discard(self) -> None:
+        """Give up the shard being written after a failure (see :meth:`PartWriter.discard`)."""
+        if self._part is not None:
+            self._part.discard()
+            self._part = None
 
     def finish(self) -> dict:
         """Publish the last shard, then update ``index.json`` and ``current.json`` where they change.

@@ -22,10 +22,12 @@ import errno
 import multiprocessing
 import os
 import platform
+import shutil
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -373,7 +375,11 @@ def _work(batches: list[list[dict]], part: str, meta: dict, job: Job) -> tuple[f
     """One task in a worker: encode whole passes into one part file; returns (seconds, computed, skips, the
     published part or None)."""
     writer = PartWriter(part, meta)
-    results = list(encode_rows(_WORKER["enc"], batches, job, writer.add))
+    try:
+        results = list(encode_rows(_WORKER["enc"], batches, job, writer.add))
+    except BaseException:
+        writer.discard()
+        raise
     written = writer.close()
     return sum(s for s, _ in results), sum(k is None for _, k in results), [k for _, k in results if k], written
 
@@ -433,6 +439,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
     build = StoreBuild(out, meta, part_entries=part_entries)
     todo, skipped = build.plan(rows)
     batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
+    check_free_space(out, cropped_seconds(todo, job).fillna(0).sum(), enc, job)
     if batches and timed:
         earlier = recorded_feature_encoder(build.store_dir)
         if earlier is None:
@@ -443,14 +450,19 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
     meta["provenance"] = build.meta["provenance"] = provenance(enc, procs)
     total = float(cropped_seconds(todo, job).fillna(0).sum()) if "duration_s" in todo else None
     done_s, computed = 0.0, 0
-    with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar:
+    with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar, \
+            _disk_full_explained(out):
         if procs > 1 and sum(map(len, batches)) > 1:
             tasks = split_tasks(batches, procs, part_entries)
             with ProcessPoolExecutor(min(procs, len(tasks)), mp_context=_FORK,
                                      initializer=_init_worker, initargs=(enc,)) as pool:
                 futures = [pool.submit(_work, t, str(build.reserve_part()), meta, job) for t in tasks]
                 for future in as_completed(futures):
-                    seconds, n, task_skips, written = future.result()
+                    try:
+                        seconds, n, task_skips, written = future.result()
+                    except BrokenProcessPool as err:
+                        raise OSError(f"an encoder process died ({err}); {disk_note(out)}Finished shards are kept: "
+                                      "rerun to resume once the cause (memory, disk, a signal) is gone.") from err
                     if written is not None:
                         build.absorb(written)
                     done_s, computed = done_s + seconds, computed + n
@@ -469,10 +481,63 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                             computed += 1
                         done_s += seconds
                         advance(bar, seconds)
-            finally:
-                writer.close()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    writer.close()
+                build.discard()
+                raise
+            writer.close()
     return finish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
                   audio_seconds=done_s)
+
+
+def check_free_space(out: str | os.PathLike, seconds: float, enc: Encoder, job: Job) -> None:
+    """Refuse to start when the disk under ``out`` cannot hold ``seconds`` of audio's frames.
+
+    Raises:
+        OSError: ``ENOSPC``, with the estimate and what to do.
+    """
+    need = seconds * enc.sample_rate / enc.stride * len(job.layers) * enc.hidden_size \
+        * np.dtype(job.storage_dtype).itemsize
+    free = shutil.disk_usage(nearest_existing(Path(out))).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"expected about {_size(need)} free for {seconds:.0f} s of audio "
+                      f"({len(job.layers)} layers x {enc.hidden_size} in {job.storage_dtype}), found "
+                      f"{_size(free)} free under {out}. Free space, choose another --out, store fewer "
+                      "--layers, or use --storage-dtype float16.")
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+@contextlib.contextmanager
+def _disk_full_explained(out: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk met while writing shards into an error that says what is kept and what to do."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise OSError(errno.ENOSPC, f"the disk under {out} is full ({err}). Every finished shard is kept and "
+                      "the previous view is unchanged: free space (or choose another --out) and rerun to "
+                      "resume.") from err
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def disk_note(out: str | os.PathLike) -> str:
+    """A hint when the disk under ``out`` is (nearly) full, else empty."""
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage(nearest_existing(Path(out)))
+        if usage.free < 0.01 * usage.total + (64 << 20):
+            return f"the disk under {out} is full ({_size(usage.free)} free). "
+    return ""
 
 
 def _seconds_or_none(text: str) -> float | None:

@@ -628,6 +628,11 @@ class _Moments:
 class StoreWriter:
     """Write one shard file (the caller publishes it; see :class:`features.cache.PartWriter`).
 
+    The shard is built in memory (HDF5's core driver) and :meth:`close` writes its image with ordinary file I/O:
+    a full disk is then a plain ``OSError`` from that write, never a failure inside the HDF5 library (which leaves
+    its file state broken and can crash the process at exit). A shard holds at most a few dozen utterances, or one
+    long file.
+
     Args:
         path: file to create (overwritten).
         attrs: the store's settings (``meta``, run keys included); must contain ``layers`` and ``storage_dtype``.
@@ -637,7 +642,7 @@ class StoreWriter:
         self.path = Path(path)
         self.attrs = dict(attrs)
         self.storage_dtype = np.dtype(self.attrs["storage_dtype"])
-        self._h5 = h5py.File(path, "w")
+        self._h5 = h5py.File(f"{self.path.name}-{id(self)}", "w", driver="core", backing_store=False)
         self._h5.attrs["format"] = FORMAT
         self._h5.attrs["meta"] = json.dumps(self.attrs)
         self._utts = self._h5.create_group("utterances")
@@ -649,8 +654,25 @@ class StoreWriter:
         self.close()
 
     def close(self) -> None:
-        if self._h5.id.valid:
+        """Write the shard's image to :attr:`path` (nothing is written if that fails half-way: the file is
+        removed), and release the memory."""
+        if not self._h5.id.valid:
+            return
+        try:
             self._h5.flush()
+            image = self._h5.id.get_file_image()
+        finally:
+            self._h5.close()
+        try:
+            with open(self.path, "wb") as f:
+                f.write(image)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+
+    def discard(self) -> None:
+        """Drop what was added, writing nothing."""
+        if self._h5.id.valid:
             self._h5.close()
 
     def add(self, uid: str, frames: np.ndarray, pooled: np.ndarray | None = None, **meta) -> None:

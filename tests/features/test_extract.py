@@ -19,7 +19,7 @@ import torch
 from features import extract as extract_mod
 from features.encoder import Encoder
 from features.extract import extract, main
-from features.store import FeatureStore
+from features.store import FeatureStore, scan_shard
 from pipeline.audio import load_audio
 
 
@@ -316,3 +316,36 @@ def test_decoding_runs_two_passes_ahead_and_long_files_one_ahead(tiny_encoder_di
     assert most_ahead([2.5] * 24) == 8
     assert most_ahead([3600.0] * 4) == 1  # an hour is 230 MB decoded: one is held ahead, not sixteen
     assert most_ahead([float("nan")] * 4) == 1  # unknown lengths count as the whole budget
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB filesystem (tmpfs), where the platform lets this test mount one; skips elsewhere."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here ({done.stderr.decode().strip()})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_a_disk_that_fills_during_the_run_ends_in_a_clear_error_and_resumes(
+        small_disk, tmp_path, write_audio, make_manifest, tiny_model_dir, monkeypatch, capsys, procs):
+    files = [write_audio(tmp_path / "a" / f"u{i:02d}.wav", seconds=3.0, seed=i) for i in range(30)]
+    manifest, out = make_manifest(files), small_disk / "f"
+    model = str(tiny_model_dir("wav2vec2-base"))
+    args = ["--manifest", str(manifest), "--out", str(out), "--encoder", model, "--device", "cpu",
+            "--storage-dtype", "float32", "--part-entries", "4", "--procs", str(procs)]
+    assert main(args) == 1  # refused before any work: the estimate does not fit
+    assert "free for 90 s of audio" in capsys.readouterr().err and not _shards(out)
+    monkeypatch.setattr(extract_mod, "check_free_space", lambda *a: None)  # as if the disk filled meanwhile
+    assert main(args) == 1
+    assert "is full" in capsys.readouterr().err
+    kept = _shards(out)
+    assert kept and not list(out.rglob("*.tmp-*"))  # whole shards only
+    big = tmp_path / "moved"
+    subprocess.run(["cp", "-r", str(out), str(big)], check=True)
+    summary = extract([manifest], big, encoder=model, device="cpu", storage_dtype="float32", procs=procs)
+    assert summary["reused"] == sum(len(scan_shard(p)) for p in kept) > 0 and summary["stored"] == 30
