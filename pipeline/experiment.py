@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.labels import select_labels
+from pipeline.roots import read_manifest
 from pipeline.split import check_speaker_independent, read_split
 
 PARTITIONS = ("train", "val", "test")
@@ -99,12 +100,12 @@ class Experiment:
 
 
 def read_manifests(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate manifests (the original, then augmented copies with ``source_id``).
+    """Concatenate manifests (the original, then augmented copies with ``source_id``), paths resolved.
 
     Raises:
         ValueError: an id listed twice.
     """
-    frame = pd.concat([pd.read_csv(p, dtype={"id": str, "speaker": str}) for p in paths], ignore_index=True)
+    frame = pd.concat([read_manifest(p) for p in paths], ignore_index=True)
     dup = frame["id"][frame["id"].duplicated()]
     if len(dup):
         raise ValueError(f"{len(dup)} ids appear in more than one manifest row, e.g. {dup.head(3).tolist()}; "
