@@ -3,6 +3,7 @@ module it imports among its dependencies."""
 
 import ast
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,44 @@ def test_every_module_a_stage_imports_is_among_its_dependencies(stage, cmd, deps
     covered = [path for path in closure
                if any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)]
     assert sorted(set(closure) - set(covered)) == [], f"{stage}: dvc.yaml's deps miss these imports"
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """Each ``python -m <project module> ...`` command of the README's bash blocks: ``(module, argv)``."""
+    readme = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.+?)\n```", readme, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                found = re.search(r"python -m ([\w.]+)(.*)", part)
+                if found and found.group(1).split(".")[0] in PACKAGES:
+                    commands.append((found.group(1), shlex.split(found.group(2))))
+    return commands
+
+
+class _Parsed(BaseException):
+    """Raised in place of running a command once its argv has parsed (not an Exception: nothing catches it)."""
+
+
+def test_the_readme_documents_a_command_of_every_stage_module():
+    modules = {module for module, _ in _readme_commands()}
+    assert {"pipeline.augment", "pipeline.compare", "heads.train", "baselines.train", "baselines.probe",
+            "heads.predict"} <= modules
+
+
+@pytest.mark.parametrize("module, argv", [pytest.param(m, a, id=f"{m}-{i}")
+                                          for i, (m, a) in enumerate(_readme_commands())])
+def test_every_readme_command_parses_as_documented(module, argv, monkeypatch):
+    """The documented flags are the CLI's flags: each README command's argv parses (running them needs data)."""
+    import argparse
+    import importlib
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(parse(self, args, namespace))  # a bad flag exits with status 2 before this
+
+    monkeypatch.chdir(REPO)  # --settings params.yaml is read from the project folder
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(_Parsed):
+        importlib.import_module(module).main(argv)
