@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
@@ -47,8 +48,15 @@ def svm(*, seed: int = 0, C: float = 10.0, gamma: str | float = "scale") -> Pipe
     return make_pipeline(StandardScaler(), CalibratedClassifierCV(svc, method="sigmoid", ensemble=False))
 
 
+def logistic_regression(*, seed: int = 0, C: float = 1.0, max_iter: int = 2000) -> Pipeline:
+    """Standardiser + class-balanced multinomial logistic regression: the per-layer probe's fast, linear
+    classifier (a layer's score then says what a linear read-out of that layer finds)."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced",
+                                                              random_state=seed))
+
+
 #: Model name to factory; factories take keyword settings (``seed`` and the estimator's own).
-MODELS: dict[str, Callable[..., Pipeline]] = {"rf": random_forest, "svm": svm}
+MODELS: dict[str, Callable[..., Pipeline]] = {"rf": random_forest, "svm": svm, "logreg": logistic_regression}
 
 
 def build_model(name: str, **settings) -> Pipeline:

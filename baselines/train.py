@@ -34,6 +34,7 @@ from heads.train import (
     config_from_args,
     default_jobs,
     distinct_layers,
+    parse_with_settings,
     report,
     run_folds,
 )
@@ -55,7 +56,8 @@ NORMALISATIONS = ("global", "speaker")
 def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model: str, label_set: str, out: str,
                   merge_calm: bool = False, augmentation: bool = True, normalisation: str = "global",
                   layers: Sequence[int] | None = None,
-                  seed: int = 0, settings: dict | None = None, system: str | None = None) -> dict:
+                  seed: int = 0, settings: dict | None = None, system: str | None = None,
+                  extra_protocol: dict | None = None) -> dict:
     """Fit ``model`` (``rf`` or ``svm``) on every fold's training + validation utterances; write ``out``.
 
     Args:
@@ -65,6 +67,7 @@ def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model:
             speaker z-scored with its own statistics first, test speakers included).
         seed: the estimator's ``random_state``.
         settings: estimator settings (``n_estimators``, ``C``, ...).
+        extra_protocol: entries added to the run's ``protocol`` (the per-layer probe's ``probe_layer``).
 
     Raises:
         ValueError: unknown model, label set or normalisation; leaked speaker; features missing ids.
@@ -109,7 +112,8 @@ def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model:
             print(f"fold {fold.index}: test ua {ua:.3f}", file=sys.stderr)
         protocol = {"system": system or f"{model}_{kind}", "model": model, "feature_set": kind,
                     "features": str(features), **exp.protocol(), "normalisation": normalisation, "seed": seed,
-                    "layers": used, "fit_on": "train+val", "settings": settings or {}}
+                    "layers": used, "fit_on": "train+val", "settings": settings or {},
+                    "encoder": attrs.get("encoder"), **(extra_protocol or {})}
         return write_run(tmp, labels=exp.labels, predictions=pd.concat(predictions, ignore_index=True),
                          speakers=exp.frame["speaker"], protocol=protocol, fold_extras=extras)
 
@@ -143,7 +147,7 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
                 "features": "audio", **exp.protocol(), "normalisation": normalisation, "seed": seed,
                 "layers": [0], "balance": config.balance, "ensemble": members}
     job = FoldJob(exp, read, functools.partial(MfccCnn, **kwargs), config,
-                  normalisation, seed, out, model_config, threads, members)
+                  normalisation, seed, out, model_config, threads, members, max(1, cache_mb // jobs))
     return run_folds(job, protocol=protocol, jobs=jobs)
 
 
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-mels", type=positive_int, default=64, help="mfcc_cnn")
     parser.add_argument("--n-mfcc", type=positive_int, default=None, help="mfcc_cnn: MFCCs instead of log-mel")
     add_training_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_settings(parser, argv)
     check_label_set(args.label_set)
     if args.n_jobs == 0 or args.n_jobs < -1:
         raise UsageError(f"--n-jobs {args.n_jobs}: expected a whole number of at least 1, or -1 for every core.")

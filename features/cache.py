@@ -48,6 +48,7 @@ from features.store import (
     write_current,
 )
 from pipeline.cli import existing_file, output_dir, output_file
+from pipeline.roots import read_manifest
 
 SKIP_COLUMNS = ["id", "path", "reason", "detail"]
 
@@ -60,7 +61,7 @@ def read_manifests(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     """
     frames = []
     for path in paths:
-        df = pd.read_csv(path, dtype={"id": str, "path": str}, keep_default_na=False)
+        df = read_manifest(path, keep_default_na=False)  # paths resolved against the recorded roots
         missing = {"id", "path"} - set(df.columns)
         if missing:
             raise ValueError(f"{path}: expected manifest columns id and path, found {list(df.columns)}; "

@@ -74,6 +74,24 @@ class LRUCache:
         return x
 
 
+def preload(read: Reader, ids: Sequence[str], normalise: Normaliser, *, max_bytes: int,
+            speakers: Mapping[str, str] | None = None) -> dict[str, np.ndarray] | None:
+    """Every id's normalised frames in memory, read once, when they fit in ``max_bytes``; else ``None``.
+
+    Small stores (eGeMAPS frames, log-mels, a small encoder's states) are then read and normalised once per
+    fold instead of at every step; normalising is element-wise, so cropping the normalised frames gives exactly
+    the batches that normalising each crop gives. Large stores return ``None`` and keep streaming.
+    """
+    frames, total = {}, 0
+    for uid in dict.fromkeys(ids):
+        x = normalise(read(uid), speakers[uid] if speakers is not None else None)
+        total += x.nbytes
+        if total > max_bytes:
+            return None
+        frames[uid] = np.ascontiguousarray(x, dtype=np.float32)
+    return frames
+
+
 def frame_stats(read: Reader, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std ``[L, H]`` over every frame of ``ids``, in one streaming pass (float64 sums)."""
     total = total_sq = None

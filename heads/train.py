@@ -23,13 +23,15 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from features.store import FeatureStore
-from heads.data import NORMALISATIONS, LRUCache, Normaliser, Reader, StoreFrames
+from heads.data import NORMALISATIONS, LRUCache, Normaliser, Reader, StoreFrames, preload
 from heads.fit import BALANCES, FoldData, TrainConfig, evaluate, fit, seed_everything
 from heads.models import HEADS, build_head
 from heads.runs import save_torch_fold
@@ -87,6 +89,8 @@ class FoldJob:
             once).
         members: models per fold, trained independently from different seeds; the fold's predictions are
             their mean class probabilities (1: a single model).
+        memory_mb: a fold whose normalised frames fit in this many MiB holds them in memory (read once, no
+            I/O during training); a larger one streams through the reader.
     """
 
     exp: Experiment
@@ -99,6 +103,7 @@ class FoldJob:
     model_config: dict
     threads: int = 1
     members: int = 1
+    memory_mb: int = 1024
 
 
 def train_member(job: FoldJob, index: int, member: int = 0) -> dict:
@@ -111,7 +116,10 @@ def train_member(job: FoldJob, index: int, member: int = 0) -> dict:
         rng = np.random.default_rng([job.seed, fold.index, member] if member else [job.seed, fold.index])
         normalise = Normaliser.fit(job.normalisation, read, fold.train, speakers=speakers,
                                    all_ids=fold.train + fold.val + fold.test)
-        data = FoldData(read, normalise, exp.frame["label"].to_dict(), speakers)
+        ids = fold.train + fold.val + fold.test
+        frames = preload(read, ids, normalise, max_bytes=job.memory_mb * 2**20, speakers=speakers)
+        data = (FoldData(read, normalise, exp.frame["label"].to_dict(), speakers) if frames is None else
+                FoldData(frames.__getitem__, Normaliser("none"), exp.frame["label"].to_dict(), speakers))
         model = job.build_model()
         name = f"fold {fold.index}" + (f" member {member}" if job.members > 1 else "")
         history, best_epoch = fit(model, data, fold.train, fold.val, job.config, rng,
@@ -245,30 +253,21 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
                         "feature_settings": settings, "train_config": asdict(config)}
         protocol = {"system": system or f"{head}_{kind}", "model": head, "feature_set": kind,
                     "features": str(features), **exp.protocol(), "normalisation": normalisation,
-                    "seed": seed, "layers": used, "balance": config.balance, "ensemble": members}
+                    "seed": seed, "layers": used, "balance": config.balance, "ensemble": members,
+                    "encoder": store.attrs.get("encoder")}
     jobs = jobs or default_jobs(len(exp.folds) * members)
     job = FoldJob(exp, functools.partial(store_reader, str(features), used, max(1, cache_mb // jobs)),
                   functools.partial(build_head, head, **model_kwargs), config, normalisation, seed, out,
-                  model_config, threads, members)
+                  model_config, threads, members, max(1, cache_mb // jobs))
     return run_folds(job, protocol=protocol, jobs=jobs)
 
 
-#: Defaults of the command line per (head, feature kind), equal to params.yaml's ``train.<head>_<kind>``
-#: blocks, so that a bare ``python -m heads.train`` trains what ``dvc repro`` trains. eGeMAPS settings were
-#: chosen on RAVDESS validation accuracy; the wav2vec2 ones are untuned (no pretrained weights on the
-#: development machines). Anything not listed falls back to :class:`TrainConfig` and the head's own defaults.
-RECOMMENDED: dict[tuple[str, str], dict] = {
-    ("conv", "egemaps"): {"epochs": 100, "patience": 15, "lr": 1e-3, "weight_decay": 0.05, "batch_size": 32,
-                          "max_frames": 300, "dropout": 0.5, "hidden": 256, "pooling": "stats", "ensemble": 1},
-    ("conv", "wav2vec2"): {"epochs": 40, "patience": 5, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
-                           "max_frames": 250, "dropout": 0.2, "hidden": 128, "ensemble": 1},
-    ("linear", "wav2vec2"): {"epochs": 40, "patience": 5, "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
-                             "max_frames": 250, "dropout": 0.0, "ensemble": 1},
-}
-
-
 def apply_defaults(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
-    """Fill every option left unset (``None``) from ``defaults``, then from :class:`TrainConfig`."""
+    """Fill every option left unset (``None``) from ``defaults``, then from :class:`TrainConfig`.
+
+    The pipeline's settings of each system live in one place, params.yaml's ``systems`` and
+    ``encoder_systems`` blocks, read with ``--settings``; a bare command line falls back to
+    :class:`TrainConfig` and the model's own defaults."""
     fallback = {"ensemble": 1, **asdict(TrainConfig()), **defaults}
     for key, value in fallback.items():
         if getattr(args, key, "absent") is None:
@@ -329,6 +328,53 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=positive_int, default=None,
                         help="models trained at once, each in its own process (default: one per CPU core)")
     parser.add_argument("--system", default=None, help="run name in comparisons")
+    parser.add_argument("--settings", default=None,
+                        help="YAML file whose --settings-key block gives option defaults, e.g. params.yaml")
+    parser.add_argument("--settings-key", default=None,
+                        help="dotted key of the block, e.g. systems.conv_egemaps.settings")
+
+
+def read_settings(path: str, key: str | None) -> dict:
+    """The mapping at dotted ``key`` of the YAML file ``path`` (the whole file without a key).
+
+    Raises:
+        ValueError: the key is absent or does not hold a mapping.
+    """
+    node = yaml.safe_load(Path(path).read_text())
+    for part in key.split(".") if key else []:
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"{path}: expected a key {key!r}, found no {part!r}; check the systems blocks.")
+        node = node[part]
+    if not isinstance(node, dict):
+        raise ValueError(f"{path}: expected {key!r} to hold option names and values, found "
+                         f"{type(node).__name__}.")
+    return node
+
+
+def parse_with_settings(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, taking every option that ``--settings FILE --settings-key KEY`` names as its default.
+
+    The block's keys are option names (``weight_decay`` or ``weight-decay``); options given on the command line
+    win. This is how ``dvc repro`` passes params.yaml's ``systems`` blocks, so the settings live in one place.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--settings")
+    pre.add_argument("--settings-key")
+    known, _ = pre.parse_known_args(argv)
+    if known.settings:
+        try:
+            block = read_settings(known.settings, known.settings_key)
+        except (OSError, ValueError) as err:
+            parser.error(str(err))
+        options = {opt: action for action in parser._actions for opt in action.option_strings}
+        for name, value in block.items():
+            action = options.get("--" + str(name).replace("_", "-"))
+            if action is None or action.dest in {"settings", "settings_key", "help"}:
+                parser.error(f"{known.settings}: {known.settings_key}.{name} is not an option of {parser.prog}; "
+                             f"expected one of {sorted(o for o in options if o.startswith('--'))}.")
+            action.required = False
+            parser.set_defaults(**{action.dest: value})
+    return parser.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -349,15 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pooling", default=None, choices=["mean", "stats"],
                         help="conv head: mean (Pepino et al.) or mean ‖ std over valid frames")
     add_training_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_settings(parser, argv)
     check_label_set(args.label_set)
     try:
-        with FeatureStore(args.features) as store:
-            kind = store.attrs.get("kind", "wav2vec2")
+        with FeatureStore(args.features):
+            pass
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read the feature store {args.features} ({err}); expected an HDF5 store "
+        raise ValueError(f"cannot read the feature store {args.features} ({err}); expected a feature store "
                          "written by features.extract or features.egemaps.") from err
-    apply_defaults(args, RECOMMENDED.get((args.head, kind), {}))
+    apply_defaults(args, {})
     conv_only = {"hidden": args.hidden, "pooling": args.pooling} if args.head == "conv" else {}
     head_kwargs = {"dropout": args.dropout, **conv_only}
     head_kwargs = {k: v for k, v in head_kwargs.items() if v is not None}

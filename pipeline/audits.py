@@ -26,14 +26,23 @@ if TYPE_CHECKING:
     from pipeline.compare import Result
 
 
+#: The protocol keys that define a system, on which the leakage audit pairs a system with itself across splits.
+#: Everything that describes the split instead (scheme, folds, ``train_corpora`` per fold, seed) and the
+#: display name (``system``) are left out.
+SYSTEM_KEYS = ("model", "feature_set", "features", "encoder", "label_set", "merge_calm", "normalisation",
+               "augmentation", "corpora", "layers", "probe_layer", "settings", "balance", "ensemble")
+
+
 def leakage(results: list[Result]) -> pd.DataFrame:
-    """The same system under a speaker-dependent split (``random``) and a speaker-independent one, side by side."""
+    """The same system under a speaker-dependent split (``random``) and a speaker-independent one, side by side.
+
+    Two results are the same system when their protocols agree on :data:`SYSTEM_KEYS` and their labels agree.
+    """
     columns = ["system", "label_set", "leaky_split", "leaky_ua", "split", "ua", "ua_diff",
                "leaky_macro_f1", "macro_f1", "macro_f1_diff", "leaky_n_test", "n_test"]
-    drop = {"split_scheme", "speaker_independent", "n_folds", "seed"}
     pairs: dict[tuple, list[Result]] = {}
     for r in results:
-        config = tuple(sorted((k, repr(v)) for k, v in r.system.protocol.items() if k not in drop))
+        config = tuple((k, repr(r.system.protocol.get(k))) for k in SYSTEM_KEYS)
         pairs.setdefault((r.system.label_group, config), []).append(r)
     rows = []
     for members in pairs.values():

@@ -6,9 +6,9 @@ count. Training places a copy with :func:`place_augmented`, only in folds where 
 ``--balance`` equalises the classes over the pooled training utterances: exactly for a single split,
 approximately within each fold of a k-fold split (a copy is made once, not per fold).
 
-Example:
+Example (the chain is params.yaml's ``augment.chain`` unless ``--chain FILE [--chain-key KEY]`` names another):
     python -m pipeline.augment --manifest data/manifest.csv --split data/splits.csv --out data/augmented \\
-        --copies 1 --chain params.yaml --chain-key augment.chain
+        --copies 1
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio, write_audio
 from pipeline.cli import existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.labels import select_labels
+from pipeline.roots import read_manifest, resolve_paths
 from pipeline.split import read_split
 
 EXTRA_COLUMNS = ["source_id", "augmentation"]
@@ -234,7 +235,8 @@ def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.P
         progress: show a tqdm bar in seconds of source audio augmented per second.
 
     Returns:
-        The augmented manifest: the manifest's columns plus ``source_id`` and ``augmentation``.
+        The augmented manifest: the manifest's columns plus ``source_id`` and ``augmentation``, paths absolute
+        (``out_dir/manifest.csv`` holds them relative to ``out_dir``).
 
     Raises:
         ValueError: negative ``copies``, a bad chain, or training ids missing from the manifest.
@@ -272,7 +274,7 @@ def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.P
                 rejects.append({"path": path, "reason": error[0], "detail": error[1]})
             for copy_id, description, frames in results:
                 rows.append({**sources.loc[uid].to_dict(), "id": copy_id, "source_id": uid,
-                             "path": str((Path(out_dir) / f"{copy_id}.flac").resolve()),
+                             "path": f"{copy_id}.flac",  # relative to the manifest's folder
                              "duration_s": frames / SAMPLE_RATE, "sample_rate": SAMPLE_RATE,
                              "channels": 1, "augmentation": description})
                 bar.update(sources.at[uid, "duration_s"])
@@ -285,7 +287,7 @@ def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.P
     print(f"augment: {len(out)} copies of {len(tasks) - len(rejects)} training utterances; {len(rejects)} "
           f"sources unreadable, skipped (listed in {out_dir / 'rejects.csv'}); utterances per class with "
           f"copies: {final.to_dict()}")
-    return out
+    return resolve_paths(out, out_dir / "manifest.csv")
 
 
 def place_augmented(splits: pd.DataFrame, augmented: pd.DataFrame) -> pd.DataFrame:
@@ -332,8 +334,20 @@ def _flag(text: str) -> bool:
     return value
 
 
+#: Where the command line finds its chain without ``--chain``: the project's params.yaml, the one place of the
+#: pipeline's settings (its default chain is the seed system's noise and time stretch, with pitch and gain).
+DEFAULT_CHAIN = ("params.yaml", "augment.chain")
+
+
 def read_chain(path: str | os.PathLike, key: str | None = None) -> dict:
-    """The chain mapping in a YAML/JSON file, at a dotted ``key`` (e.g. ``augment.chain``) if given."""
+    """The chain mapping in a YAML/JSON file, at a dotted ``key`` (e.g. ``augment.chain``) if given.
+
+    Raises:
+        ValueError: the file is missing or lacks the key.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"expected the augmentation chain in {path}, found no such file; run from the project "
+                         "folder (its params.yaml) or pass --chain FILE [--chain-key KEY].")
     node = yaml.safe_load(Path(path).read_text())
     for part in key.split(".") if key else []:
         if not isinstance(node, Mapping) or part not in node:
@@ -355,13 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-set", default=None, help="balance over this label set (default: all)")
     parser.add_argument("--merge-calm", type=_flag, nargs="?", const=True, default=False,
                         help="count calm as neutral when balancing")
-    parser.add_argument("--chain", default=None, type=existing_file, help="YAML/JSON file with the chain, e.g. params.yaml")
-    parser.add_argument("--chain-key", default=None, help="dotted key of the chain in it, e.g. augment.chain")
+    parser.add_argument("--chain", default=None, type=existing_file,
+                        help=f"YAML/JSON file with the chain (default: {DEFAULT_CHAIN[0]} of the working directory)")
+    parser.add_argument("--chain-key", default=None,
+                        help=f"dotted key of the chain in it (default with the default file: {DEFAULT_CHAIN[1]})")
     parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: every core)")
     args = parser.parse_args(argv)
     try:
-        chain = read_chain(args.chain, args.chain_key) if args.chain else {}
-        manifest = pd.read_csv(args.manifest, dtype={"id": str, "speaker": str})
+        chain = read_chain(*((args.chain, args.chain_key) if args.chain
+                             else (DEFAULT_CHAIN[0], args.chain_key or DEFAULT_CHAIN[1])))
+        manifest = read_manifest(args.manifest)
         splits, _ = read_split(args.split)
         augment(manifest, splits, out_dir=args.out, chain=chain, copies=args.copies, seed=args.seed,
                 balance=args.balance, label_set=args.label_set, merge_calm=args.merge_calm,

@@ -36,7 +36,8 @@ from pipeline.runs import Run, System, augmented, group_systems, load_run
 COLUMNS = ["system", "ua", "wa", "macro_f1", "ua_std", "wa_std", "macro_f1_std", "ua_ci_low", "ua_ci_high",
            "n_test", "n_speakers", "p_value"]
 EXTRA = ["label_set", "model", "feature_set", "features", "augmentation", "split_scheme", "speaker_independent",
-         "n_folds", "normalisation", "corpora", "n_runs", "seeds", "baseline", "note", "runs"]
+         "n_folds", "normalisation", "corpora", "n_runs", "seeds", "baseline", "note", "runs", "encoder",
+         "probe_layer"]
 FORMATS = ("md", "csv", "latex")
 #: Claims in a run's metrics.json further than this from the recomputed figure are reported.
 _TOLERANCE = 1e-4
@@ -91,7 +92,8 @@ def summarise(system: System, *, resamples: int, seed: int, speaker_of: Callable
            "speaker_independent": p.get("speaker_independent"), "n_folds": p.get("n_folds"),
            "normalisation": _text(p.get("normalisation")), "corpora": _text(p.get("corpora")),
            "n_runs": len(system.runs), "seeds": _text(system.seeds), "baseline": "", "note": "",
-           "runs": " ".join(str(run.path) for run in system.runs)}
+           "runs": " ".join(str(run.path) for run in system.runs), "encoder": _text(p.get("encoder")),
+           "probe_layer": p.get("probe_layer", np.nan)}
     return Result(system, row, structure, folds, notes)
 
 
@@ -134,13 +136,35 @@ def add_p_values(results: list[Result], *, resamples: int, seed: int, baseline: 
             result.structure, ref.structure, resamples=resamples, seed=seed)
 
 
+def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Run directories from paths that are run directories or folders of them (searched at any depth, sorted).
+
+    A folder is a run directory when it holds ``metrics.json``; ``dvc repro`` passes ``data/runs`` and
+    ``data/probes``, so no stage keeps a list of systems by hand.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a folder without any run directory below it.
+    """
+    found = []
+    for path in map(Path, paths):
+        if (path / "metrics.json").is_file() or not path.is_dir():
+            found.append(path)  # load_run says what is missing
+            continue
+        below = sorted(m.parent for m in path.rglob("metrics.json"))
+        if not below:
+            raise FileNotFoundError(f"{path} holds no run directory (no metrics.json at any depth); expected "
+                                    "a run directory of heads.train / baselines.train or a folder of them.")
+        found += below
+    return found
+
+
 def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, formats: Sequence[str] = FORMATS,
             resamples: int = 2000, seed: int = 0, manifests: Sequence[str | os.PathLike] = (),
             baseline: str | None = None) -> pd.DataFrame:
     """Compare run directories and write tables, plots and the report into ``out``.
 
     Args:
-        run_dirs: run directories of ``heads.train`` / ``baselines.train``.
+        run_dirs: run directories of ``heads.train`` / ``baselines.train``, or folders of them.
         out: output directory (its ``figures/`` and ``plots/`` are rewritten).
         formats: any of ``md``, ``csv``, ``latex``.
         resamples: bootstrap resamples and permutation-test swaps.
@@ -161,7 +185,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
                          f"{len(run_dirs)} directories and formats {list(formats)}; pass e.g. "
                          "`data/runs/rf_egemaps --format md,csv`.")
     corpus_of, speaker_of = _manifest_lookups(manifests)
-    runs: list[Run] = [load_run(d) for d in run_dirs]
+    runs: list[Run] = [load_run(d) for d in expand_run_dirs(run_dirs)]
     systems = group_systems(runs)
     results = [summarise(s, resamples=resamples, seed=seed, speaker_of=speaker_of) for s in systems]
     add_p_values(results, resamples=resamples, seed=seed, baseline=baseline)
@@ -175,7 +199,8 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m pipeline.compare RUN_DIR... --out DIR [--format md,csv,latex]``."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", type=existing_dir, help="run directories to compare")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", type=existing_dir,
+                        help="run directories to compare, or folders of them (e.g. data/runs)")
     parser.add_argument("--out", required=True, type=output_dir, help="output directory")
     parser.add_argument("--format", default=",".join(FORMATS), help="comma-separated: md, csv, latex")
     parser.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples and permutation swaps")

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.labels import select_labels
+from pipeline.roots import resolve_paths
 from pipeline.split import check_speaker_independent, read_split
 from pipeline.tables import read_table
 
@@ -123,12 +124,13 @@ class Experiment:
 
 
 def read_manifests(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate manifests (the original, then augmented copies with ``source_id``).
+    """Concatenate manifests (the original, then augmented copies with ``source_id``), paths resolved.
 
     Raises:
         ValueError: an id listed twice.
     """
-    frame = pd.concat([read_table(p, required=MANIFEST_COLUMNS, what="manifest", dtype={"id": str, "speaker": str})
+    frame = pd.concat([resolve_paths(read_table(p, required=MANIFEST_COLUMNS, what="manifest",
+                                                dtype={"id": str, "speaker": str, "path": str}), p)
                        for p in paths], ignore_index=True)
     dup = frame["id"][frame["id"].duplicated()]
     if len(dup):

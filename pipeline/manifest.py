@@ -5,6 +5,10 @@ Usage::
     python -m pipeline.manifest --corpus ravdess --root DIR --out manifest.csv [--rejects rejects.csv]
     python -m pipeline.manifest --sources data/corpora.json --out data/manifest.csv --rejects data/rejects.csv
 
+Paths in the manifest (and the rejects) are relative to their corpus's root, which is recorded once beside it
+(``manifest.roots.json``); ``pipeline.roots.read_manifest`` resolves them. So the manifest, and every ``dvc.lock`` hash
+downstream of it, is the same in two clones of the project at different paths.
+
 Each file under a root is either a manifest row or a rejects row (``path, reason, detail``). Reasons:
 ``bad_name`` (outside the corpus's naming convention), ``not_speech`` (song, video), ``empty`` (zero bytes),
 ``not_audio`` / ``unreadable`` / ``corrupt`` / ``no_samples`` (libsndfile cannot decode it, or no permission
@@ -33,6 +37,7 @@ from tqdm import tqdm
 from pipeline.audio import AudioError, audio_info, check_complete, check_samples
 from pipeline.cli import existing_file, non_negative_float, output_file, positive_int, run_main
 from pipeline.corpora import CORPORA, NameRejected
+from pipeline.roots import write_manifest
 
 COLUMNS = ["id", "path", "corpus", "speaker", "gender", "emotion", "duration_s", "sample_rate", "channels"]
 REJECT_COLUMNS = ["path", "corpus", "reason", "detail"]
@@ -143,7 +148,8 @@ def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8, progr
 
     Returns:
         ``(manifest, rejects)`` frames with :data:`COLUMNS` (+ ``text``, ``intensity``) and
-        :data:`REJECT_COLUMNS`.
+        :data:`REJECT_COLUMNS`; ``path`` is relative to ``root`` (``/``-separated), so the manifest is the same
+        wherever the corpus lies (``pipeline.roots.write_manifest`` records the root, ``read_manifest`` resolves).
 
     Raises:
         ValueError: unknown corpus, missing root, or no usable utterance.
@@ -162,16 +168,18 @@ def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8, progr
         try:
             candidates.append((path, parse(path.relative_to(root))))
         except NameRejected as err:
-            rejects.append({"path": os.path.abspath(path), "corpus": corpus, "reason": err.reason, "detail": str(err)})
+            rejects.append({"path": _relative(path, root), "corpus": corpus, "reason": err.reason,
+                            "detail": str(err)})
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(functools.partial(_inspect, min_seconds=min_seconds), [path for path, _ in candidates])
         bar = tqdm(results, total=len(candidates), desc=f"manifest {corpus}", unit="file", disable=not progress)
         for (path, parsed), (audio, reason, detail) in zip(candidates, bar, strict=True):
             if reason:
-                rejects.append({"path": os.path.abspath(path), "corpus": corpus, "reason": reason, "detail": detail})
+                rejects.append({"path": _relative(path, root), "corpus": corpus, "reason": reason,
+                                "detail": _relative_text(detail, root)})
                 continue
             rel = path.relative_to(root).with_suffix("").as_posix()
-            rows.append({"id": f"{corpus}/{rel}", "path": os.path.abspath(path), "corpus": corpus,
+            rows.append({"id": f"{corpus}/{rel}", "path": _relative(path, root), "corpus": corpus,
                          "speaker": parsed.speaker, "gender": parsed.gender, "emotion": parsed.emotion,
                          **audio, **parsed.extra, "_key": parsed.key,
                          "_rank": (_PREFERRED.get(path.suffix.lower(), 1), len(rel), rel)})
@@ -189,6 +197,15 @@ def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8, progr
         raise ValueError(f"no usable {corpus} utterance under {root}: {len(rejects)} files rejected {reasons}. "
                          f"Expected {CORPORA[corpus].FILES} files named by the corpus's convention; check the folder.")
     return manifest.dropna(axis=1, how="all"), rejects
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _relative_text(text: str | None, root: Path) -> str | None:
+    """A reject's detail without the corpus's absolute location (it names the file relative to the root)."""
+    return text.replace(f"{root}{os.sep}", "") if text else text
 
 
 def build_manifest(sources: dict[str, str], **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -239,9 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     rejects_path = Path(args.rejects) if args.rejects else out.with_name(f"{out.stem}_rejects.csv")
-    for path in (out, rejects_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    manifest.to_csv(out, index=False)
+    rejects_path.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(manifest, out, sources)
     rejects.to_csv(rejects_path, index=False)
     print(summary(manifest, rejects), file=sys.stderr)
     print(f"wrote {out} ({len(manifest)} rows) and {rejects_path} ({len(rejects)} rows)", file=sys.stderr)

@@ -106,18 +106,23 @@ def write_all(out: Path, results: list, table: pd.DataFrame, leakage: pd.DataFra
         (out / sub).mkdir(parents=True, exist_ok=True)
         for old in (out / sub).glob("*.png" if sub == "figures" else "*.csv"):
             old.unlink()  # figures of systems no longer compared
-    groups = list(dict.fromkeys(table["label_set"]))
     labels = {r.system.label_group: r.system.labels for r in results}
     if "csv" in formats:
-        table.to_csv(out / "table.csv", index=False)
+        table.to_csv(out / "table.csv", index=False)  # every row, the per-layer probes' included
+    full, probes = table, probe_table(table)
+    table = table[table["probe_layer"].isna()] if "probe_layer" in table else table
+    results = [r for r in results if "probe_layer" not in r.system.protocol]  # probes: their own table, figure
+    groups = list(dict.fromkeys(table["label_set"]))
     if "md" in formats:
         parts = [f"{caption(g, labels[g], resamples)}\n\n" + markdown_table(table[table.label_set == g])
                  for g in groups]
+        if len(probes):
+            parts.append(PROBE_CAPTION + "\n\n" + probe_markdown(probes))
         (out / "table.md").write_text("\n".join(parts))
     if "latex" in formats:
         (out / "table.tex").write_text("\n".join(latex_table(table[table.label_set == g],
                                                              caption(g, labels[g], resamples)) for g in groups))
-    metrics = {_key(r["system"]): {k: _num(r[k]) for k in METRICS} for _, r in table.iterrows()}
+    metrics = {_key(r["system"]): {k: _num(r[k]) for k in METRICS} for _, r in full.iterrows()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     leakage.to_csv(out / "leakage.csv", index=False)
     cross.to_csv(out / "cross_corpus.csv", index=False)
@@ -127,8 +132,9 @@ def write_all(out: Path, results: list, table: pd.DataFrame, leakage: pd.DataFra
     shared = {g: per_class_f1_plot(out / "figures" / f"per_class_f1_{_slug(g)}.png",
                                    [r for r in results if r.system.label_group == g]) for g in groups}
     weights = layer_weights_plot(out / "figures" / "layer_weights.png", results)
+    layers = layer_analysis_plot(out / "figures" / "layers.png", probes, results) if len(probes) else None
     write_report(out, results, table, leakage, cross, figures, shared, weights,
-                 formats=formats, resamples=resamples, seed=seed)
+                 formats=formats, resamples=resamples, seed=seed, probes=probes, layers=layers)
 
 
 def write_system_plots(out: Path, result) -> dict[str, str]:
@@ -210,6 +216,58 @@ def per_class_f1_plot(path: Path, results: list) -> str:
     return f"figures/{path.name}"
 
 
+PROBE_CAPTION = ("Per-layer probe: UA of a logistic regression on each layer's pooled mean ‖ std, same folds as "
+                 "the systems (95 % CI: bootstrap over test utterances; p against the eGeMAPS RandomForest).")
+
+
+def probe_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-layer probe rows (``probe_layer`` set), ordered by label set, encoder and layer."""
+    if "probe_layer" not in table:
+        return table.iloc[:0]
+    probes = table[table["probe_layer"].notna()]
+    return probes.sort_values(["label_set", "encoder", "probe_layer"], kind="stable")
+
+
+def probe_markdown(probes: pd.DataFrame) -> str:
+    """The probe rows as a Markdown table: one row per (label set, encoder, layer), the best layer in bold."""
+    lines = ["| Encoder | Layer | Label set | UA | UA 95 % CI | Test utt. | p vs. baseline |",
+             "|---|---:|---|---:|---|---:|---:|"]
+    best = probes.groupby(["label_set", "encoder"])["ua"].transform("max")
+    for (_, r), top in zip(probes.iterrows(), probes["ua"] == best, strict=True):
+        ua = f"**{fmt(r['ua'])}**" if top else fmt(r["ua"])
+        lines.append(f"| {r['encoder'] or r['features']} | {int(r['probe_layer'])} | {r['label_set']} | {ua} | "
+                     f"[{fmt(r['ua_ci_low'])}, {fmt(r['ua_ci_high'])}] | {int(r['n_test'])} | "
+                     f"{fmt_p(r['p_value'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def layer_analysis_plot(path: Path, probes: pd.DataFrame, results: list) -> str:
+    """Which layer carries emotion: probe UA against layer, one line per encoder (band: 95 % CI), beside the
+    heads' learned layer weights (mean over folds)."""
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for (encoder, group), sub in probes.groupby(["encoder", "label_set"], sort=False):
+        (line,) = left.plot(sub["probe_layer"], sub["ua"], marker="o", label=f"{encoder} ({group})")
+        left.fill_between(sub["probe_layer"], sub["ua_ci_low"], sub["ua_ci_high"], color=line.get_color(),
+                          alpha=0.2)
+    left.set_xlabel("encoder layer (hidden state)")
+    left.set_ylabel("UA of the layer's probe")
+    left.set_title("Per-layer probe (band: 95 % CI)", fontsize=10)
+    left.legend(fontsize=7)
+    for result in results:
+        weights = [run.layer_weights for run in result.system.runs if run.layer_weights]
+        if weights:
+            folds = np.array([f for w in weights for f in w["folds"]], dtype=float)
+            right.plot(weights[0]["layers"], folds.mean(axis=0), marker="o", label=result.system.name)
+    right.set_xlabel("encoder layer (position in the store)")
+    right.set_ylabel("softmax weight")
+    right.set_title("Heads' learned layer weights (mean over folds)", fontsize=10)
+    if right.lines:
+        right.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    return f"figures/{path.name}"
+
+
 def layer_weights_plot(path: Path, results: list) -> str | None:
     """Learned softmax layer weights of the heads that have them: mean over folds, band over folds."""
     with_weights = [(r, [run.layer_weights for run in r.system.runs if run.layer_weights]) for r in results]
@@ -253,7 +311,7 @@ def protocol_words(result) -> str:
 
 def write_report(out: Path, results: list, table: pd.DataFrame, leakage: pd.DataFrame, cross: pd.DataFrame,
                  figures: dict, shared: dict, weights: str | None, *, formats: Sequence[str], resamples: int,
-                 seed: int) -> None:
+                 seed: int, probes: pd.DataFrame | None = None, layers: str | None = None) -> None:
     """``report.md``: tables, protocols in words, leakage audit, cross-corpus matrix, figures, notes."""
     files = {"md": "table.md", "csv": "table.csv", "latex": "table.tex"}
     lines = ["# Comparison", "",
@@ -276,6 +334,9 @@ def write_report(out: Path, results: list, table: pd.DataFrame, leakage: pd.Data
         untested = sub[sub["p_value"].isna()]
         lines += [f"- `{r.system}`: p not computed: {r.note}." for r in untested.itertuples()]
         lines += [f"- Per-class F1: ![per-class F1]({shared[group]})", ""]
+    if probes is not None and len(probes):
+        lines += ["## Which layer carries emotion", "", PROBE_CAPTION, "", f"![UA per layer]({layers})", "",
+                  probe_markdown(probes)]
     lines += ["## Protocols", ""] + [f"- {protocol_words(r)}" for r in results] + [""]
     lines += ["## Leakage audit (speaker-dependent `random` split vs. speaker-independent split)", ""]
     if leakage.empty:

@@ -7,7 +7,8 @@ per-utterance correctness::
 
     ua = sum_i s_i,   s_i = sum_r a_ri * correct_ri,   a_ri = 1 / (P * K_rf * n_rfk)
 
-for utterance ``i`` tested in fold ``f`` of run ``r`` with true class ``k`` (``P`` (run, fold) pairs, ``K_rf``
+for utterance ``i`` (a test unit: an utterance that a cross-corpus split tests in several folds is one unit
+per fold, see :func:`test_units`) tested in fold ``f`` of run ``r`` with true class ``k`` (``P`` (run, fold) pairs, ``K_rf``
 classes in the fold, ``n_rfk`` utterances of class ``k`` in it).
 
 * :func:`bootstrap_ci` resamples utterances with replacement within strata of equal class and equal fold in
@@ -73,12 +74,13 @@ def ua_structure(predictions: Sequence[pd.DataFrame]) -> UAStructure:
         The :class:`UAStructure`.
 
     Raises:
-        ValueError: no prediction, an id tested twice within one run, or an utterance whose true label
+        ValueError: no prediction, an id tested twice within one fold, or an utterance whose true label
             differs between runs.
     """
     if not predictions or all(len(p) == 0 for p in predictions):
         raise ValueError("expected at least one run with test predictions, found none; pass run directories "
                          "whose predictions.csv has rows.")
+    predictions = [test_units(frame, r) for r, frame in enumerate(predictions)]
     ids = np.array(sorted(set().union(*(set(p["id"]) for p in predictions))), dtype=object)
     index = pd.Index(ids)
     n_pairs = sum(p["fold"].nunique() for p in predictions)
@@ -86,10 +88,6 @@ def ua_structure(predictions: Sequence[pd.DataFrame]) -> UAStructure:
     truth = pd.Series(index=index, dtype=object)
     folds = []
     for r, frame in enumerate(predictions):
-        dup = frame["id"][frame["id"].duplicated()]
-        if len(dup):
-            raise ValueError(f"run {r}: ids {dup.head(3).tolist()} are tested more than once; expected each id "
-                             "at most once per run (a k-fold or hold-out split). Check the run's split.")
         pos = index.get_indexer(frame["id"])
         seen = truth.iloc[pos]
         clash = seen.notna().to_numpy() & (seen.to_numpy() != frame["true"].to_numpy())
@@ -110,6 +108,24 @@ def ua_structure(predictions: Sequence[pd.DataFrame]) -> UAStructure:
     keys = pd.DataFrame({"true": truth.to_numpy(), **{f"f{r}": f for r, f in enumerate(folds)}})
     strata = keys.groupby(list(keys.columns), sort=True).ngroup().to_numpy()
     return UAStructure(ids, weight, score, strata)
+
+
+def test_units(frame: pd.DataFrame, run: int = 0) -> pd.DataFrame:
+    """The run's predictions keyed by test unit: the id, or ``id@fold<k>`` when the run tests ids in several folds.
+
+    Schemes that hold out one corpus per fold (``cross_corpus``) test an utterance once in every fold that does
+    not train on its corpus; each such test is a unit of its own (resampled and paired as one).
+
+    Raises:
+        ValueError: an id tested twice within one fold.
+    """
+    twice = frame[frame.duplicated(["id", "fold"])]
+    if len(twice):
+        raise ValueError(f"run {run}: ids {twice['id'].head(3).tolist()} are tested more than once in one fold; "
+                         "expected each id at most once per fold. Check the run's split.")
+    if not frame["id"].duplicated().any():
+        return frame
+    return frame.assign(id=frame["id"].astype(str) + "@fold" + frame["fold"].astype(str))
 
 
 def bootstrap_ci(structure: UAStructure, *, resamples: int = 2000, seed: int = 0,

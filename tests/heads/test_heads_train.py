@@ -218,21 +218,45 @@ def test_augmented_copies_train_only_where_their_source_trains(experiment, tmp_p
     assert off["protocol"]["augmentation"] is False
 
 
-def test_cli_defaults_follow_the_feature_kind():
-    """A bare command line trains with the settings params.yaml gives the DVC stage of that system."""
+def _training_parser():
     import argparse
 
+    from heads.train import add_training_args
+
+    parser = argparse.ArgumentParser(prog="python -m heads.train")
+    parser.add_argument("--head", required=True)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--pooling", default=None)
+    add_training_args(parser)
+    return parser
+
+
+def test_settings_of_params_yaml_are_the_defaults_and_flags_win():
+    """dvc.yaml passes each system's block of params.yaml with --settings: the one place of the settings."""
     import yaml
 
-    from heads.train import RECOMMENDED, apply_defaults
+    from heads.train import parse_with_settings
 
-    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())["train"]
-    for (head, kind), defaults in RECOMMENDED.items():
-        assert params[f"{head}_{kind}"] == defaults, (head, kind)
-    args = apply_defaults(argparse.Namespace(epochs=None, lr=3e-4, dropout=None, hidden=None, max_frames=None,
-                                             patience=None, weight_decay=None, batch_size=None, balance="weights"),
-                          RECOMMENDED[("conv", "egemaps")])
-    assert (args.epochs, args.lr, args.dropout, args.hidden) == (100, 3e-4, 0.5, 256)
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    block = yaml.safe_load(params.read_text())["systems"]["conv_egemaps"]["settings"]
+    base = ["--manifest", "m.csv", "--split", "s.csv", "--label-set", "ravdess8", "--out", "run",
+            "--settings", str(params), "--settings-key", "systems.conv_egemaps.settings"]
+    args = parse_with_settings(_training_parser(), [*base, "--lr", "0.0003"])
+    assert (args.head, args.epochs, args.hidden, args.pooling, args.weight_decay) == (
+        block["head"], block["epochs"], block["hidden"], block["pooling"], block["weight_decay"])
+    assert args.lr == 3e-4  # the command line wins
+
+
+@pytest.mark.parametrize("key, message", [("systems.nothing", "found no 'nothing'"),
+                                          ("systems.conv_egemaps", "trainer is not an option")])
+def test_settings_that_name_no_block_or_no_option_are_refused(key, message, capsys):
+    from heads.train import parse_with_settings
+
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        parse_with_settings(_training_parser(), ["--manifest", "m.csv", "--split", "s.csv", "--label-set", "x",
+                                                 "--out", "r", "--settings", str(params), "--settings-key", key])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option, value", [("--ensemble", "0"), ("--threads", "0"), ("--jobs", "-1"), ("--jobs", "two")])

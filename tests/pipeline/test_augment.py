@@ -16,7 +16,10 @@ from pipeline.augment import (
     place_augmented,
     plan_copies,
 )
+from pipeline.roots import read_manifest
 from pipeline.split import check_speaker_independent
+
+REPO = Path(__file__).resolve().parents[2]
 
 CHAIN = {
     "time_stretch": {"p": 0.5, "min_rate": 0.9, "max_rate": 1.1},
@@ -75,8 +78,10 @@ def test_copies_come_only_from_training_and_keep_speaker_and_label(corpus, tmp_p
         assert len(x) / rate == pytest.approx(row.duration_s)
         assert sf.info(row.path).format == "FLAC"
         assert row.augmentation and row.augmentation != "none"
-    written = pd.read_csv(tmp_path / "aug" / "manifest.csv", dtype={"id": str, "speaker": str})
+    written = read_manifest(tmp_path / "aug" / "manifest.csv")
     pd.testing.assert_frame_equal(written, out, check_dtype=False)
+    on_disk = pd.read_csv(tmp_path / "aug" / "manifest.csv")["path"]  # relative: the same in every clone
+    assert on_disk.tolist() == [f"{uid}.flac" for uid in out["id"]]
 
 
 def test_rerun_and_worker_count_give_identical_files(corpus, tmp_path):
@@ -154,6 +159,23 @@ def test_cli_reads_the_chain_from_params(corpus, tmp_path):
     written = pd.read_csv(tmp_path / "aug" / "manifest.csv")
     assert written["augmentation"].tolist() == ["gain(gain_db=-3)"] * 2
     assert main([*args, "--chain-key", "augment.chains"]) == 2
+
+
+def test_cli_without_chain_uses_the_projects_params_chain(corpus, tmp_path, monkeypatch, capsys):
+    """The README's `python -m pipeline.augment --manifest M --split S --out DIR --copies 1` works as written."""
+    manifest = corpus({"s1": ["neutral", "happy"], "s2": ["sad"]})
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    split_of(manifest, [{"s1": "train", "s2": "test"}]).to_csv(tmp_path / "splits.csv", index=False)
+    args = ["--manifest", str(tmp_path / "manifest.csv"), "--split", str(tmp_path / "splits.csv"),
+            "--out", str(tmp_path / "aug"), "--copies", "1", "--workers", "1"]
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2  # no params.yaml here: a clear error, not "found no chain"
+    assert "expected the augmentation chain in params.yaml, found no such file" in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    assert main(args) == 0
+    written = pd.read_csv(tmp_path / "aug" / "manifest.csv")
+    used = {step.split("(")[0] for text in written["augmentation"] for step in text.split("; ")}
+    assert len(written) == 2 and used <= set(yaml.safe_load((REPO / "params.yaml").read_text())["augment"]["chain"])
 
 
 @pytest.mark.parametrize(("chain", "message"), [

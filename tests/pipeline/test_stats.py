@@ -85,10 +85,20 @@ def test_paired_test_refuses_different_utterances():
         paired_permutation_test(a, b, resamples=10)
 
 
-def test_an_id_tested_twice_in_a_run_is_refused():
+def test_an_id_tested_twice_in_one_fold_is_refused():
     frame = predictions(n=10)
-    with pytest.raises(ValueError, match="more than once"):
-        ua_structure([pd.concat([frame, frame.assign(fold=9)])])
+    with pytest.raises(ValueError, match="more than once in one fold"):
+        ua_structure([pd.concat([frame, frame])])
+
+
+def test_an_id_tested_in_several_folds_is_one_unit_per_fold():
+    """Cross-corpus splits test an utterance in every fold that does not train on its corpus."""
+    frame = predictions(n=12, folds=1)
+    twice = pd.concat([frame, frame.assign(fold=1, pred=frame["true"])])
+    structure = ua_structure([twice])
+    assert len(structure.ids) == 24 and structure.ua == pytest.approx(fold_mean_ua([twice]))
+    low, high = bootstrap_ci(structure, resamples=200, seed=0)
+    assert low <= structure.ua <= high
 
 
 def test_true_labels_must_agree_between_runs():
