@@ -23,7 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -75,6 +77,16 @@ def require_ray() -> None:
                           "pip install -e \".[ray]\" (or pip install \"ray>=2.9\").")
 
 
+def by_reference(fn: Callable) -> Callable:
+    """``fn`` as its module imported by name holds it: a function of a module run with ``python -m`` belongs to
+    ``__main__``, which Ray would ship by value with a copy of every module global it touches (so state that
+    one call sets would be invisible to the next); by name, each actor imports the module once and shares it."""
+    spec = getattr(sys.modules.get(fn.__module__), "__spec__", None)
+    if fn.__module__ != "__main__" or spec is None:
+        return fn
+    return getattr(importlib.import_module(spec.name), fn.__qualname__)
+
+
 def thread_environment() -> dict[str, str]:
     """The thread settings an actor process starts with: this process's.
 
@@ -89,70 +101,77 @@ def thread_environment() -> dict[str, str]:
 
 class _Extractor:
     """A Ray actor: loads the encoder once (``load()``), prepares its process as a forked worker is prepared
-    (``init(enc)``), then runs ``work(batches, part, meta, job)`` per task."""
+    (``init(enc)``), then runs ``work(batches, part, meta, job)`` per task with the feature-encoder implementation
+    the task names (the driver may choose it while the actors load; a restarted actor learns it again)."""
 
     def __init__(self, load: Callable, init: Callable, work: Callable, expected: dict):
-        enc = load()
-        found = {"dtype": enc.dtype, "device": enc.device.type, "chunk_seconds": enc.chunk_seconds,
-                 "overlap_seconds": enc.overlap_seconds}
+        self.enc = load()
+        found = {"dtype": self.enc.dtype, "device": self.enc.device.type, "chunk_seconds": self.enc.chunk_seconds,
+                 "overlap_seconds": self.enc.overlap_seconds}
         if found != expected:
             raise ValueError(f"actor on {os.uname().nodename}: expected an encoder with {expected}, found "
                              f"{found}; give every node the same hardware kind, or pass --device and --dtype.")
-        init(enc)
+        init(self.enc)
         self._work = work
 
-    def work(self, batches: list, part: str, meta: dict, job) -> tuple:
+    def work(self, batches: list, part: str, meta: dict, job, feature_encoder: str) -> tuple:
+        if self.enc.feature_encoder != feature_encoder:
+            self.enc.use_feature_encoder(feature_encoder)
         return self._work(batches, part, meta, job)
 
 
 class RayActors:
     """Connects to a Ray cluster (``address``: ``auto``, ``HOST:PORT``, or None to start a local one unless this
-    process is already connected) and counts the actors it offers: one per GPU when ``gpu``, else one per CPU.
+    process is already connected) and starts up to ``most`` actors: one per GPU when ``enc`` is on CUDA, else one
+    per CPU, each loading the encoder ``enc`` was loaded as (same checkpoint, device kind, dtype and window) and
+    prepared by ``init(enc)``. They load while this process goes on (e.g. times the feature encoder).
 
     :meth:`run` (or :meth:`close`) stops the actors, and the local cluster if it started one.
 
     Raises:
         ImportError: Ray is not installed.
-        ValueError: the cluster has no GPU (``gpu``) or no CPU to run an actor on.
+        ValueError: the cluster has no GPU (``enc`` on CUDA) or no CPU to run an actor on.
     """
 
-    def __init__(self, address: str | None, *, gpu: bool, max_restarts: int = 3):
+    def __init__(self, address: str | None, *, enc: Encoder, most: int, init: Callable, work: Callable,
+                 max_restarts: int = 3):
         require_ray()
-        self.gpu, self.max_restarts = gpu, max_restarts
+        gpu = enc.device.type == "cuda"
         self._started = not ray.is_initialized()
         if self._started:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         resources = ray.cluster_resources()
-        self.size = int(resources.get("GPU" if gpu else "CPU", 0))
+        self.size = min(most, int(resources.get("GPU" if gpu else "CPU", 0)))
+        self._actors: list = []
         if self.size < 1:
             self.close()
             raise ValueError(f"Ray cluster {address or 'local'}: expected at least one {'GPU' if gpu else 'CPU'}, "
                              f"found resources {resources}; start workers with GPUs, or pass --device cpu.")
-        self._actors: list = []
+        load = partial(load_encoder, enc.name, device=enc.device.type, dtype=enc.dtype, revision=enc.revision,
+                       chunk_seconds=enc.chunk_seconds, overlap_seconds=enc.overlap_seconds,
+                       feature_encoder="library")
+        expected = {"dtype": enc.dtype, "device": enc.device.type, "chunk_seconds": enc.chunk_seconds,
+                    "overlap_seconds": enc.overlap_seconds}
+        options = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
+        remote = ray.remote(_Extractor).options(**options, max_restarts=max_restarts, max_task_retries=max_restarts,
+                                                runtime_env={"env_vars": thread_environment()})
+        init, work = by_reference(init), by_reference(work)
+        self._actors = [remote.remote(load, init, work, expected) for _ in range(self.size)]
 
-    def run(self, tasks: Sequence[list], parts: Sequence[str], meta: dict, job, *, enc: Encoder,
-            init: Callable, work: Callable) -> Iterator[tuple]:
-        """Run ``work(task, part, meta, job)`` for each task on min(size, tasks) actors, each holding the encoder
-        ``enc`` was loaded as (same checkpoint, device kind, dtype, window and feature-encoder implementation);
-        yields the results in the order they finish, then stops the actors (and the cluster, if it started it).
-        A task whose actor dies is run again on the restarted actor.
+    def run(self, tasks: Sequence[list], parts: Sequence[str], meta: dict, job, *,
+            feature_encoder: str) -> Iterator[tuple]:
+        """Run ``work(task, part, meta, job)`` for each task on the actors, with the feature-encoder implementation
+        ``feature_encoder``; yields the results in the order they finish, then stops the actors (and the cluster,
+        if it started it). A task whose actor dies is run again on the restarted actor.
 
         Raises:
             ray.exceptions.RayActorError: an actor died more than ``max_restarts`` times.
         """
-        load = partial(load_encoder, enc.name, device=enc.device.type, dtype=enc.dtype, revision=enc.revision,
-                       chunk_seconds=enc.chunk_seconds, overlap_seconds=enc.overlap_seconds,
-                       feature_encoder=enc.feature_encoder)
-        expected = {k: meta[k] for k in ("dtype", "device", "chunk_seconds", "overlap_seconds")}
-        options = {"num_gpus": 1, "num_cpus": 1} if self.gpu else {"num_cpus": 1}
-        remote = ray.remote(_Extractor).options(**options, max_restarts=self.max_restarts,
-                                                max_task_retries=self.max_restarts,
-                                                runtime_env={"env_vars": thread_environment()})
         try:
-            self._actors = [remote.remote(load, init, work, expected) for _ in range(min(self.size, len(tasks)))]
             pool = ActorPool(self._actors)
-            yield from pool.map_unordered(lambda actor, item: actor.work.remote(item[0], item[1], meta, job),
-                                          list(zip(tasks, parts, strict=True)))
+            yield from pool.map_unordered(
+                lambda actor, item: actor.work.remote(item[0], item[1], meta, job, feature_encoder),
+                list(zip(tasks, parts, strict=True)))
         finally:
             self.close()
 

@@ -444,6 +444,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         todo = todo[todo["id"].isin(shard_ids(plan_batches(build.wanted_rows, set(build.wanted_rows["id"]), job,
                                                            enc), shard))]
     batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
+    actors = RayActors(address, enc=enc, most=len(batches), init=_init_worker, work=_work) \
+        if engine == "ray" and batches else None
     if batches and timed:
         earlier = recorded_feature_encoder(build.store_dir)
         if earlier is None:
@@ -451,7 +453,6 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         else:  # a resumed or extended store is computed as it began, whatever today's timing says
             enc.use_feature_encoder(earlier)
             enc.feature_encoder_timing = {"chosen": earlier, "kept_from": "the store's earlier shards"}
-    actors = RayActors(address, gpu=cuda) if engine == "ray" and batches else None
     procs = actors.size if actors else procs
     meta["provenance"] = build.meta["provenance"] = {**provenance(enc, procs), "engine": engine}
     total = float(cropped_seconds(todo, job).fillna(0).sum()) if "duration_s" in todo else None
@@ -460,8 +461,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         if actors:
             tasks = split_tasks(batches, procs, part_entries)
             parts = [str(build.reserve_part()) for _ in tasks]
-            for seconds, n, task_skips, written in actors.run(tasks, parts, meta, job, enc=enc, init=_init_worker,
-                                                              work=_work):
+            for seconds, n, task_skips, written in actors.run(tasks, parts, meta, job,
+                                                              feature_encoder=enc.feature_encoder):
                 if written is not None:
                     build.absorb(written)
                 done_s, computed = done_s + seconds, computed + n

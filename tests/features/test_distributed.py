@@ -55,17 +55,20 @@ def assert_same_store(a, b, n):
             np.testing.assert_array_equal(x.pooled(uid), y.pooled(uid))
 
 
+@pytest.mark.parametrize("feature_encoder", ["library", "strided_matmul"])
 def test_ray_actors_give_the_single_process_store_and_a_rerun_computes_nothing(ray_cluster, clips, tmp_path,
-                                                                                tiny_encoder_dir):
+                                                                                tiny_encoder_dir, feature_encoder):
     out = tmp_path / "ray"
-    summary = extract([clips], out, encoder=str(tiny_encoder_dir), engine="ray", part_entries=3, **SETTINGS)
+    settings = {**SETTINGS, "feature_encoder": feature_encoder}  # the actors compute with the driver's choice
+    summary = extract([clips], out, encoder=str(tiny_encoder_dir), engine="ray", part_entries=3, **settings)
     assert summary["computed"] == 12 and summary["skipped"] == 0 and summary["stored"] == 12
     assert len(list(out.glob("*/shards/*.h5"))) >= 4  # several tasks, each its own shard
-    assert_same_store(out, _single_process(clips, tmp_path, tiny_encoder_dir), 12)
+    assert_same_store(out, _single_process(clips, tmp_path, tiny_encoder_dir, **settings), 12)
     with FeatureStore(out) as fs:
         assert fs.attrs["provenance"]["engine"] == "ray" and fs.attrs["provenance"]["procs"] == 2
+        assert fs.attrs["provenance"]["feature_encoder"] == feature_encoder
     before = _files_state(out)
-    again = extract([clips], out, encoder=str(tiny_encoder_dir), engine="ray", part_entries=3, **SETTINGS)
+    again = extract([clips], out, encoder=str(tiny_encoder_dir), engine="ray", part_entries=3, **settings)
     assert again["computed"] == 0 and again["reused"] == 12
     assert _files_state(out) == before
 
