@@ -303,12 +303,12 @@ class StoreBuild:
             self._release()
             return {"stored": None, "removed": 0, "corrupt": self.corrupt}
         held = entries_by_uid(dict(sorted(self._index.items())))
-        view = {u: s for u, s in self._wanted.items() if s in held.get(u, {})}
-        removed = len(set(self._previous["entries"]) - set(view)) if self._previous else 0
+        entries = {u: s for u, s in self._wanted.items() if s in held.get(u, {})}
+        removed = len(set(self._previous["entries"]) - set(entries)) if self._previous else 0
         IdentityStore(self.store_dir).write_index(dict(sorted(self._index.items())))
-        write_current(self.out, self.store_dir.name, view)
+        write_current(self.out, self.store_dir.name, entries)
         self._release()
-        return {"stored": len(view), "removed": removed, "corrupt": self.corrupt}
+        return {"stored": len(entries), "removed": removed, "corrupt": self.corrupt}
 
 
 def finish(stage: str, build: StoreBuild, *, out, skips, skipped: list[dict], computed: int,

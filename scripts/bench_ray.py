@@ -1,12 +1,14 @@
 """Benchmark: the overhead of ``--engine ray`` against the single-machine path, measured in one run.
 
 A randomly initialised model of the wav2vec2-base architecture (the pretrained model's cost, no download) extracts
-the same files (about ``--audio-seconds`` of audio, picked as :func:`features.bench.pick_files` picks) twice, each
-in a fresh process: once with the single-machine engine (``--cpus`` forked single-thread processes), once on a
-local Ray cluster of ``--cpus`` CPUs (as many single-thread actors). Each time is the
+the same files (about ``--audio-seconds`` of audio, picked as :func:`features.bench.pick_files` picks), each time in
+a fresh process, with the single-machine engine (``--cpus`` forked single-thread processes) and on a local Ray
+cluster of ``--cpus`` CPUs (as many single-thread actors), in the order local, ray, ray, local (``--repeats 2``: a
+drift of the machine's load over the run weighs on both engines alike). Each time is the
 :func:`features.extract.extract` call, model loading and store writes included; the Ray cluster is started before
 the clock (``ray_start_seconds``, reported apart: a cluster is started once and serves many extractions).
-``overhead`` = Ray's time / the local time - 1, and ``equal`` says whether the two stores hold the same numbers.
+``overhead`` = Ray's total time / the local total time - 1, and ``equal`` says whether all the stores hold the same
+numbers.
 
 Example:
     python scripts/bench_ray.py --audio-seconds 300 --json ray-overhead.json
@@ -57,7 +59,7 @@ def _equal(a: str, b: str) -> bool:
             for u in x.ids())
 
 
-def bench_ray(*, audio_seconds: float = 300.0, corpus: Path = DEFAULT_CORPUS, cpus: int = 2) -> dict:
+def bench_ray(*, audio_seconds: float = 300.0, corpus: Path = DEFAULT_CORPUS, cpus: int = 2, repeats: int = 2) -> dict:
     """Extract the same audio with both engines; returns both times, the overhead and whether the stores agree."""
     import torch
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -68,14 +70,19 @@ def bench_ray(*, audio_seconds: float = 300.0, corpus: Path = DEFAULT_CORPUS, cp
         torch.manual_seed(0)
         Wav2Vec2Model(Wav2Vec2Config()).eval().save_pretrained(f"{tmp}/model")
         Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(f"{tmp}/model")
-        runs = {}
-        for engine in ("local", "ray"):
+        runs: dict[str, list] = {"local": [], "ray": []}
+        order = [("local", "ray") if i % 2 == 0 else ("ray", "local") for i in range(repeats)]
+        for i, engine in enumerate(e for pair in order for e in pair):
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                runs[engine] = pool.submit(_timed, engine, f"{tmp}/model", f"{tmp}/manifest.csv",
-                                           f"{tmp}/{engine}", cpus).result()
-        record = {"files": len(rows), "cpus": cpus, "local": runs["local"], "ray": runs["ray"],
-                  "overhead": round(runs["ray"]["wall_seconds"] / runs["local"]["wall_seconds"] - 1, 4),
-                  "equal": _equal(f"{tmp}/local", f"{tmp}/ray"),
+                runs[engine].append(pool.submit(_timed, engine, f"{tmp}/model", f"{tmp}/manifest.csv",
+                                                f"{tmp}/{engine}{i}", cpus).result())
+            print(json.dumps({"engine": engine, **runs[engine][-1]}), flush=True)
+        total = {e: sum(r["wall_seconds"] for r in runs[e]) for e in runs}
+        stores = [p for p in sorted(Path(tmp).glob("local*")) + sorted(Path(tmp).glob("ray*")) if p.is_dir()]
+        record = {"files": len(rows), "audio_seconds": runs["local"][0]["audio_seconds"], "cpus": cpus,
+                  "local": runs["local"], "ray": runs["ray"],
+                  "overhead": round(total["ray"] / total["local"] - 1, 4),
+                  "equal": all(_equal(str(stores[0]), str(s)) for s in stores[1:]),
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     return record
 
@@ -85,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--audio-seconds", type=float, default=300.0)
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="audio folder (default %(default)s)")
     p.add_argument("--cpus", type=int, default=2, help="local processes, and Ray CPUs (single-thread actors)")
+    p.add_argument("--repeats", type=int, default=2, help="pairs of runs (local, ray), alternating the order")
     p.add_argument("--json", default=None, help="write the record here")
     a = p.parse_args(argv)
-    record = bench_ray(audio_seconds=a.audio_seconds, corpus=a.corpus, cpus=a.cpus)
+    record = bench_ray(audio_seconds=a.audio_seconds, corpus=a.corpus, cpus=a.cpus, repeats=a.repeats)
     print(json.dumps(record))
     if a.json:
         Path(a.json).write_text(json.dumps(record, indent=1) + "\n")
