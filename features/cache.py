@@ -208,8 +208,13 @@ class StoreBuild:
             raise ValueError(f"--out {self.out}: this is an identity store inside a collection; expected the "
                              f"collection itself. Pass --out {self.out.parent}.")
 
-    def plan(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    def plan(self, rows: pd.DataFrame, *, clean: bool = True) -> tuple[pd.DataFrame, list[dict]]:
         """Split the manifest rows into work and skips.
+
+        Args:
+            rows: the manifest rows.
+            clean: delete temporary files of dead processes; False where other machines may be writing shards
+                into the store now (a ``--shard`` member: a pid is only meaningful on its own machine).
 
         Returns:
             ``(todo, skips)``: the rows to compute (with a ``source`` column), and skips
@@ -221,7 +226,7 @@ class StoreBuild:
         self._check_out()
         store = IdentityStore.create(self.store_dir, self.identity)
         self._lock = lock_shared(self.store_dir)
-        for folder in (self.out, self.store_dir, self.store_dir / SHARDS):
+        for folder in (self.out, self.store_dir, self.store_dir / SHARDS) if clean else ():
             remove_dead_temporaries(folder)
         try:
             self._previous = read_current(self.out)
@@ -293,8 +298,17 @@ class StoreBuild:
             self._part.discard()
             self._part = None
 
-    def finish(self) -> dict:
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def finish(self, *, view: bool = True) -> dict:
         """Publish the last shard, then update ``index.json`` and ``current.json`` where they change.
+
+        Args:
+            view: False: publish the last shard only (a ``--shard`` member; the final call indexes and writes the
+                view).
 
         Returns:
             ``{"stored", "removed", "corrupt"}``: entries in the new view, entries of the previous view no
@@ -302,15 +316,16 @@ class StoreBuild:
         """
         if self._part is not None:
             self._publish()
+        if not view:
+            self._release()
+            return {"stored": None, "removed": 0, "corrupt": self.corrupt}
         held = entries_by_uid(dict(sorted(self._index.items())))
-        view = {u: s for u, s in self._wanted.items() if s in held.get(u, {})}
-        removed = len(set(self._previous["entries"]) - set(view)) if self._previous else 0
+        entries = {u: s for u, s in self._wanted.items() if s in held.get(u, {})}
+        removed = len(set(self._previous["entries"]) - set(entries)) if self._previous else 0
         IdentityStore(self.store_dir).write_index(dict(sorted(self._index.items())))
-        write_current(self.out, self.store_dir.name, view)
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-        return {"stored": len(view), "removed": removed, "corrupt": self.corrupt}
+        write_current(self.out, self.store_dir.name, entries)
+        self._release()
+        return {"stored": len(entries), "removed": removed, "corrupt": self.corrupt}
 
 
 def finish(stage: str, build: StoreBuild, *, out, skips, skipped: list[dict], computed: int,

@@ -45,6 +45,7 @@ from features.cache import (
     finish,
     read_manifests,
 )
+from features.distributed import ENGINES, RayActors, parse_shard, require_ray, shard_ids, shard_summary
 from features.encoder import (
     DEFAULT_ENCODER,
     DEVICE_CHOICES,
@@ -389,7 +390,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             offset_seconds: float = 0.0, storage_dtype: str = "float16", skips: str | os.PathLike | None = None,
             chunk_seconds: float = 30.0, batch_seconds: float = 60.0, procs: int | None = None,
             workers: int | None = None, part_entries: int = 16, max_batch: int | None = None,
-            tail_alone: int | None = None, feature_encoder: str = "auto") -> dict:
+            tail_alone: int | None = None, feature_encoder: str = "auto", engine: str = "local",
+            address: str | None = None, shard: tuple[int, int] | None = None) -> dict:
     """Build or update the feature store ``out`` for the rows of ``manifests``.
 
     On CPU, ``procs`` forked processes of one thread each share the rows (no per-op synchronisation, and results
@@ -414,12 +416,20 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         max_batch: most utterances per forward pass (default 4 on CPU, 64 on CUDA).
         tail_alone: the shortest rows that run in single passes, computed last so that the processes end
             together (default 16 on CPU, 0 on CUDA).
+        engine: ``local`` (this machine) or ``ray`` (actors of the Ray cluster at ``address``, one per GPU or
+            CPU core: see :mod:`features.distributed`).
+        shard: ``(K, N)``: compute only the K-th of N deterministic shards of the rows and publish their shards
+            without index or view (a later call without ``shard`` writes them).
 
     Returns:
         The summary of :func:`features.cache.finish` (``computed``, ``reused``, ``skipped``, ``stored``, ...).
     """
     if storage_dtype not in {"float16", "float32"}:
         raise ValueError(f"storage dtype {storage_dtype!r}: expected float16 or float32.")
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}.")
+    if engine == "ray":
+        require_ray()
     rows = read_manifests(manifests)
     timed = not isinstance(encoder, Encoder) and feature_encoder == "auto"  # timed below, only if there is work
     enc = encoder if isinstance(encoder, Encoder) else load_encoder(
@@ -437,9 +447,14 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             "overlap_seconds": enc.overlap_seconds, "frame_stride": enc.stride,
             "versions": versions()}
     build = StoreBuild(out, meta, part_entries=part_entries)
-    todo, skipped = build.plan(rows)
+    todo, skipped = build.plan(rows, clean=shard is None)
+    if shard is not None:
+        todo = todo[todo["id"].isin(shard_ids(plan_batches(build.wanted_rows, set(build.wanted_rows["id"]), job,
+                                                           enc), shard))]
     batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
     check_free_space(out, cropped_seconds(todo, job).fillna(0).sum(), enc, job)
+    actors = RayActors(address, enc=enc, most=len(batches), init=_init_worker, work=_work) \
+        if engine == "ray" and batches else None
     if batches and timed:
         earlier = recorded_feature_encoder(build.store_dir)
         if earlier is None:
@@ -447,12 +462,23 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         else:  # a resumed or extended store is computed as it began, whatever today's timing says
             enc.use_feature_encoder(earlier)
             enc.feature_encoder_timing = {"chosen": earlier, "kept_from": "the store's earlier shards"}
-    meta["provenance"] = build.meta["provenance"] = provenance(enc, procs)
+    procs = actors.size if actors else procs
+    meta["provenance"] = build.meta["provenance"] = {**provenance(enc, procs), "engine": engine}
     total = float(cropped_seconds(todo, job).fillna(0).sum()) if "duration_s" in todo else None
     done_s, computed = 0.0, 0
     with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar, \
             _disk_full_explained(out):
-        if procs > 1 and sum(map(len, batches)) > 1:
+        if actors:
+            tasks = split_tasks(batches, procs, part_entries)
+            parts = [str(build.reserve_part()) for _ in tasks]
+            for seconds, n, task_skips, written in actors.run(tasks, parts, meta, job,
+                                                              feature_encoder=enc.feature_encoder):
+                if written is not None:
+                    build.absorb(written)
+                done_s, computed = done_s + seconds, computed + n
+                skipped.extend(task_skips)
+                advance(bar, seconds)
+        elif procs > 1 and sum(map(len, batches)) > 1:
             tasks = split_tasks(batches, procs, part_entries)
             with ProcessPoolExecutor(min(procs, len(tasks)), mp_context=_FORK,
                                      initializer=_init_worker, initargs=(enc,)) as pool:
@@ -487,6 +513,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                 build.discard()
                 raise
             writer.close()
+    if shard is not None:
+        return shard_summary(build, shard=shard, skipped=skipped, computed=computed, audio_seconds=done_s)
     return finish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
                   audio_seconds=done_s)
 
@@ -568,13 +596,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="most utterances per forward pass (default 4 on CPU, 64 on CUDA)")
     p.add_argument("--feature-encoder", default="auto", choices=["auto", *FEATURE_ENCODERS],
                    help="auto: the library's modules unless a plug-in is >= 10%% faster here (timed at start-up)")
+    p.add_argument("--engine", default="local", choices=ENGINES,
+                   help="local: this machine; ray: the actors of a Ray cluster (pip install -e '.[ray]')")
+    p.add_argument("--address", default=None,
+                   help="--engine ray: the cluster (auto, or HOST:PORT; default: start a local one)")
+    p.add_argument("--shard", type=parse_shard, default=None, metavar="K/N",
+                   help="compute only the K-th of N deterministic shards (e.g. a SLURM array); a final call "
+                        "without --shard indexes them and writes the view")
     a = p.parse_args(argv)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     return extract(a.manifest, a.out, encoder=a.encoder, device=a.device, dtype=a.dtype, layers=a.layers,
                    max_seconds=a.max_seconds, offset_seconds=a.offset_seconds, storage_dtype=a.storage_dtype,
                    skips=a.skips, chunk_seconds=a.chunk_seconds, batch_seconds=a.batch_seconds, procs=a.procs,
                    workers=a.workers, part_entries=a.part_entries, max_batch=a.max_batch,
-                   feature_encoder=a.feature_encoder)
+                   feature_encoder=a.feature_encoder, engine=a.engine, address=a.address, shard=a.shard)
 
 
 if __name__ == "__main__":

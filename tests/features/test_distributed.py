@@ -1,0 +1,126 @@
+"""Extraction beyond one machine: Ray actors and --shard K/N give the single-process store; kills lose one shard."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from features import distributed
+from features.extract import extract, main
+from features.store import FeatureStore
+
+# the feature-encoder implementation is fixed: "auto" picks by timing, and implementations differ in rounding
+SETTINGS = {"device": "cpu", "dtype": "float32", "storage_dtype": "float32", "tail_alone": 0,
+            "feature_encoder": "library"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local two-CPU Ray cluster shared by this module's Ray tests (skipped without the ``ray`` extra)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def clips(tmp_path, write_audio, make_manifest):
+    """A manifest of twelve clips of mixed lengths."""
+    files = [write_audio(tmp_path / "audio" / f"s{i % 3}" / f"u{i:02d}.wav", seconds=0.6 + 0.25 * i, seed=i)
+             for i in range(12)]
+    return make_manifest(files)
+
+
+def _single_process(manifest, tmp_path, encoder, **kw):
+    out = tmp_path / "single"
+    extract([manifest], out, encoder=str(encoder), procs=1, **{**SETTINGS, **kw})
+    return out
+
+
+def _files_state(root):
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_same_store(a, b, n):
+    with FeatureStore(a) as x, FeatureStore(b) as y:
+        assert sorted(x.ids()) == sorted(y.ids()) and len(x) == n
+        assert x.store.path.name == y.store.path.name  # same settings, same identity store
+        for uid in x.ids():
+            np.testing.assert_array_equal(x.all_frames(uid), y.all_frames(uid))
+            np.testing.assert_array_equal(x.pooled(uid), y.pooled(uid))
+
+
+@pytest.mark.parametrize("feature_encoder", ["library", "strided_matmul"])
+def test_ray_actors_give_the_single_process_store_and_a_rerun_computes_nothing(ray_cluster, clips, tmp_path,
+                                                                                tiny_encoder_dir, feature_encoder):
+    out = tmp_path / "ray"
+    settings = {**SETTINGS, "feature_encoder": feature_encoder}  # the actors compute with the driver's choice
+    summary = extract([clips], out, encoder=str(tiny_encoder_dir), engine="ray", part_entries=3, **settings)
+    assert summary["computed"] == 12 and summary["skipped"] == 0 and summary["stored"] == 12
+    assert len(list(out.glob("*/shards/*.h5"))) >= 4  # several tasks, each its own shard
+    assert_same_store(out, _single_process(clips, tmp_path, tiny_encoder_dir, **settings), 12)
+    with FeatureStore(out) as fs:
+        assert fs.attrs["provenance"]["engine"] == "ray" and fs.attrs["provenance"]["procs"] == 2
+        assert fs.attrs["provenance"]["feature_encoder"] == feature_encoder
+    before = _files_state(out)
+    again = extract([clips], out, encoder=str(tiny_encoder_dir), engine="ray", part_entries=3, **settings)
+    assert again["computed"] == 0 and again["reused"] == 12
+    assert _files_state(out) == before
+
+
+def test_a_killed_actor_loses_only_its_shard_which_is_recomputed(ray_cluster, tmp_path, write_audio, make_manifest,
+                                                                tiny_encoder_dir):
+    files = [write_audio(tmp_path / "audio" / f"u{i:02d}.wav", seconds=6.0 + 0.1 * i, seed=i) for i in range(12)]
+    manifest = make_manifest(files)
+    out = tmp_path / "ray"
+    result = {}
+    run = threading.Thread(target=lambda: result.update(extract(
+        [manifest], out, encoder=str(tiny_encoder_dir), engine="ray", max_batch=1, part_entries=4, **SETTINGS)))
+    run.start()
+    deadline, victim = time.monotonic() + 120, None
+    while victim is None and run.is_alive() and time.monotonic() < deadline:
+        victim = next(out.glob("*/shards/*.h5.tmp-*"), None)  # an actor is writing a shard
+        time.sleep(0.002)
+    assert victim is not None, "no shard was being written"
+    os.kill(int(victim.name.rsplit("-", 1)[-1]), signal.SIGKILL)
+    assert victim.exists()  # killed mid-shard: that shard was never published
+    run.join(180)
+    assert result["computed"] == 12 and result["stored"] == 12
+    assert_same_store(out, _single_process(manifest, tmp_path, tiny_encoder_dir, max_batch=1), 12)
+    again = extract([manifest], out, encoder=str(tiny_encoder_dir), engine="ray", max_batch=1, **SETTINGS)
+    assert again["computed"] == 0
+    assert not list(out.rglob("*.tmp-*"))  # the killed actor's debris is gone
+
+
+def test_shard_halves_then_an_index_call_equal_the_whole(clips, tmp_path, tiny_encoder_dir, capsys):
+    out = tmp_path / "sharded"
+    cli = ["--manifest", str(clips), "--out", str(out), "--encoder", str(tiny_encoder_dir), "--device", "cpu",
+           "--dtype", "float32", "--storage-dtype", "float32", "--procs", "1", "--part-entries", "2",
+           "--feature-encoder", "library"]
+    second = main([*cli, "--shard", "2/2"])  # members run in any order
+    assert not (out / "current.json").exists() and not list(out.glob("*/index.json"))  # the final call writes them
+    first = main([*cli, "--shard", "1/2"])
+    assert first["computed"] > 0 and second["computed"] > 0 and first["computed"] + second["computed"] == 12
+    assert "run once more without --shard" in capsys.readouterr().out
+    again = main([*cli, "--shard", "1/2"])  # a member rerun computes nothing: the shards agree whatever is done
+    assert again["computed"] == 0
+    final = main(cli)
+    assert final["computed"] == 0 and final["stored"] == 12
+    assert_same_store(out, _single_process(clips, tmp_path, tiny_encoder_dir, tail_alone=16), 12)  # the CLI's
+
+
+def test_shard_and_engine_errors(monkeypatch, clips, tmp_path, tiny_encoder_dir):
+    for bad in ["0/2", "3/2", "1/0", "a/b", "1"]:
+        with pytest.raises(ValueError, match="expected K/N with 1 <= K <= N"):
+            distributed.parse_shard(bad)
+    assert distributed.parse_shard("2/8") == (2, 8)
+    monkeypatch.setattr(distributed, "ray", None)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[ray\]"'):
+        extract([clips], tmp_path / "f", encoder=str(tiny_encoder_dir), engine="ray", **SETTINGS)
+    with pytest.raises(ValueError, match="expected one of local, ray"):
+        extract([clips], tmp_path / "f", encoder=str(tiny_encoder_dir), engine="spark", **SETTINGS)
