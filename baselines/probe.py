@@ -25,7 +25,8 @@ from pathlib import Path
 
 from baselines.train import train_sklearn
 from features.store import FeatureStore
-from heads.train import add_training_args, parse_with_settings, report
+from heads.train import add_training_args, check_label_set, parse_with_settings, report
+from pipeline.cli import existing_dir, positive_float, run_main
 
 
 def probe_layers(*, features: str, manifests: Sequence[str], split: str, label_set: str, out: str,
@@ -68,13 +69,15 @@ def probe_layers(*, features: str, manifests: Sequence[str], split: str, label_s
     return results
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m baselines.probe", description=__doc__.split("\n")[0])
-    parser.add_argument("--features", required=True, help="an encoder's feature store")
+    parser.add_argument("--features", required=True, type=existing_dir, help="an encoder's feature store")
     parser.add_argument("--encoder-name", default=None, help="name in system names (default: the store's name)")
-    parser.add_argument("--C", type=float, default=1.0, help="inverse regularisation of the logistic regression")
+    parser.add_argument("--C", type=positive_float, default=1.0, help="inverse regularisation of the logistic regression")
     add_training_args(parser)
     args = parse_with_settings(parser, argv)
+    check_label_set(args.label_set)
 
     def train() -> dict:
         layers = probe_layers(features=args.features, manifests=args.manifest, split=args.split,
