@@ -175,7 +175,7 @@ def test_killed_build_resumes_to_an_uninterrupted_one(audio, make_manifest, tmp_
                           cwd=Path(__file__).parents[2], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert len(shard_files(out)) == 2  # the first run's shard and the killed run's first one (2 entries) ...
-    assert len(list(out.rglob("*.h5.tmp-*"))) == 1  # ... its second, half written, under a temporary name
+    assert not list(out.rglob("*.h5.tmp-*"))  # ... its second was built in memory: nothing half-written on disk
     assert {k: v for k, v in snapshot(out).items() if "tmp" not in k and "/shards/" not in k} == \
         {k: v for k, v in before.items() if "/shards/" not in k}  # the old view, untouched
     with FeatureStore(out) as fs:
@@ -225,3 +225,16 @@ def test_out_must_be_a_collection_folder(tmp_path, make_manifest, audio):
     (store,) = [p for p in out.iterdir() if p.is_dir()]
     with pytest.raises(ValueError, match=f"identity store.*--out {out}"):
         run_build(store, make_manifest(audio[:1]))
+
+
+def test_a_dead_writers_temporary_shard_is_deleted_by_the_next_build(audio, make_manifest, tmp_path):
+    out, manifest = tmp_path / "feats", make_manifest(audio[:2])
+    run_build(out, manifest)
+    shards = shard_files(out)[0].parent
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    debris = shards / f"{shard_files(out)[0].name}.tmp-{dead.stdout.strip()}"  # killed while writing its image
+    debris.write_bytes(b"half an HDF5 image")
+    live = shards / f"other.h5.tmp-{os.getpid()}"  # a live writer's file is left alone
+    live.write_bytes(b"being written")
+    assert run_build(out, manifest)["computed"] == 0
+    assert not debris.exists() and live.exists()
