@@ -231,13 +231,16 @@ def _training_parser():
     return parser
 
 
-def test_settings_of_params_yaml_are_the_defaults_and_flags_win():
+def test_settings_of_params_yaml_are_the_defaults_and_flags_win(tmp_path, monkeypatch):
     """dvc.yaml passes each system's block of params.yaml with --settings: the one place of the settings."""
     import yaml
 
     from heads.train import parse_with_settings
 
     params = Path(__file__).resolve().parents[2] / "params.yaml"
+    monkeypatch.chdir(tmp_path)  # the inputs the command line names must exist
+    (tmp_path / "m.csv").touch()
+    (tmp_path / "s.csv").touch()
     block = yaml.safe_load(params.read_text())["systems"]["conv_egemaps"]["settings"]
     base = ["--manifest", "m.csv", "--split", "s.csv", "--label-set", "ravdess8", "--out", "run",
             "--settings", str(params), "--settings-key", "systems.conv_egemaps.settings"]
