@@ -55,6 +55,7 @@ from features.encoder import (
     Encoder,
     choose_feature_encoder,
     load_encoder,
+    resolve_device,
 )
 from features.store import FeatureStore
 from pipeline.audio import AudioError, load_audio
@@ -103,6 +104,20 @@ def recorded_feature_encoder(store_dir: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return name if name in FEATURE_ENCODERS else None
+
+
+def recorded_auto_dtype(out: str | os.PathLike, device_type: str) -> str | None:
+    """The dtype ``auto`` chose for the collection ``out`` on this device class in its last run, so that reruns
+    keep it whatever a new timing would say (None where there is no such run)."""
+    if not (Path(out) / "current.json").is_file():
+        return None
+    try:
+        with FeatureStore(out) as fs:
+            attrs = fs.attrs
+    except (OSError, ValueError):
+        return None
+    chosen = (attrs.get("provenance") or {}).get("dtype_requested") == "auto" and attrs.get("device") == device_type
+    return attrs.get("dtype") if chosen else None
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -432,6 +447,9 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         require_ray()
     rows = read_manifests(manifests)
     timed = not isinstance(encoder, Encoder) and feature_encoder == "auto"  # timed below, only if there is work
+    requested = dtype
+    if dtype == "auto" and not isinstance(encoder, Encoder):
+        dtype = recorded_auto_dtype(out, resolve_device(device).type) or dtype
     enc = encoder if isinstance(encoder, Encoder) else load_encoder(
         encoder, device=device, dtype=dtype, chunk_seconds=chunk_seconds,
         feature_encoder="library" if timed else feature_encoder)
@@ -463,7 +481,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             enc.use_feature_encoder(earlier)
             enc.feature_encoder_timing = {"chosen": earlier, "kept_from": "the store's earlier shards"}
     procs = actors.size if actors else procs
-    meta["provenance"] = build.meta["provenance"] = {**provenance(enc, procs), "engine": engine}
+    meta["provenance"] = build.meta["provenance"] = {**provenance(enc, procs), "engine": engine,
+                                                     "dtype_requested": requested}
     total = float(cropped_seconds(todo, job).fillna(0).sum()) if "duration_s" in todo else None
     done_s, computed = 0.0, 0
     with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar, \

@@ -349,3 +349,19 @@ def test_a_disk_that_fills_during_the_run_ends_in_a_clear_error_and_resumes(
     subprocess.run(["cp", "-r", str(out), str(big)], check=True)
     summary = extract([manifest], big, encoder=model, device="cpu", storage_dtype="float32", procs=procs)
     assert summary["reused"] == sum(len(scan_shard(p)) for p in kept) > 0 and summary["stored"] == 30
+
+
+def test_a_collection_keeps_the_dtype_auto_chose_for_it(synth_files, make_manifest, tiny_encoder_dir, tmp_path,
+                                                         monkeypatch):
+    from features import encoder as encoder_mod
+
+    manifest, out = make_manifest(synth_files[:2]), tmp_path / "f"
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "procs": 1}
+    monkeypatch.setattr(encoder_mod, "pick_dtype", lambda dtype, device: "bfloat16" if dtype == "auto" else dtype)
+    assert extract([manifest], out, **kw)["computed"] == 2
+    monkeypatch.setattr(encoder_mod, "pick_dtype", lambda dtype, device: "float32" if dtype == "auto" else dtype)
+    again = extract([manifest], out, **kw)  # a new timing would say float32: the collection keeps bfloat16
+    assert (again["computed"], again["reused"]) == (0, 2)
+    with FeatureStore(out) as fs:
+        assert fs.attrs["dtype"] == "bfloat16" and fs.attrs["provenance"]["dtype_requested"] == "auto"
+    assert extract([manifest], out, dtype="float32", **kw)["computed"] == 2  # asked for explicitly: its own store
