@@ -49,54 +49,40 @@ class UsageError(ValueError):
     """A command line that parses but cannot be right (exit status 2 under :func:`run_main`)."""
 
 
-def _number(text: str, kind: type, what: str):
+def _number(text: str, kind: type, what: str, accept: Callable[[float], bool]):
+    """``text`` as a ``kind`` (a finite one for floats) that ``accept`` takes; else argparse's usage error."""
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}") from None
-    if isinstance(value, float) and not math.isfinite(value):
+        value = None
+    if value is None or (isinstance(value, float) and not math.isfinite(value)) or not accept(value):
         raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}")
     return value
 
 
 def positive_int(text: str) -> int:
     """A whole number of at least 1 (epochs, batch size, folds, workers, ...)."""
-    value = _number(text, int, "a whole number of at least 1")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, found {text!r}")
-    return value
+    return _number(text, int, "a whole number of at least 1", lambda v: v >= 1)
 
 
 def non_negative_int(text: str) -> int:
     """A whole number of at least 0 (``0`` usually meaning "off": patience, copies, ``--max-frames``)."""
-    value = _number(text, int, "a whole number of at least 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, found {text!r}")
-    return value
+    return _number(text, int, "a whole number of at least 0", lambda v: v >= 0)
 
 
 def positive_float(text: str) -> float:
     """A finite number above 0 (learning rate, seconds, ...)."""
-    value = _number(text, float, "a finite number above 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number above 0, found {text!r}")
-    return value
+    return _number(text, float, "a finite number above 0", lambda v: v > 0)
 
 
 def non_negative_float(text: str) -> float:
     """A finite number of at least 0 (weight decay, dropout's lower bound, ...)."""
-    value = _number(text, float, "a finite number of at least 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number of at least 0, found {text!r}")
-    return value
+    return _number(text, float, "a finite number of at least 0", lambda v: v >= 0)
 
 
 def probability(text: str) -> float:
     """A number in ``[0, 1)`` (dropout)."""
-    value = _number(text, float, "a number from 0 up to (not including) 1")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, found {text!r}")
-    return value
+    return _number(text, float, "a number from 0 up to (not including) 1", lambda v: 0 <= v < 1)
 
 
 def existing_file(text: str) -> str:
