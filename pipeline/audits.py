@@ -15,16 +15,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from pipeline import stats
+from pipeline.results import Result
 from pipeline.runs import augmented
-
-if TYPE_CHECKING:
-    from pipeline.compare import Result
-
 
 #: The protocol keys that define a system, on which the leakage audit pairs a system with itself across splits.
 #: Everything that describes the split instead (scheme, folds, ``train_corpora`` per fold, seed) and the

@@ -21,7 +21,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from pipeline import report, stats
 from pipeline.audits import cross_corpus, leakage
 from pipeline.cli import existing_dir, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.metrics import SCORES, scores
+from pipeline.results import Result
 from pipeline.runs import Run, System, augmented, group_systems, load_run
 
 COLUMNS = ["system", "ua", "wa", "macro_f1", "ua_std", "wa_std", "macro_f1_std", "ua_ci_low", "ua_ci_high",
@@ -41,17 +41,6 @@ EXTRA = ["label_set", "model", "feature_set", "features", "augmentation", "split
 FORMATS = ("md", "csv", "latex")
 #: Claims in a run's metrics.json further than this from the recomputed figure are reported.
 _TOLERANCE = 1e-4
-
-
-@dataclass
-class Result:
-    """A system and its figures: ``row`` (one table row), the UA structure, fold figures and notes."""
-
-    system: System
-    row: dict
-    structure: stats.UAStructure
-    folds: pd.DataFrame
-    notes: list[str] = field(default_factory=list)
 
 
 def summarise(system: System, *, resamples: int, seed: int, speaker_of: Callable | None = None) -> Result:

@@ -146,3 +146,28 @@ def test_every_readme_command_parses_as_documented(module, argv, monkeypatch, tm
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     with pytest.raises(_Parsed):
         importlib.import_module(module).main(argv)
+
+
+def _project_modules() -> list[str]:
+    return sorted(".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                  for package in PACKAGES for p in (REPO / package).rglob("*.py"))
+
+
+def test_no_two_project_modules_import_each_other():
+    """Layers point down: a module never imports one that (directly or through others) imports it back. A
+    package importing its own submodules is the package's registry, not a cycle."""
+    modules = set(_project_modules())
+    edges = {m: {i for i in _imported(_module_file(m), m) if i in modules and i != m
+                 and not (i.startswith(m + ".") or m.startswith(i + "."))} for m in modules}
+    cycles = []
+    for start in sorted(modules):
+        seen, todo = set(), list(edges[start])
+        while todo:
+            m = todo.pop()
+            if m == start:
+                cycles.append(start)
+                break
+            if m not in seen:
+                seen.add(m)
+                todo += edges[m]
+    assert cycles == [], f"modules on an import cycle: {cycles}"

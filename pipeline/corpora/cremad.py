@@ -10,7 +10,7 @@ import csv
 import re
 from pathlib import Path
 
-from pipeline.corpora import NameRejected, Parsed
+from pipeline.corpora.base import NameRejected, Parsed
 
 NAME = "cremad"
 SPEAKERS = 91

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.corpora import NameRejected, Parsed
+from pipeline.corpora.base import NameRejected, Parsed
 
 NAME = "tess"
 SPEAKERS = 2
