@@ -1,5 +1,5 @@
 """The seed's MFCC-CNN baseline, in a cheap form: log-mel (or MFCC) frames computed from the audio, a small 2D
-CNN, trained with the heads' loop (``heads.fit``) and saved like a head (``kind: mfcc_cnn``).
+CNN, trained with the training core's loop (``training.fit``) and saved like a head (``kind: mfcc_cnn``).
 
 The CNN takes the heads' input convention, ``(features [B, 1, T, F], lengths [B])`` with ``F`` mel bands (or
 MFCCs), so batching, normalisation (per band, training speakers only), early stopping and saving are shared.
@@ -18,8 +18,8 @@ import torch
 from scipy.fft import dct
 from torch import nn
 
-from heads.models import masked_mean
 from pipeline.audio import SAMPLE_RATE, load_audio
+from training.pooling import masked_mean
 
 
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Both are scikit-learn pipelines: standardisation fitted on the training rows, then a RandomForest (the
 seed's baseline) or an RBF SVM with probability estimates, both class-balanced. The optional per-speaker
-z-scoring (:func:`speaker_standardise`) is applied before them.
+z-scoring (``pipeline.normalisation.speaker_standardise``) is applied before them.
 
 Example:
     >>> model = build_model("rf", seed=0).fit(X_train, y_train)     # doctest: +SKIP
@@ -13,25 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
-
-
-def speaker_standardise(X: np.ndarray, groups: np.ndarray | None = None, *, eps: float = 1e-5) -> np.ndarray:
-    """Z-score the rows ``X [N, D]`` of each speaker (``groups [N]``; ``None``: one speaker) with its own
-    mean and std. Used before the pipelines for ``--normalisation speaker`` (test speakers' statistics)."""
-    X = np.asarray(X, dtype=np.float64)
-    groups = np.zeros(len(X)) if groups is None else np.asarray(groups)
-    out = np.empty_like(X)
-    for g in np.unique(groups):
-        rows = groups == g
-        out[rows] = (X[rows] - X[rows].mean(axis=0)) / np.maximum(X[rows].std(axis=0), eps)
-    return out
 
 
 def random_forest(*, seed: int = 0, n_estimators: int = 500, min_samples_leaf: int = 1,
@@ -55,8 +42,8 @@ def logistic_regression(*, seed: int = 0, C: float = 1.0, max_iter: int = 2000) 
                                                               random_state=seed))
 
 
-#: Model name to factory; factories take keyword settings (``seed`` and the estimator's own).
-MODELS: dict[str, Callable[..., Pipeline]] = {"rf": random_forest, "svm": svm, "logreg": logistic_regression}
+#: Estimator name to factory; factories take keyword settings (``seed`` and the estimator's own).
+ESTIMATORS: dict[str, Callable[..., Pipeline]] = {"rf": random_forest, "svm": svm, "logreg": logistic_regression}
 
 
 def build_model(name: str, **settings) -> Pipeline:
@@ -65,6 +52,6 @@ def build_model(name: str, **settings) -> Pipeline:
     Raises:
         ValueError: unknown name.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown baseline {name!r}; expected one of {sorted(MODELS)}.")
-    return MODELS[name](**settings)
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown baseline {name!r}; expected one of {sorted(ESTIMATORS)}.")
+    return ESTIMATORS[name](**settings)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from baselines.train import train_sklearn
 from features.store import FeatureStore
-from heads.train import add_training_args, check_label_set, parse_with_settings, report
 from pipeline.cli import existing_dir, positive_float, run_main
+from training.options import add_training_args, check_label_set, parse_with_settings, run_trainer
 
 
 def probe_layers(*, features: str, manifests: Sequence[str], split: str, label_set: str, out: str,
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                               normalisation=args.normalisation, seed=args.seed, C=args.C)
         return max(layers, key=lambda m: m["ua"])  # the headline: the best layer
 
-    return report(args.out, train)
+    return run_trainer(args.out, train)
 
 
 if __name__ == "__main__":

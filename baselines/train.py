@@ -7,7 +7,7 @@ Usage::
 
 ``rf`` and ``svm`` read ``FeatureStore.pooled`` (eGeMAPS: the 88 functionals; wav2vec2: mean ‖ std of the
 chosen layers) and fit on the training and validation utterances of each fold (nothing is tuned on
-validation). ``mfcc_cnn`` computes log-mel frames from the audio itself and trains with the heads' loop
+validation). ``mfcc_cnn`` computes log-mel frames from the audio itself and trains with the training core's loop
 (early stopping on validation). Writes the run directory described in ``docs/ARCHITECTURE.md``.
 """
 
@@ -22,35 +22,26 @@ import numpy as np
 import pandas as pd
 
 from baselines.mfcc_cnn import AudioFrames, MfccCnn
-from baselines.models import MODELS, build_model, speaker_standardise
+from baselines.models import ESTIMATORS, build_model
 from features.store import FeatureStore
-from heads.data import LRUCache
-from heads.fit import TrainConfig
-from heads.runs import save_sklearn_fold
-from heads.train import (
-    FoldJob,
+from pipeline.cli import LayerList, UsageError, existing_dir, positive_float, positive_int, run_main
+from pipeline.experiment import load_experiment
+from pipeline.metrics import scores
+from pipeline.normalisation import Normalisation, speaker_standardise
+from training.data import LRUCache, distinct_layers
+from training.fit import TrainConfig
+from training.folds import FoldJob, default_jobs, run_folds
+from training.options import (
     add_training_args,
     check_label_set,
     config_from_args,
-    default_jobs,
-    distinct_layers,
     parse_with_settings,
-    report,
-    run_folds,
+    run_trainer,
 )
-from pipeline.cli import (
-    LayerList,
-    UsageError,
-    existing_dir,
-    positive_float,
-    positive_int,
-    run_main,
-)
-from pipeline.experiment import load_experiment
-from pipeline.metrics import prediction_frame, scores, write_run
-from pipeline.rundir import staged_run
+from training.rundir import prediction_frame, save_sklearn_fold, staged_run, write_run
 
-NORMALISATIONS = ("global", "speaker")
+#: Normalisations the scikit-learn baselines accept (their pipelines standardise anyway; ``none`` is not one).
+SKLEARN_NORMALISATIONS = (Normalisation.GLOBAL, Normalisation.SPEAKER)
 
 
 def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model: str, label_set: str, out: str,
@@ -72,10 +63,9 @@ def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model:
     Raises:
         ValueError: unknown model, label set or normalisation; leaked speaker; features missing ids.
     """
-    if model not in MODELS:
-        raise ValueError(f"unknown baseline {model!r}; expected one of {sorted(MODELS)} or 'mfcc_cnn'.")
-    if normalisation not in NORMALISATIONS:
-        raise ValueError(f"unknown normalisation {normalisation!r} for {model}; expected one of {NORMALISATIONS}.")
+    if model not in ESTIMATORS:
+        raise ValueError(f"unknown baseline {model!r}; expected one of {sorted(ESTIMATORS)} or 'mfcc_cnn'.")
+    normalisation = Normalisation.parse(normalisation, SKLEARN_NORMALISATIONS)
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
     with FeatureStore(features) as store:
         exp.require_ids(store.ids(), str(features))
@@ -128,7 +118,7 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
     Args:
         log_mel_settings: ``baselines.mfcc_cnn.log_mel`` keywords (``n_mels``, ``n_mfcc``, ``hop_ms``, ...).
         model_kwargs: ``MfccCnn`` keywords (``channels``, ``dropout``).
-        Others: as :func:`heads.train.train_heads`.
+        Others: as ``heads.train.train_heads``.
     """
     config = config or TrainConfig()
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
@@ -154,7 +144,7 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
 @run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m baselines.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, choices=[*sorted(MODELS), "mfcc_cnn"])
+    parser.add_argument("--model", required=True, choices=[*sorted(ESTIMATORS), "mfcc_cnn"])
     parser.add_argument("--features", default=None, type=existing_dir,
                         help="feature store folder; rf and svm only")
     parser.add_argument("--layers", action=LayerList, default=None,
@@ -190,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return train_sklearn(**common, features=args.features, model=args.model, layers=args.layers,
                              settings=settings)
 
-    return report(args.out, train)
+    return run_trainer(args.out, train)
 
 
 if __name__ == "__main__":

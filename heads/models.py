@@ -17,39 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid frames of each utterance.
-
-    Args:
-        x: ``[B, T, D]``.
-        lengths: ``[B]`` number of valid frames (at least 1).
-
-    Returns:
-        ``[B, D]``.
-    """
-    weights = _frame_weights(x, lengths)
-    return torch.bmm(weights, x).squeeze(1)
-
-
-def _frame_weights(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, T]``: 1 / length on each utterance's valid frames, 0 on padding (a mean as a matrix product,
-    several times faster on CPU than multiplying ``[B, T, D]`` by a broadcast mask)."""
-    mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
-    return (mask / mask.sum(dim=1, keepdim=True).clamp_min(1.0)).unsqueeze(1)
-
-
-def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean ‖ standard deviation over the valid frames of each utterance: ``[B, T, D]`` to ``[B, 2D]``."""
-    weights = _frame_weights(x, lengths)
-    mean = torch.bmm(weights, x)                       # [B, 1, D]
-    centred = x - mean
-    var = torch.bmm(weights, centred * centred).squeeze(1)
-    return torch.cat([mean.squeeze(1), var.clamp_min(1e-8).sqrt()], dim=-1)
-
-
-#: Pooling over frames: name to ``(function, output width multiplier)``.
-POOLING = {"mean": (masked_mean, 1), "stats": (masked_mean_std, 2)}
+from training.pooling import POOLING, masked_mean
 
 
 class LayerWeights(nn.Module):

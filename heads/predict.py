@@ -6,7 +6,7 @@ Usage::
         [--format json|csv|table] [--plot OUT.png] [--encoder ID_OR_DIR] [--device auto|cpu|cuda] [--verbose]
 
 Any audio libsndfile reads (any rate, mono or stereo) is downmixed and resampled to the rate of the run's
-features, which are computed as the run recorded them (``heads.inputs``). Per file:
+features, which are computed as the run recorded them (``inference.inputs``). Per file:
 
 - a file of at most ``--max-whole-seconds`` (30 s) is classified in one pass over the whole utterance, as
   training saw its utterances; a longer one is streamed segment by segment in bounded memory and its label is
@@ -31,12 +31,14 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from heads.formats import FORMATS, to_csv, to_json, to_table
-from heads.inputs import RunInputs, run_inputs
-from heads.runs import Run, load_run
-from heads.timeline import cut_windows, plan_segments, plot_timelines, weighted_mean
+from inference.formats import OutputFormat, to_csv, to_json, to_table
+from inference.inputs import RunInputs, run_inputs
+from inference.model import Predictor
+from inference.timeline import cut_windows, plan_segments, plot_timelines, weighted_mean
 from pipeline.audio import AudioError, audio_info, check_samples, load_audio, stream_audio
 from pipeline.cli import existing_dir, output_file, positive_float, positive_int, run_main
+from pipeline.normalisation import Normalisation
+from training.rundir import load_run
 
 MIN_SECONDS = 0.25
 MIN_SEGMENT_SECONDS = 0.5
@@ -48,14 +50,14 @@ def _probabilities(labels: Sequence[str], p: np.ndarray) -> dict[str, float]:
     return {label: round(float(v), 6) for label, v in zip(labels, p, strict=True)}
 
 
-def classify_windows(windows: Iterable[tuple[float, float, np.ndarray]], *, run: Run, inputs: RunInputs,
+def classify_windows(windows: Iterable[tuple[float, float, np.ndarray]], *, predictor: Predictor, inputs: RunInputs,
                      batch_size: int = 8,
                      progress: tqdm | None = None) -> Iterator[tuple[float, float, np.ndarray | None]]:
     """Class probabilities of consecutive windows, batching neighbours of equal length.
 
     Args:
-        windows: ``(start, end, wave [N])`` as :func:`heads.timeline.cut_windows` yields them.
-        run, inputs: the model and its input computation.
+        windows: ``(start, end, wave [N])`` as :func:`inference.timeline.cut_windows` yields them.
+        predictor, inputs: the run's models and their input computation.
         batch_size: windows per forward pass (equal lengths only: no padding reaches the encoder).
         progress: advanced by each window's new seconds of audio.
 
@@ -64,7 +66,7 @@ def classify_windows(windows: Iterable[tuple[float, float, np.ndarray]], *, run:
     """
     batch: list[tuple[float, float, np.ndarray]] = []
     done = 0.0
-    per_input = run.normalisation == "speaker"  # statistics of each input alone, not of a batch
+    per_input = predictor.normalisation == Normalisation.SPEAKER  # statistics of each input alone, not of a batch
 
     def advance(start: float, end: float) -> None:
         nonlocal done
@@ -76,7 +78,7 @@ def classify_windows(windows: Iterable[tuple[float, float, np.ndarray]], *, run:
         if not batch:
             return
         x = inputs([w for _, _, w in batch])
-        probs = np.concatenate([run.predict_proba([xi]) for xi in x]) if per_input else run.predict_proba(x)
+        probs = np.concatenate([predictor.predict_proba([xi]) for xi in x]) if per_input else predictor.predict_proba(x)
         for (start, end, _), p in zip(batch, probs, strict=True):
             advance(start, end)
             yield start, end, p
@@ -94,14 +96,14 @@ def classify_windows(windows: Iterable[tuple[float, float, np.ndarray]], *, run:
     yield from flush()
 
 
-def timeline(blocks: Iterable[np.ndarray], duration: float, *, run: Run, inputs: RunInputs, segment: float,
+def timeline(blocks: Iterable[np.ndarray], duration: float, *, predictor: Predictor, inputs: RunInputs, segment: float,
              hop: float, batch_size: int = 8, progress: tqdm | None = None) -> tuple[list[dict], np.ndarray | None]:
     """Classify the windows of one recording.
 
     Args:
         blocks: the recording as contiguous mono blocks at ``inputs.sample_rate``.
-        duration: its length in seconds (from the header), for :func:`heads.timeline.plan_segments`.
-        run, inputs, batch_size, progress: as for :func:`classify_windows`.
+        duration: its length in seconds (from the header), for :func:`inference.timeline.plan_segments`.
+        predictor, inputs, batch_size, progress: as for :func:`classify_windows`.
         segment, hop: window length and hop in seconds.
 
     Returns:
@@ -111,27 +113,28 @@ def timeline(blocks: Iterable[np.ndarray], duration: float, *, run: Run, inputs:
     """
     windows = cut_windows(blocks, plan_segments(duration, segment=segment, hop=hop), sample_rate=inputs.sample_rate)
     segments, probs, weights = [], [], []
-    for start, end, p in classify_windows(windows, run=run, inputs=inputs, batch_size=batch_size,
+    for start, end, p in classify_windows(windows, predictor=predictor, inputs=inputs, batch_size=batch_size,
                                           progress=progress):
         seg = {"start": round(start, 3), "end": round(end, 3)}
         if p is None:
             seg.update(label=None, probabilities=None, silent=True)
         else:
-            seg.update(label=run.labels[int(np.argmax(p))], probabilities=_probabilities(run.labels, p))
+            seg.update(label=predictor.labels[int(np.argmax(p))], probabilities=_probabilities(predictor.labels, p))
             probs.append(p)
             weights.append(end - start)
         segments.append(seg)
     return segments, (weighted_mean(np.stack(probs), weights) if probs else None)
 
 
-def predict_file(path: str, *, run: Run, inputs: RunInputs, segment_seconds: float | None = None,
+def predict_file(path: str, *, predictor: Predictor, inputs: RunInputs, segment_seconds: float | None = None,
                  hop_seconds: float | None = None, max_whole_seconds: float = 30.0, batch_size: int = 8,
                  block_seconds: float = 30.0, verbose: bool = False) -> dict:
     """Classify one recording.
 
     Args:
         path: any file libsndfile reads.
-        run, inputs: the model (:func:`heads.runs.load_run`) and its inputs (:func:`heads.inputs.run_inputs`).
+        predictor, inputs: the run's models (``inference.model.Predictor``) and their inputs
+            (``inference.inputs.run_inputs``).
         segment_seconds: timeline window ``S`` (``None``: no timeline).
         hop_seconds: seconds between window starts (default ``S``; at most ``S``).
         max_whole_seconds: longest file classified in one pass; longer ones are streamed and labelled from
@@ -166,38 +169,38 @@ def predict_file(path: str, *, run: Run, inputs: RunInputs, segment_seconds: flo
               disable=not verbose, leave=False) as bar:
         if whole:  # one pass over the whole utterance, as training saw its utterances
             wave = load_audio(path, sample_rate=inputs.sample_rate)
-            p = run.predict_proba(inputs([wave]))[0]
+            p = predictor.predict_proba(inputs([wave]))[0]
             blocks: Iterable[np.ndarray] = [wave]
             bar.update(0.0 if segment else duration)
         else:
             blocks = stream_audio(path, sample_rate=inputs.sample_rate, block_seconds=block_seconds)
         if segment:
-            segments, mean = timeline(blocks, duration, run=run, inputs=inputs, segment=segment,
+            segments, mean = timeline(blocks, duration, predictor=predictor, inputs=inputs, segment=segment,
                                       hop=hop_seconds or segment, batch_size=batch_size, progress=bar)
     if not whole:
         if mean is None:
             raise AudioError("silent", f"{path}: every segment is digital silence; expected a recording with signal.")
         p = mean
-    result.update(label=run.labels[int(np.argmax(p))], probabilities=_probabilities(run.labels, p),
+    result.update(label=predictor.labels[int(np.argmax(p))], probabilities=_probabilities(predictor.labels, p),
                   label_from="whole" if whole else "segments")
     if segment_seconds:
         result["segments"] = segments
     return result
 
 
-def predict_files(paths: Sequence[str], *, run: Run, inputs: RunInputs, verbose: bool = False, **kw) -> list[dict]:
+def predict_files(paths: Sequence[str], *, predictor: Predictor, inputs: RunInputs, verbose: bool = False, **kw) -> list[dict]:
     """:func:`predict_file` on each path; a failing file becomes ``{"file", "error", "reason"}``.
 
     Args:
         paths: the recordings.
-        run, inputs, kw: as for :func:`predict_file`.
+        predictor, inputs, kw: as for :func:`predict_file`.
         verbose: progress bars and, per file, the real-time factor (wall time / audio duration) on stderr.
     """
     results = []
     for path in paths:
         t0 = time.perf_counter()
         try:
-            results.append(predict_file(path, run=run, inputs=inputs, verbose=verbose, **kw))
+            results.append(predict_file(path, predictor=predictor, inputs=inputs, verbose=verbose, **kw))
         except (AudioError, OSError, ValueError) as err:
             reason = getattr(err, "reason", "features" if isinstance(err, ValueError) else "unreadable")
             results.append({"file": str(path), "error": str(err), "reason": reason})
@@ -223,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hop-seconds", type=positive_float, default=None, help="seconds between windows (default S)")
     p.add_argument("--max-whole-seconds", type=positive_float, default=30.0,
                    help="longest file classified in one pass; longer files are labelled from segments")
-    p.add_argument("--format", default="json", choices=FORMATS)
+    p.add_argument("--format", default="json", choices=list(OutputFormat))
     p.add_argument("--plot", default=None, type=output_file, help="PNG of class probabilities over time (one panel per file)")
     p.add_argument("--encoder", default=None, help="hub id or local folder (default: $SER_ENCODER, else the run's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -240,29 +243,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--plot draws the timeline; expected --segment-seconds too.")
     t0 = time.perf_counter()
     try:
-        run = load_run(a.model)
-        inputs = run_inputs(run, encoder=a.encoder, device=a.device, dtype=a.dtype)
+        predictor = Predictor.from_run(load_run(a.model))
+        inputs = run_inputs(predictor, encoder=a.encoder, device=a.device, dtype=a.dtype)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if a.encoder and run.feature_settings.get("kind") != "wav2vec2":
+    if a.encoder and predictor.feature_settings.get("kind") != "wav2vec2":
         print(f"warning: --encoder ignored: {a.model} does not use wav2vec2 features.", file=sys.stderr)
     if a.verbose:
-        print(f"{a.model}: {run.model} ({run.kind}, {len(run.folds)} folds, labels {run.labels}); inputs: "
+        print(f"{a.model}: {predictor.model} ({predictor.kind}, {len(predictor.folds)} folds, labels {predictor.labels}); inputs: "
               f"{inputs.description}; loaded in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     t1 = time.perf_counter()
-    results = predict_files(a.files, run=run, inputs=inputs, verbose=a.verbose, segment_seconds=a.segment_seconds,
+    results = predict_files(a.files, predictor=predictor, inputs=inputs, verbose=a.verbose, segment_seconds=a.segment_seconds,
                             hop_seconds=a.hop_seconds, max_whole_seconds=a.max_whole_seconds,
                             batch_size=a.batch_size)
     ok = [r for r in results if "error" not in r]
     if a.verbose and ok:
         audio, wall = sum(r["duration_s"] for r in ok), time.perf_counter() - t1
         print(f"total: {audio:.1f} s of audio in {wall:.2f} s, real-time factor {wall / audio:.4f}", file=sys.stderr)
-    sys.stdout.write({"json": to_json, "csv": to_csv, "table": to_table}[a.format](results, run.labels))
+    sys.stdout.write({"json": to_json, "csv": to_csv, "table": to_table}[a.format](results, predictor.labels))
     status = 1 if len(ok) < len(results) else 0
     if a.plot:
         try:
-            plot_timelines(results, run.labels, a.plot)
+            plot_timelines(results, predictor.labels, a.plot)
         except (ValueError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             status = 1

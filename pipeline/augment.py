@@ -2,7 +2,7 @@
 
 Only utterances in a ``train`` partition of some fold are copied. Each copy is seeded by
 ``(seed, source id, copy index)``, so the files are byte-identical on every rerun whatever the worker
-count. Training places a copy with :func:`place_augmented`, only in folds where its source is in training.
+count. Training places a copy with ``pipeline.experiment.place_augmented``, only in folds where its source is in training.
 ``--balance`` equalises the classes over the pooled training utterances: exactly for a single split,
 approximately within each fold of a k-fold split (a copy is made once, not per fold).
 
@@ -34,7 +34,7 @@ from audiomentations.core.transforms_interface import BaseWaveformTransform
 from tqdm import tqdm
 
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio, write_audio
-from pipeline.cli import existing_file, non_negative_int, output_dir, positive_int, run_main
+from pipeline.cli import boolean, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.labels import select_labels
 from pipeline.roots import read_manifest, resolve_paths
 from pipeline.split import read_split
@@ -290,50 +290,6 @@ def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.P
     return resolve_paths(out, out_dir / "manifest.csv")
 
 
-def place_augmented(splits: pd.DataFrame, augmented: pd.DataFrame) -> pd.DataFrame:
-    """Add each copy to the training side of every fold where its source is in training.
-
-    Args:
-        splits: long-format split ``fold, id, partition`` (may already hold placed copies).
-        augmented: the augmented manifest (``id``, ``source_id``).
-
-    Returns:
-        ``splits`` plus rows ``(fold, copy id, "train")``, without duplicates.
-
-    Raises:
-        ValueError: a copy sits in a validation or test partition, or in a fold where its source is not in
-            training; the message names the offending ids.
-    """
-    copies = augmented[["id", "source_id"]]
-    orphans = copies[~copies["source_id"].isin(splits["id"])]
-    if not orphans.empty:
-        raise ValueError(f"{len(orphans)} augmented copies have sources absent from the split, e.g. "
-                         f"{orphans['source_id'].head(3).tolist()}; expected copies made from this split. "
-                         "Re-run the augment stage after the split stage.")
-    placed = splits.merge(copies, on="id")
-    in_heldout = placed[placed["partition"] != "train"]
-    source_part = splits.rename(columns={"id": "source_id", "partition": "source_partition"})
-    placed = placed.merge(source_part, on=["fold", "source_id"], how="left")
-    leaked = placed[placed["source_partition"] != "train"]
-    for bad, what in ((in_heldout, "placed in a validation or test partition"),
-                      (leaked, "placed in a fold where its source is not in training")):
-        if not bad.empty:
-            raise ValueError(f"{len(bad)} augmented copies are {what}, e.g. {bad['id'].head(5).tolist()} "
-                             f"(folds {sorted(bad['fold'].unique())[:5]}); expected copies only in training "
-                             "beside their sources. Place copies with place_augmented, not by hand.")
-    added = source_part[source_part["source_partition"] == "train"].merge(copies, on="source_id")
-    added = added[["fold", "id"]].assign(partition="train")
-    return pd.concat([splits, added], ignore_index=True).drop_duplicates(["fold", "id"], ignore_index=True)
-
-
-def _flag(text: str) -> bool:
-    """``true/false`` (as DVC writes booleans), ``yes/no`` or ``1/0``."""
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
-    return value
-
-
 #: Where the command line finds its chain without ``--chain``: the project's params.yaml, the one place of the
 #: pipeline's settings (its default chain is the seed system's noise and time stretch, with pitch and gain).
 DEFAULT_CHAIN = ("params.yaml", "augment.chain")
@@ -364,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=output_dir, help="output folder; manifest.csv and rejects.csv go there")
     parser.add_argument("--copies", type=non_negative_int, default=1, help="copies per training utterance (0: off)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--balance", type=_flag, nargs="?", const=True, default=False,
+    parser.add_argument("--balance", type=boolean, nargs="?", const=True, default=False,
                         help="more copies for minority classes, equal counts in the end")
     parser.add_argument("--label-set", default=None, help="balance over this label set (default: all)")
-    parser.add_argument("--merge-calm", type=_flag, nargs="?", const=True, default=False,
+    parser.add_argument("--merge-calm", type=boolean, nargs="?", const=True, default=False,
                         help="count calm as neutral when balancing")
     parser.add_argument("--chain", default=None, type=existing_file,
                         help=f"YAML/JSON file with the chain (default: {DEFAULT_CHAIN[0]} of the working directory)")

@@ -85,6 +85,14 @@ def probability(text: str) -> float:
     return _number(text, float, "a number from 0 up to (not including) 1", lambda v: 0 <= v < 1)
 
 
+def boolean(text: str) -> bool:
+    """``true/false`` (as DVC writes booleans), ``yes/no`` or ``1/0``, any case."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
+    return value
+
+
 def existing_file(text: str) -> str:
     """A path to a file that exists (not a folder)."""
     path = Path(text)

@@ -1,7 +1,7 @@
 """The comparison stage: one table of every system, with confidence intervals, significance, plots and a report.
 
 Reads run directories (``heads.train``, ``baselines.train``), groups runs that differ only in their seed into
-systems (``pipeline.runs``), recomputes every figure from ``predictions.csv`` with the definitions of
+systems (``evaluation.systems``), recomputes every figure from ``predictions.csv`` with the definitions of
 ``pipeline.metrics`` (so heads and baselines are scored by one code path; a run whose own ``metrics.json``
 disagrees is named in the report), and writes into ``--out``:
 
@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import report, stats
-from pipeline.audits import cross_corpus, leakage
+from evaluation import report, stats
+from evaluation.audits import cross_corpus, leakage
+from evaluation.results import Result
+from evaluation.systems import System, augmented, group_systems
 from pipeline.cli import existing_dir, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.metrics import SCORES, scores
-from pipeline.results import Result
-from pipeline.runs import Run, System, augmented, group_systems, load_run
+from training.rundir import Run, load_run
 
 COLUMNS = ["system", "ua", "wa", "macro_f1", "ua_std", "wa_std", "macro_f1_std", "ua_ci_low", "ua_ci_high",
            "n_test", "n_speakers", "p_value"]

@@ -22,10 +22,9 @@ import pandas as pd
 
 from pipeline.labels import select_labels
 from pipeline.roots import resolve_paths
-from pipeline.split import check_speaker_independent, read_split
+from pipeline.split import PARTITIONS, check_speaker_independent, read_split
 from pipeline.tables import read_table
 
-PARTITIONS = ("train", "val", "test")
 #: Manifest columns every trainer reads.
 MANIFEST_COLUMNS = ("id", "path", "corpus", "speaker", "emotion")
 
@@ -139,11 +138,45 @@ def read_manifests(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     return frame
 
 
+def place_augmented(splits: pd.DataFrame, augmented: pd.DataFrame) -> pd.DataFrame:
+    """Add each copy to the training side of every fold where its source is in training.
+
+    Args:
+        splits: long-format split ``fold, id, partition`` (may already hold placed copies).
+        augmented: the augmented manifest (``id``, ``source_id``).
+
+    Returns:
+        ``splits`` plus rows ``(fold, copy id, "train")``, without duplicates.
+
+    Raises:
+        ValueError: a copy sits in a validation or test partition, or in a fold where its source is not in
+            training; the message names the offending ids.
+    """
+    copies = augmented[["id", "source_id"]]
+    orphans = copies[~copies["source_id"].isin(splits["id"])]
+    if not orphans.empty:
+        raise ValueError(f"{len(orphans)} augmented copies have sources absent from the split, e.g. "
+                         f"{orphans['source_id'].head(3).tolist()}; expected copies made from this split. "
+                         "Re-run the augment stage after the split stage.")
+    placed = splits.merge(copies, on="id")
+    in_heldout = placed[placed["partition"] != "train"]
+    source_part = splits.rename(columns={"id": "source_id", "partition": "source_partition"})
+    placed = placed.merge(source_part, on=["fold", "source_id"], how="left")
+    leaked = placed[placed["source_partition"] != "train"]
+    for bad, what in ((in_heldout, "placed in a validation or test partition"),
+                      (leaked, "placed in a fold where its source is not in training")):
+        if not bad.empty:
+            raise ValueError(f"{len(bad)} augmented copies are {what}, e.g. {bad['id'].head(5).tolist()} "
+                             f"(folds {sorted(bad['fold'].unique())[:5]}); expected copies only in training "
+                             "beside their sources. Place copies with place_augmented, not by hand.")
+    added = source_part[source_part["source_partition"] == "train"].merge(copies, on="source_id")
+    added = added[["fold", "id"]].assign(partition="train")
+    return pd.concat([splits, added], ignore_index=True).drop_duplicates(["fold", "id"], ignore_index=True)
+
+
 def _place_copies(splits: pd.DataFrame, manifest: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     if "source_id" not in manifest or not manifest["source_id"].notna().any():
         return splits, False
-    from pipeline.augment import place_augmented
-
     placed = place_augmented(splits, manifest[manifest["source_id"].notna()])
     return placed, len(placed) > len(splits)
 
@@ -154,7 +187,7 @@ def load_experiment(manifests: Sequence[str | os.PathLike], split: str | os.Path
 
     Args:
         manifests: manifest CSVs; rows with a ``source_id`` are augmented copies, placed into the training
-            partition of the folds where their source trains (``pipeline.augment.place_augmented``).
+            partition of the folds where their source trains (:func:`place_augmented`).
         split: ``splits.csv`` (its ``splits.json`` beside it).
         label_set: a name from ``pipeline.labels.label_set_names()``.
         merge_calm: map calm onto neutral.

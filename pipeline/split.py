@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,16 @@ import pandas as pd
 from pipeline.cli import existing_file, non_negative_int, output_file, positive_int, run_main
 from pipeline.tables import read_table
 
-SCHEMES = ("actor_holdout", "speaker_kfold", "cross_corpus", "random")
+
+class SplitScheme(StrEnum):
+    """How utterances are dealt into train, validation and test (the module docstring says how each works)."""
+
+    ACTOR_HOLDOUT = "actor_holdout"
+    SPEAKER_KFOLD = "speaker_kfold"
+    CROSS_CORPUS = "cross_corpus"
+    RANDOM = "random"  # speaker-dependent: only for the leakage audit
+
+
 PARTITIONS = ("train", "val", "test")
 #: Speaker-group folds of each corpus's usual protocol: ``None`` means leave one speaker out.
 PROTOCOL_FOLDS = {"ravdess": 6, "cremad": 5, "tess": None, "savee": None, "emodb": None}
@@ -124,7 +134,7 @@ def make_split(manifest: pd.DataFrame, *, scheme: str, seed: int = 0, n_folds: i
 
     Args:
         manifest: frame with ``id, corpus, speaker, gender, emotion``.
-        scheme: one of :data:`SCHEMES`.
+        scheme: a :class:`SplitScheme`.
         seed: seeds the ``random`` scheme (the others are fixed by speaker ids).
         n_folds: ``speaker_kfold`` only; overrides the corpora's protocol fold counts.
 
@@ -134,24 +144,25 @@ def make_split(manifest: pd.DataFrame, *, scheme: str, seed: int = 0, n_folds: i
     Raises:
         ValueError: unknown scheme, too few speakers, or a speaker on two sides of a fold.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown split scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    if scheme not in list(SplitScheme):
+        raise ValueError(f"unknown split scheme {scheme!r}; expected one of {[str(s) for s in SplitScheme]}.")
+    scheme = SplitScheme(scheme)
     corpora = sorted(manifest["corpus"].unique())
-    if scheme == "speaker_kfold" and n_folds is None and len(corpora) > 1:
+    if scheme == SplitScheme.SPEAKER_KFOLD and n_folds is None and len(corpora) > 1:
         counts = [PROTOCOL_FOLDS.get(c) or manifest.loc[manifest.corpus == c, "speaker"].nunique() for c in corpora]
         n_folds = min(counts)  # every utterance is tested exactly once across the joined folds
-    parts = [_cross_corpus_rows(manifest, corpora)] if scheme == "cross_corpus" else []
-    for corpus in corpora if scheme != "cross_corpus" else []:
+    parts = [_cross_corpus_rows(manifest, corpora)] if scheme == SplitScheme.CROSS_CORPUS else []
+    for corpus in corpora if scheme != SplitScheme.CROSS_CORPUS else []:
         utterances = manifest[manifest["corpus"] == corpus].reset_index(drop=True)
-        if scheme == "random":
+        if scheme == SplitScheme.RANDOM:
             parts.append(_random_rows(utterances, seed))
-        elif scheme == "actor_holdout":
+        elif scheme == SplitScheme.ACTOR_HOLDOUT:
             assign = holdout_groups(list(utterances["speaker"].unique()))
             parts.append(pd.DataFrame({"fold": 0, "id": utterances["id"], "partition": utterances["speaker"].map(assign)}))
         else:
             parts.append(_kfold_rows(utterances, n_folds if n_folds is not None else PROTOCOL_FOLDS.get(corpus, 5)))
     splits = pd.concat(parts, ignore_index=True).sort_values(["fold", "id"], kind="stable").reset_index(drop=True)
-    if scheme != "random":
+    if scheme != SplitScheme.RANDOM:
         check_speaker_independent(splits, manifest)
     return splits
 
@@ -194,7 +205,7 @@ def describe(splits: pd.DataFrame, manifest: pd.DataFrame, *, scheme: str, seed:
             sel = group[group["partition"] == part]
             entry[part] = {"utterances": int(len(sel)), "speakers": sorted(sel["speaker"].unique().tolist())}
         folds.append(entry)
-    return {"scheme": scheme, "speaker_independent": scheme != "random", "n_folds": len(folds), "seed": seed,
+    return {"scheme": scheme, "speaker_independent": scheme != SplitScheme.RANDOM, "n_folds": len(folds), "seed": seed,
             "corpora": sorted(manifest["corpus"].unique().tolist()), "folds": folds}
 
 
@@ -223,7 +234,7 @@ def read_split(path: str | Path) -> tuple[pd.DataFrame, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.split", description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True, type=existing_file)
-    parser.add_argument("--scheme", required=True, choices=SCHEMES)
+    parser.add_argument("--scheme", required=True, choices=list(SplitScheme))
     parser.add_argument("--out", required=True, type=output_file, help="splits CSV; the sidecar JSON is written beside it")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--folds", type=positive_int, default=None, help="speaker_kfold: number of speaker groups")

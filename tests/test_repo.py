@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "features", "heads", "baselines")
+PACKAGES = ("pipeline", "features", "training", "heads", "baselines", "evaluation", "inference")
 
 
 def _quick_start_commands() -> list[str]:
@@ -79,10 +79,10 @@ def _stages() -> list[tuple[str, str, list[str]]]:
 
 
 def test_import_closure_follows_imports_inside_functions():
-    closure = import_closure("pipeline.experiment")
-    assert {"pipeline/experiment.py", "pipeline/augment.py", "pipeline/labels.py", "pipeline/roots.py",
-            "pipeline/split.py", "pipeline/audio.py"} <= closure  # augment is imported inside a function
-    assert "pipeline/compare.py" not in closure
+    closure = import_closure("inference.inputs")
+    assert {"inference/inputs.py", "inference/model.py", "training/rundir.py", "features/store.py",
+            "features/encoder.py"} <= closure  # the encoder is imported inside a function
+    assert "pipeline/compare.py" not in closure and "heads/predict.py" not in closure
 
 
 @pytest.mark.parametrize("stage, cmd, deps", [pytest.param(*s, id=s[0]) for s in _stages()])
@@ -171,3 +171,54 @@ def test_no_two_project_modules_import_each_other():
                 seen.add(m)
                 todo += edges[m]
     assert cycles == [], f"modules on an import cycle: {cycles}"
+
+
+#: The layers, lowest first (docs/ARCHITECTURE.md): a module imports only modules of its own layer or lower ones.
+#: A name is a module or a package (every module below it); commands that users type keep their names
+#: (``pipeline.compare``, ``heads.predict``) and sit on the layer of what they run.
+LAYERS = {
+    "ground floor": ["pipeline", "pipeline.audio", "pipeline.cli", "pipeline.corpora", "pipeline.experiment",
+                     "pipeline.labels", "pipeline.metrics", "pipeline.normalisation", "pipeline.processes",
+                     "pipeline.roots", "pipeline.split", "pipeline.tables"],
+    "data stages": ["pipeline.pull", "pipeline.manifest", "pipeline.augment"],
+    "feature stores": ["features"],
+    "training core": ["training"],
+    "systems": ["heads", "heads.models", "heads.train", "baselines"],
+    "evaluation": ["evaluation", "pipeline.compare"],
+    "inference": ["inference", "heads.predict"],
+}
+
+
+def layer_of(module: str) -> int | None:
+    """The position in :data:`LAYERS` of the longest name that is ``module`` or a package above it."""
+    best, found = -1, None
+    for position, names in enumerate(LAYERS.values()):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > best:
+                best, found = len(name), position
+    return found
+
+
+def test_every_project_module_has_a_layer():
+    assert [m for m in _project_modules() if layer_of(m) is None] == []
+
+
+def upward_imports(module: str, path: Path) -> list[str]:
+    """Imports of ``module`` (its source at ``path``), at the top or inside functions, of a higher layer."""
+    names, modules = list(LAYERS), set(_project_modules())
+    return sorted(f"{module} ({names[layer_of(module)]}) imports {imported} ({names[layer_of(imported)]})"
+                  for imported in set(_imported(path, module)) & modules
+                  if layer_of(imported) > layer_of(module))
+
+
+def test_imports_point_down_the_layers():
+    assert [line for m in _project_modules() for line in upward_imports(m, _module_file(m))] == []
+
+
+def test_the_layer_check_sees_an_upward_import_even_inside_a_function(tmp_path):
+    source = tmp_path / "labels.py"
+    source.write_text("import numpy\n\n\ndef f():\n    from heads.predict import main\n    return main\n")
+    assert upward_imports("pipeline.labels", source) == [
+        "pipeline.labels (ground floor) imports heads.predict (inference)"]
+    source.write_text("from pipeline.split import read_split\n")
+    assert upward_imports("pipeline.labels", source) == []

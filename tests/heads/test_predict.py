@@ -16,10 +16,11 @@ import soundfile as sf
 
 from features.encoder import load_encoder
 from features.store import write_store
-from heads.fit import TrainConfig
 from heads.predict import main, predict_file
-from heads.runs import load_run
-from heads.timeline import cut_windows, plan_segments, weighted_mean
+from inference.model import Predictor
+from inference.timeline import weighted_mean
+from training.fit import TrainConfig
+from training.rundir import load_run
 
 LABELS = ["neutral", "happy", "sad", "angry"]  # label set "four"
 F0 = {"neutral": 110.0, "happy": 260.0, "sad": 150.0, "angry": 200.0}
@@ -109,36 +110,6 @@ def check_probabilities(entry):
     assert entry["label"] == max(p, key=p.get)
 
 
-# --- planning and cutting windows -------------------------------------------------------------------------
-
-@pytest.mark.parametrize("duration,segment,hop,expected", [
-    (2.0, 3.0, 3.0, [(0.0, 2.0)]),                                   # shorter than a segment: one segment
-    (3.0, 3.0, 3.0, [(0.0, 3.0)]),
-    (8.0, 3.0, 3.0, [(0.0, 3.0), (3.0, 6.0), (6.0, 8.0)]),            # 2 s tail kept
-    (7.0, 3.0, 3.0, [(0.0, 3.0), (3.0, 7.0)]),                        # 1 s tail < S/2 joins the previous
-    (5.0, 2.0, 1.0, [(0.0, 2.0), (1.0, 3.0), (2.0, 4.0), (3.0, 5.0)]),  # overlapping
-    (20.0, 3.0, 3.0, [(0.0, 3.0), (3.0, 6.0), (6.0, 9.0), (9.0, 12.0), (12.0, 15.0), (15.0, 18.0),
-                      (18.0, 20.0)]),
-])
-def test_plan_segments(duration, segment, hop, expected):
-    assert plan_segments(duration, segment=segment, hop=hop) == expected
-
-
-def test_cut_windows_from_uneven_blocks_equal_slices():
-    x = np.arange(16000 * 7, dtype=np.float32)
-    blocks = np.split(x, [1000, 17000, 17001, 60000, 90000])
-    plan = plan_segments(7.0, segment=2.0, hop=1.5)
-    cut = list(cut_windows(blocks, plan, sample_rate=16000))
-    assert [(s, e) for s, e, _ in cut] == plan
-    for start, end, wave in cut:
-        np.testing.assert_array_equal(wave, x[round(start * 16000):round(end * 16000)])
-
-
-def test_weighted_mean_weights_by_duration():
-    p = weighted_mean(np.array([[1.0, 0.0], [0.0, 1.0]]), [3.0, 1.0])
-    np.testing.assert_allclose(p, [0.75, 0.25])
-
-
 # --- a wav2vec2 head run ---------------------------------------------------------------------------------
 
 def test_whole_file_json_from_stereo_44k(wav2vec2_run, write_audio, tmp_path, capsys):
@@ -155,7 +126,7 @@ def test_prediction_equals_run_on_extracted_features(wav2vec2_run, tiny_encoder_
                                                      capsys):
     path = write_audio(tmp_path / "clip.wav", seconds=1.5)
     status, out, _ = run_cli(capsys, path, "--model", wav2vec2_run)
-    run = load_run(wav2vec2_run)
+    run = Predictor.from_run(load_run(wav2vec2_run))
     wave = sf.read(str(path), dtype="float32")[0]
     frames = load_encoder(tiny_encoder_dir, device="cpu", dtype="float32").hidden_states(wave)  # every layer, as the store
     expected = run.predict_proba([frames])[0]
@@ -192,16 +163,17 @@ def test_hop_and_file_shorter_than_a_segment(wav2vec2_run, write_audio, tmp_path
 
 
 def test_long_file_is_streamed_and_labelled_from_segments(wav2vec2_run, write_audio, tmp_path, monkeypatch):
+    from inference.inputs import run_inputs
+
     import heads.predict as predict
-    from heads.inputs import run_inputs
 
     def no_whole_load(*args, **kwargs):
         raise AssertionError("a long file must be streamed, not loaded whole")
 
     monkeypatch.setattr(predict, "load_audio", no_whole_load)
     path = write_audio(tmp_path / "long.wav", seconds=8.8, sample_rate=8000)
-    run = load_run(wav2vec2_run)
-    result = predict_file(str(path), run=run, inputs=run_inputs(run, device="cpu"), segment_seconds=2.0,
+    predictor = Predictor.from_run(load_run(wav2vec2_run))
+    result = predict_file(str(path), predictor=predictor, inputs=run_inputs(predictor, device="cpu"), segment_seconds=2.0,
                           max_whole_seconds=4.0, batch_size=3, block_seconds=1.3)
     assert result["label_from"] == "segments"
     segs = result["segments"]

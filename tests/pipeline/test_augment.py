@@ -13,9 +13,9 @@ from pipeline.augment import (
     build_chain,
     copy_seed,
     main,
-    place_augmented,
     plan_copies,
 )
+from pipeline.experiment import place_augmented
 from pipeline.roots import read_manifest
 from pipeline.split import check_speaker_independent
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from pipeline.compare import COLUMNS, compare, main
-from pipeline.metrics import prediction_frame, write_run
+from training.rundir import prediction_frame, write_run
 
 FOUR = ["neutral", "happy", "sad", "angry"]
 SIX = ["neutral", "happy", "sad", "angry", "fearful", "disgust"]

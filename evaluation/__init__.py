@@ -1,0 +1,1 @@
+"""Evaluation: systems grouped from run directories, statistics, audits and the exported report."""

@@ -1,0 +1,1 @@
+"""Inference on new recordings: a trained run's models, the inputs they expect, timelines and output formats."""
