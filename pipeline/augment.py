@@ -73,8 +73,8 @@ class SyntheticReverb(BaseWaveformTransform):
         return ((1 - wet) * samples + wet * scale * reverberant).astype(np.float32)
 
 
-#: Transforms a chain may name, in params order. ``signalsmith_stretch`` is far faster than librosa's
-#: phase vocoder (~10 ms per 3 s clip, no numba JIT); time stretch keeps the new length.
+#: Transforms a chain may name, in params order. Time stretch uses ``signalsmith_stretch`` (no numba JIT to
+#: compile, unlike librosa's phase vocoder) and keeps the new length.
 TRANSFORMS: dict[str, type | partial] = {
     "gaussian_noise": AddGaussianSNR,
     "color_noise": AddColorNoise,

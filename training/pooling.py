@@ -29,7 +29,7 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 def _frame_weights(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """``[B, 1, T]``: 1 / length on each utterance's valid frames, 0 on padding (a mean as a matrix product,
-    several times faster on CPU than multiplying ``[B, T, D]`` by a broadcast mask)."""
+    so no ``[B, T, D]`` masked copy is made)."""
     mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
     return (mask / mask.sum(dim=1, keepdim=True).clamp_min(1.0)).unsqueeze(1)
 
