@@ -68,7 +68,7 @@ def human(size: int) -> str:
     return f"{size:.1f} TB"  # unreachable
 
 
-def describe(store: Path) -> dict:
+def store_summary(store: Path) -> dict:
     """One row of ``list``: ``path, kind, encoder, dtype, layers, entries, size, current``.
 
     Raises:
@@ -89,7 +89,7 @@ def list_stores(root: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
     rows, collections, problems = [], [], []
     for store in identity_stores(root):
         try:
-            rows.append(describe(store))
+            rows.append(store_summary(store))
         except (OSError, ValueError) as err:
             problems.append(str(err))
     for current in sorted(root.rglob(CURRENT)):

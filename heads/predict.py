@@ -37,10 +37,10 @@ from inference.model import Predictor
 from inference.timeline import cut_windows, plan_segments, plot_timelines, weighted_mean
 from pipeline.audio import AudioError, audio_info, check_samples, load_audio, stream_audio
 from pipeline.cli import existing_dir, output_file, positive_float, positive_int, run_main
+from pipeline.manifest import MIN_SECONDS
 from pipeline.normalisation import Normalisation
 from training.rundir import load_run
 
-MIN_SECONDS = 0.25
 MIN_SEGMENT_SECONDS = 0.5
 DEFAULT_SEGMENT_SECONDS = 3.0
 BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}, {rate_fmt}]"

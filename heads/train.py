@@ -36,6 +36,7 @@ from training.options import (
     parse_with_settings,
     run_trainer,
 )
+from training.pooling import POOLING
 
 
 def train_heads(*, features: str, manifests: Sequence[str], split: str, head: str, label_set: str, out: str,
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", action=LayerList, default=None,
                         help="positions in the store's layers, each once: 0 3 or 0,3 (default: all)")
     parser.add_argument("--hidden", type=positive_int, default=None, help="conv head width")
-    parser.add_argument("--pooling", default=None, choices=["mean", "stats"],
+    parser.add_argument("--pooling", default=None, choices=sorted(POOLING),
                         help="conv head: mean (Pepino et al.) or mean ‖ std over valid frames")
     add_training_args(parser)
     args = parse_with_settings(parser, argv)

@@ -5,7 +5,7 @@ systems (``evaluation.systems``), recomputes every figure from ``predictions.csv
 ``pipeline.metrics`` (so heads and baselines are scored by one code path; a run whose own ``metrics.json``
 disagrees is named in the report), and writes into ``--out``:
 
-* ``table.md``, ``table.csv``, ``table.tex``: one row per system (columns :data:`COLUMNS`, then :data:`EXTRA`),
+* ``table.md``, ``table.csv``, ``table.tex``: one row per system (columns :data:`TABLE_COLUMNS`, then :data:`EXTRA_COLUMNS`),
   one table per label set: runs of different label sets are never ranked together.
 * ``metrics.json``: ``{system: {ua, wa, macro_f1, ...}}`` for ``dvc metrics show/diff``.
 * ``leakage.csv``, ``cross_corpus.csv`` (header only when there is nothing to show), ``report.md``,
@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +35,26 @@ from pipeline.cli import existing_dir, existing_file, non_negative_int, output_d
 from pipeline.metrics import SCORES, scores
 from training.rundir import Run, load_run
 
-COLUMNS = ["system", "ua", "wa", "macro_f1", "ua_std", "wa_std", "macro_f1_std", "ua_ci_low", "ua_ci_high",
+TABLE_COLUMNS = ["system", "ua", "wa", "macro_f1", "ua_std", "wa_std", "macro_f1_std", "ua_ci_low", "ua_ci_high",
            "n_test", "n_speakers", "p_value"]
-EXTRA = ["label_set", "model", "feature_set", "features", "augmentation", "split_scheme", "speaker_independent",
+EXTRA_COLUMNS = ["label_set", "model", "feature_set", "features", "augmentation", "split_scheme", "speaker_independent",
          "n_folds", "normalisation", "corpora", "n_runs", "seeds", "baseline", "note", "runs", "encoder",
          "probe_layer"]
-FORMATS = ("md", "csv", "latex")
+
+
+class TableFormat(StrEnum):
+    """The exports of the comparison table."""
+
+    MD = "md"
+    CSV = "csv"
+    LATEX = "latex"
+
+
 #: Claims in a run's metrics.json further than this from the recomputed figure are reported.
 _TOLERANCE = 1e-4
 
 
-def summarise(system: System, *, resamples: int, seed: int, speaker_of: Callable | None = None) -> Result:
+def score_system(system: System, *, resamples: int, seed: int, speaker_of: Callable | None = None) -> Result:
     """Fold figures (mean and population std over every fold of every run), bootstrap CI and counts.
 
     Args:
@@ -148,7 +158,7 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, formats: Sequence[str] = FORMATS,
+def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, formats: Sequence[str] = tuple(TableFormat),
             resamples: int = 2000, seed: int = 0, manifests: Sequence[str | os.PathLike] = (),
             baseline: str | None = None) -> pd.DataFrame:
     """Compare run directories and write tables, plots and the report into ``out``.
@@ -169,17 +179,17 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
     Raises:
         ValueError: no run directory, an unknown format, or runs that break the contract.
     """
-    unknown = sorted(set(formats) - set(FORMATS))
+    unknown = sorted(set(formats) - set(TableFormat))
     if unknown or not run_dirs:
-        raise ValueError(f"expected run directories and formats among {list(FORMATS)}, found "
+        raise ValueError(f"expected run directories and formats among {[str(f) for f in TableFormat]}, found "
                          f"{len(run_dirs)} directories and formats {list(formats)}; pass e.g. "
                          "`data/runs/rf_egemaps --format md,csv`.")
     corpus_of, speaker_of = _manifest_lookups(manifests)
     runs: list[Run] = [load_run(d) for d in expand_run_dirs(run_dirs)]
     systems = group_systems(runs)
-    results = [summarise(s, resamples=resamples, seed=seed, speaker_of=speaker_of) for s in systems]
+    results = [score_system(s, resamples=resamples, seed=seed, speaker_of=speaker_of) for s in systems]
     add_p_values(results, resamples=resamples, seed=seed, baseline=baseline)
-    table = pd.DataFrame([r.row for r in results], columns=COLUMNS + EXTRA)
+    table = pd.DataFrame([r.row for r in results], columns=TABLE_COLUMNS + EXTRA_COLUMNS)
     report.write_all(Path(out), results, table, leakage(results), cross_corpus(results, corpus_of),
                      formats=list(formats), resamples=resamples, seed=seed)
     return table
@@ -192,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", type=existing_dir,
                         help="run directories to compare, or folders of them (e.g. data/runs)")
     parser.add_argument("--out", required=True, type=output_dir, help="output directory")
-    parser.add_argument("--format", default=",".join(FORMATS), help="comma-separated: md, csv, latex")
+    parser.add_argument("--format", default=",".join(TableFormat), help="comma-separated: md, csv, latex")
     parser.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples and permutation swaps")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the resampling")
     parser.add_argument("--manifest", action="append", default=[], type=existing_file, help="manifest(s) for corpus and speaker")
@@ -201,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     table = compare(args.runs, args.out, formats=formats, resamples=args.resamples, seed=args.seed,
                     manifests=args.manifest, baseline=args.baseline)
-    print(table[COLUMNS].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    print(table[TABLE_COLUMNS].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"wrote {args.out}/report.md")
     return 0
 

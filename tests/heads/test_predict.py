@@ -163,9 +163,8 @@ def test_hop_and_file_shorter_than_a_segment(wav2vec2_run, write_audio, tmp_path
 
 
 def test_long_file_is_streamed_and_labelled_from_segments(wav2vec2_run, write_audio, tmp_path, monkeypatch):
-    from inference.inputs import run_inputs
-
     import heads.predict as predict
+    from inference.inputs import run_inputs
 
     def no_whole_load(*args, **kwargs):
         raise AssertionError("a long file must be streamed, not loaded whole")
