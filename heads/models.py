@@ -53,8 +53,9 @@ class Pointwise(nn.Conv1d):
 
 
 class FastDropout(nn.Dropout):
-    """``nn.Dropout`` with its mask drawn from uniform numbers: the same distribution, at a third of the cost on
-    CPU (``bernoulli_`` is slow; it was 40 % of a conv head's training step on eGeMAPS frames)."""
+    """``nn.Dropout`` with its mask drawn from uniform numbers: the same distribution, drawn faster on CPU than
+    ``bernoulli_`` draws it (the head's training step spends much of its time in dropout; the figure is in
+    ``docs/benchmarks.md``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
