@@ -21,6 +21,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import f1_score
 
+from evaluation.results import Result
+
 BEST = ("ua", "wa", "macro_f1")
 HEADER = ["System", "UA", "WA", "Macro-F1", "UA 95 % CI", "Test utt.", "Speakers", "p vs. baseline"]
 #: Figures per system in metrics.json (for ``dvc metrics show/diff``); the full table is table.csv.
@@ -98,7 +100,7 @@ def caption(group: str, labels: Sequence[str], resamples: int) -> str:
             "system; rows under a speaker-dependent split (@random) are not ranked.")
 
 
-def write_all(out: Path, results: list, table: pd.DataFrame, leakage: pd.DataFrame, cross: pd.DataFrame, *,
+def write_all(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd.DataFrame, cross: pd.DataFrame, *,
               formats: Sequence[str], resamples: int, seed: int) -> None:
     """Write every output of the comparison into ``out`` (see ``pipeline.compare``)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +139,7 @@ def write_all(out: Path, results: list, table: pd.DataFrame, leakage: pd.DataFra
                  formats=formats, resamples=resamples, seed=seed, probes=probes, layers=layers)
 
 
-def write_system_plots(out: Path, result) -> dict[str, str]:
+def write_system_plots(out: Path, result: Result) -> dict[str, str]:
     """A system's confusion PNG, curves PNG (heads) and DVC plot data; returns ``{kind: relative path}``."""
     system, slug = result.system, result.system.slug
     pooled = pd.concat([run.predictions[["true", "pred"]] for run in system.runs], ignore_index=True)
@@ -197,7 +199,7 @@ def curves_plot(path: Path, history: pd.DataFrame, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def per_class_f1_plot(path: Path, results: list) -> str:
+def per_class_f1_plot(path: Path, results: list[Result]) -> str:
     """Grouped bars of per-class F1 (pooled predictions) of the systems of one label set."""
     labels = results[0].system.labels
     width = 0.8 / len(results)
@@ -241,7 +243,7 @@ def probe_markdown(probes: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def layer_analysis_plot(path: Path, probes: pd.DataFrame, results: list) -> str:
+def layer_analysis_plot(path: Path, probes: pd.DataFrame, results: list[Result]) -> str:
     """Which layer carries emotion: probe UA against layer, one line per encoder (band: 95 % CI), beside the
     heads' learned layer weights (mean over folds)."""
     fig = Figure(figsize=(11, 3.8), layout="constrained")
@@ -268,7 +270,7 @@ def layer_analysis_plot(path: Path, probes: pd.DataFrame, results: list) -> str:
     return f"figures/{path.name}"
 
 
-def layer_weights_plot(path: Path, results: list) -> str | None:
+def layer_weights_plot(path: Path, results: list[Result]) -> str | None:
     """Learned softmax layer weights of the heads that have them: mean over folds, band over folds."""
     with_weights = [(r, [run.layer_weights for run in r.system.runs if run.layer_weights]) for r in results]
     with_weights = [(r, w) for r, w in with_weights if w]
@@ -292,7 +294,7 @@ def layer_weights_plot(path: Path, results: list) -> str | None:
     return f"figures/{path.name}"
 
 
-def protocol_words(result) -> str:
+def protocol_words(result: Result) -> str:
     """A system's protocol in a sentence or two."""
     p, s = result.system.protocol, result.system
     independent = p.get("speaker_independent")
@@ -309,7 +311,7 @@ def protocol_words(result) -> str:
             f"; corpora {_plain(p.get('corpora', '?'))}; {len(s.runs)} run(s), seed(s) {seeds}.")
 
 
-def write_report(out: Path, results: list, table: pd.DataFrame, leakage: pd.DataFrame, cross: pd.DataFrame,
+def write_report(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd.DataFrame, cross: pd.DataFrame,
                  figures: dict, shared: dict, weights: str | None, *, formats: Sequence[str], resamples: int,
                  seed: int, probes: pd.DataFrame | None = None, layers: str | None = None) -> None:
     """``report.md``: tables, protocols in words, leakage audit, cross-corpus matrix, figures, notes."""

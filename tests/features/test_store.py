@@ -11,7 +11,6 @@ import pytest
 
 import features.store as store_module
 from features.store import (
-    FORMAT,
     FeatureStore,
     StoreWriter,
     escape_id,
@@ -65,7 +64,7 @@ def test_write_and_read(tmp_path, entries):
     # the documented layout: a collection, one identity store, one checksummed shard
     current = json.loads((path / "current.json").read_text())
     store = path / current["store"]
-    assert current["format"] == FORMAT and sorted(current["entries"]) == sorted(entries)
+    assert current["format"] == "ser-features/2" and sorted(current["entries"]) == sorted(entries)
     assert current["store"].startswith("x-base-float32-") and len(current["store"].rsplit("-", 1)[1]) == 12
     assert json.loads((store / "store.json").read_text())["identity"]["layers"] == [0, 6, 12]
     (shard,) = shards(path)
@@ -76,7 +75,7 @@ def test_write_and_read(tmp_path, entries):
         assert frames.shape == (3, 7, 4) and frames.chunks == (1, 7, 4) and frames.fletcher32
         assert f["utterances/c%2FActor_01%2Fa/pooled"].fletcher32
         assert f["utterances/c%2FActor_01%2Fa"].attrs["id"] == "c/Actor_01/a"
-        assert f.attrs["format"] == FORMAT and json.loads(f.attrs["meta"])["versions"] == {}
+        assert f.attrs["format"] == "ser-features/2" and json.loads(f.attrs["meta"])["versions"] == {}
 
 
 def test_identity_leaves_out_what_describes_a_run():
