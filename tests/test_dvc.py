@@ -18,8 +18,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.test_repo import PACKAGES
+
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "features", "heads", "baselines")
 
 pytestmark = pytest.mark.slow
 
