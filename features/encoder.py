@@ -456,7 +456,8 @@ def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats:
     Every timed pass has an input length no pass has had before (one frame longer each time), as in an
     extraction, where utterances rarely share a length: the library's kernels are prepared per shape, and that
     preparation is part of what is timed. After one warm-up pass per candidate, each candidate's ``repeats``
-    passes are interleaved with the others' and summed.
+    passes are interleaved with the others' and summed. On CPU the passes run on one thread, as extraction's
+    processes do.
 
     Returns:
         ``{"chosen": name, "frame_grid": grid, "seconds": {"name/grid": seconds of its passes}, "probe_seconds":
@@ -486,12 +487,18 @@ def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats:
         del out
         return time.perf_counter() - start
 
-    for c, (name, grid) in enumerate(candidates):  # warm-up, at lengths the timed passes never use
-        timed(name, grid, probe(-1 - c))
-    seconds = dict.fromkeys(candidates, 0.0)
-    for rep in range(repeats):
-        for c, candidate in enumerate(candidates):
-            seconds[candidate] += timed(*candidate, probe(rep * len(candidates) + c))
+    threads = torch.get_num_threads()
+    if enc.device.type == "cpu":  # as extraction runs on CPU: one thread per process
+        torch.set_num_threads(1)
+    try:
+        for c, (name, grid) in enumerate(candidates):  # warm-up, at lengths the timed passes never use
+            timed(name, grid, probe(-1 - c))
+        seconds = dict.fromkeys(candidates, 0.0)
+        for rep in range(repeats):
+            for c, candidate in enumerate(candidates):
+                seconds[candidate] += timed(*candidate, probe(rep * len(candidates) + c))
+    finally:
+        torch.set_num_threads(threads)
     fastest = min(seconds, key=seconds.get)
     chosen = fastest if seconds["library", 1] >= gain * seconds[fastest] else ("library", 1)
     enc.use_feature_encoder(chosen[0])
