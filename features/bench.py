@@ -232,7 +232,7 @@ def _run_one(model_dir: str, manifest: str, out: str, dtype: str, device: str, t
     record = {"device": str(enc.device), "dtype": dtype, "audio_seconds": round(audio, 2), "files": len(rows),
               "wall_seconds": round(wall, 3), "throughput": round(throughput, 3),
               "reference_throughput": round(audio / reference_wall, 3),
-              "vs_reference": round(reference_wall / wall, 3),
+              "vs_reference": float(f"{reference_wall / wall:.4g}"),
               "ceiling_ratio": float(f"{throughput / (peak / flops_per_audio_s):.4g}"),
               "matmul_gflops": round(peak / 1e9, 1), "encoder_gflop_per_audio_s": round(flops_per_audio_s / 1e9, 2),
               "feature_encoder": enc.feature_encoder, "feature_encoder_timing": enc.feature_encoder_timing,

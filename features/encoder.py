@@ -174,7 +174,8 @@ class StridedMatmulFeatureEncoder:
 
     name = "strided_matmul"
 
-    def __init__(self, feature_extractor):
+    def __init__(self, feature_extractor, frame_grid: int = 1):
+        self.frame_grid = frame_grid
         layers = list(feature_extractor.conv_layers)
         first = layers[0]
         (self.first_kernel,), (self.first_stride,) = first.conv.kernel_size, first.conv.stride
@@ -199,16 +200,33 @@ class StridedMatmulFeatureEncoder:
         """``[B, N]`` -> ``[B, C, T]``, one row at a time."""
         return torch.stack([self._one(row) for row in input_values])
 
+    def _padded(self, h: torch.Tensor) -> torch.Tensor:
+        """``h [T, C]`` contiguous, with zero rows appended so that the last layer's frame count is a multiple of
+        :attr:`frame_grid` (frames computed from the zero rows come after the real ones and are dropped)."""
+        n = h.shape[0]
+        for kernel, stride, *_ in self.layers:
+            n = (n - kernel) // stride + 1
+        rows = -(-n // self.frame_grid) * self.frame_grid
+        for kernel, stride, *_ in reversed(self.layers):
+            rows = (rows - 1) * stride + kernel
+        if rows <= h.shape[0]:
+            return h.contiguous()
+        out = h.new_empty(rows, h.shape[1])
+        out[:h.shape[0]].copy_(h)
+        out[h.shape[0]:].zero_()
+        return out
+
     def _one(self, wave: torch.Tensor) -> torch.Tensor:
         frames = (wave.shape[0] - self.first_kernel) // self.first_stride + 1
         windows = wave.as_strided((self.first_kernel, frames), (1, self.first_stride), wave.storage_offset())
         h = self.first_weight @ windows if self.first_bias is None else \
             torch.addmm(self.first_bias, self.first_weight, windows)  # [C, T]
         if isinstance(self.first_norm, torch.nn.GroupNorm):  # over time, per channel: on [C, T]
-            h = self.first_activation(self.first_norm(h[None])[0]).T.contiguous()
+            h = self.first_activation(self.first_norm(h[None])[0]).T
         else:  # per frame, or none: on [T, C]
             h = h.T
-            h = self.first_activation(h if self.first_norm is None else self.first_norm(h)).contiguous()
+            h = self.first_activation(h if self.first_norm is None else self.first_norm(h))
+        h = self._padded(h)
         for kernel, stride, blocks, bias, norm, activation in self.layers:
             frames, channels = (h.shape[0] - kernel) // stride + 1, h.shape[1]
             out = None
@@ -240,6 +258,8 @@ class Encoder:
         num_layers: hidden states returned, ``L`` (transformer input + every layer: 13 for base).
         hidden_size: ``H``.  stride, receptive_field: samples per frame and samples seen by one frame.
         feature_encoder: the key of :data:`FEATURE_ENCODERS` in use; ``feature_encoder_timing`` what chose it.
+        frame_grid: passes are padded to a multiple of this many frames (1: exact shapes); see
+            :meth:`use_frame_grid`.
     """
 
     def __init__(self, model, feature_extractor, *, name: str, revision: str | None, device: torch.device,
@@ -263,7 +283,9 @@ class Encoder:
         self.overlap_seconds = self.context_frames * self.stride / self.sample_rate
         self.feature_encoder = "library"
         self.feature_encoder_timing: dict = {}
+        self.frame_grid = 1
         self._features: Callable = model.feature_extractor
+        self._plugins: dict[str, Callable] = {}
         self._captured: list[torch.Tensor] | None = None
         layers = model.encoder.layers
         layers[0].register_forward_pre_hook(self._capture_input, with_kwargs=True)
@@ -286,8 +308,19 @@ class Encoder:
         plugin = FEATURE_ENCODERS[name]
         if plugin is not None and self.device.type != "cpu":
             raise ValueError(f"feature encoder {name!r} is a CPU plug-in; on {self.device.type} expected library.")
-        self._features = self.model.feature_extractor if plugin is None else plugin(self.model.feature_extractor)
+        if plugin is not None and name not in self._plugins:
+            self._plugins[name] = plugin(self.model.feature_extractor)
+        self._features = self.model.feature_extractor if plugin is None else self._plugins[name]
         self.feature_encoder = name
+        self.use_frame_grid(self.frame_grid)
+
+    def use_frame_grid(self, grid: int) -> None:
+        """Pad each pass's frame count up to a multiple of ``grid`` (under the attention mask), so that passes
+        repeat a few shapes and the library's per-shape kernels are reused; 1 keeps every shape exact. Only for
+        architectures that may mix lengths in a pass."""
+        self.frame_grid = grid if self.architecture.mixed_lengths else 1
+        if hasattr(self._features, "frame_grid"):
+            self._features.frame_grid = self.frame_grid
 
     def num_frames(self, num_samples: int) -> int:
         """Frames ``T`` the encoder produces for ``num_samples`` input samples (0 when too short)."""
@@ -349,24 +382,26 @@ class Encoder:
         if len(set(frames)) > 1 and not self.architecture.mixed_lengths:
             raise ValueError(f"{self.architecture.model_type}: expected inputs of one frame count per pass, found "
                              f"{sorted(set(frames))}; plan passes with features.extract.plan_batches.")
-        padded = torch.zeros(len(batch), max(lengths))
+        width = -(-max(frames) // self.frame_grid) * self.frame_grid  # the pass's frame count
+        samples = max(max(lengths), (width - 1) * self.stride + self.receptive_field)
+        padded = torch.zeros(len(batch), samples if not self.per_utterance_features else max(lengths))
         for row, wave in zip(padded, batch, strict=True):
             row[:len(wave)] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
         if self.device.type == "cuda":
             padded = padded.pin_memory().to(self.device, non_blocking=True)
         x = padded.to(self.input_dtype)
         with self._precision():
-            if self.per_utterance_features and len(set(lengths)) > 1:
-                features = x.new_zeros(len(batch), self.model.config.conv_dim[-1], max(frames))
+            if self.per_utterance_features and (len(set(lengths)) > 1 or width > max(frames)):
+                features = x.new_zeros(len(batch), self.model.config.conv_dim[-1], width)
                 for b, (n, t) in enumerate(zip(lengths, frames, strict=True)):
-                    features[b, :, :t] = self._features(x[b:b + 1, :n])[0]
+                    features[b, :, :t] = self._features(x[b:b + 1, :n])[0, :, :t]
             else:
-                features = self._features(x)[:, :, :max(frames)]
+                features = self._features(x)[:, :, :width]
             projected = self.model.feature_projection(features.transpose(1, 2))
             hidden = projected[0] if isinstance(projected, tuple) else projected
             mask = None
-            if len(set(frames)) > 1:
-                mask = torch.arange(max(frames), device=x.device)[None, :] < torch.tensor(frames, device=x.device)[:, None]
+            if len(set(frames)) > 1 or width > max(frames):
+                mask = torch.arange(width, device=x.device)[None, :] < torch.tensor(frames, device=x.device)[:, None]
             self._captured = []
             try:
                 self.model.encoder(hidden, attention_mask=mask)
@@ -408,35 +443,68 @@ class Encoder:
         return torch.cat([p.float().cpu() for p in self.iter_hidden_states(wave, layers=layers)], dim=1).numpy()
 
 
-def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats: int = 3,
+#: Frame grids timed at start-up: exact shapes (1), and passes padded to a multiple of this many frames.
+FRAME_GRIDS = (1, 8)
+
+
+def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats: int = 2,
                            gain: float = 1.10) -> dict:
-    """Time each applicable feature encoder inside whole forward passes on this machine and keep the fastest
-    plug-in only when it makes the pass at least ``gain`` times as fast as the library's modules.
+    """Time each applicable feature encoder, with exact and with grid-padded frame counts (see
+    :meth:`Encoder.use_frame_grid`), inside whole forward passes on this machine, and keep the fastest only when it
+    makes the pass at least ``gain`` times as fast as the library's modules on exact shapes.
+
+    Every timed pass has an input length no pass has had before (one frame longer each time), as in an
+    extraction, where utterances rarely share a length: the library's kernels are prepared per shape, and that
+    preparation is part of what is timed. After one warm-up pass per candidate, each candidate's ``repeats``
+    passes are interleaved with the others' and summed. On CPU the passes run on one thread, as extraction's
+    processes do.
 
     Returns:
-        ``{"chosen": name, "seconds": {name: best pass time}, "probe_seconds": ...}`` (also kept as
-        ``enc.feature_encoder_timing``).
+        ``{"chosen": name, "frame_grid": grid, "seconds": {"name/grid": seconds of its passes}, "probe_seconds":
+        ...}`` (also kept as ``enc.feature_encoder_timing``).
     """
-    probe = [np.random.default_rng(0).standard_normal(int(probe_seconds * enc.sample_rate)).astype(np.float32)]
-    seconds = {}
+    candidates = []
     for name in FEATURE_ENCODERS:
         try:
             enc.use_feature_encoder(name)
         except ValueError:  # not applicable to this architecture or device
             continue
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first pass warms up
-            start = time.perf_counter()
-            out = enc.forward(probe)
-            if enc.device.type == "cuda":
-                torch.cuda.synchronize(enc.device)
-            best = min(best, time.perf_counter() - start)
-            del out
-        seconds[name] = best
+        grids = FRAME_GRIDS if enc.architecture.mixed_lengths else (1,)
+        candidates += [(name, grid) for grid in grids]
+    rng = np.random.default_rng(0)
+    base = int(probe_seconds * enc.sample_rate)
+
+    def probe(extra_frames: int) -> list[np.ndarray]:
+        return [rng.standard_normal(base + extra_frames * enc.stride).astype(np.float32)]
+
+    def timed(name: str, grid: int, wave: list[np.ndarray]) -> float:
+        enc.use_feature_encoder(name)
+        enc.use_frame_grid(grid)
+        start = time.perf_counter()
+        out = enc.forward(wave)
+        if enc.device.type == "cuda":
+            torch.cuda.synchronize(enc.device)
+        del out
+        return time.perf_counter() - start
+
+    threads = torch.get_num_threads()
+    if enc.device.type == "cpu":  # as extraction runs on CPU: one thread per process
+        torch.set_num_threads(1)
+    try:
+        for c, (name, grid) in enumerate(candidates):  # warm-up, at lengths the timed passes never use
+            timed(name, grid, probe(-1 - c))
+        seconds = dict.fromkeys(candidates, 0.0)
+        for rep in range(repeats):
+            for c, candidate in enumerate(candidates):
+                seconds[candidate] += timed(*candidate, probe(rep * len(candidates) + c))
+    finally:
+        torch.set_num_threads(threads)
     fastest = min(seconds, key=seconds.get)
-    chosen = fastest if seconds["library"] >= gain * seconds[fastest] else "library"
-    enc.use_feature_encoder(chosen)
-    enc.feature_encoder_timing = {"chosen": chosen, "seconds": {k: round(v, 4) for k, v in seconds.items()},
+    chosen = fastest if seconds["library", 1] >= gain * seconds[fastest] else ("library", 1)
+    enc.use_feature_encoder(chosen[0])
+    enc.use_frame_grid(chosen[1])
+    enc.feature_encoder_timing = {"chosen": chosen[0], "frame_grid": chosen[1],
+                                  "seconds": {f"{n}/{g}": round(v, 4) for (n, g), v in seconds.items()},
                                   "probe_seconds": probe_seconds}
     return enc.feature_encoder_timing
 

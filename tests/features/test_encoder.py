@@ -8,7 +8,14 @@ import torch
 from transformers import AutoModel
 
 from features import encoder as encoder_mod
-from features.encoder import ARCHITECTURES, FEATURE_ENCODERS, choose_feature_encoder, load_encoder, pick_dtype
+from features.encoder import (
+    ARCHITECTURES,
+    FEATURE_ENCODERS,
+    FRAME_GRIDS,
+    choose_feature_encoder,
+    load_encoder,
+    pick_dtype,
+)
 
 ARCHS = ["wav2vec2-base", "wav2vec2-large-lv60", "hubert-base", "wavlm-base-plus", "data2vec-audio-base"]
 
@@ -41,11 +48,13 @@ def _lengths(enc):
     return [16000, 12345, 12445, 7000] if enc.architecture.mixed_lengths else [16000, 16010, 16030]
 
 
+@pytest.mark.parametrize("grid", FRAME_GRIDS)
 @pytest.mark.parametrize("feature_encoder", list(FEATURE_ENCODERS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mixed_length_batch_equals_single_utterance_forward(tiny_model_dir, arch, feature_encoder):
+def test_mixed_length_batch_equals_single_utterance_forward(tiny_model_dir, arch, feature_encoder, grid):
     model_dir = tiny_model_dir(arch)
     enc = load_encoder(model_dir, device="cpu", dtype="float32", feature_encoder=feature_encoder)
+    enc.use_frame_grid(grid)  # padded frame counts are masked: the same states
     waves = _waves(enc, _lengths(enc))
     for wave, got in zip(waves, enc.forward(waves), strict=True):
         want = _direct(model_dir, wave)
@@ -53,11 +62,13 @@ def test_mixed_length_batch_equals_single_utterance_forward(tiny_model_dir, arch
         assert _worst_relative_error(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("grid", FRAME_GRIDS)
 @pytest.mark.parametrize("feature_encoder", list(FEATURE_ENCODERS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bfloat16_error_within_one_and_a_half_times_transformers_own(tiny_model_dir, arch, feature_encoder):
+def test_bfloat16_error_within_one_and_a_half_times_transformers_own(tiny_model_dir, arch, feature_encoder, grid):
     model_dir = tiny_model_dir(arch)
     enc = load_encoder(model_dir, device="cpu", dtype="bfloat16", feature_encoder=feature_encoder)
+    enc.use_frame_grid(grid)
     waves = _waves(enc, _lengths(enc), seed=1)
     for wave, got in zip(waves, enc.forward(waves), strict=True):
         exact = _direct(model_dir, wave)
@@ -108,14 +119,26 @@ def test_too_short_input_is_refused(tiny_model_dir):
         list(enc.iter_hidden_states(np.zeros(100, np.float32)))
 
 
-def test_plugin_is_kept_only_when_it_beats_the_library_by_the_margin(tiny_model_dir):
+def test_plugin_and_grid_kept_only_when_they_beat_the_library_by_the_margin(tiny_model_dir, monkeypatch):
     enc = load_encoder(tiny_model_dir("wav2vec2-base"), device="cpu", dtype="float32", feature_encoder="library")
-    timing = choose_feature_encoder(enc, probe_seconds=1.0, repeats=1, gain=1e9)  # no plug-in can be that fast
-    assert timing["chosen"] == "library" == enc.feature_encoder
-    assert set(timing["seconds"]) == set(FEATURE_ENCODERS) and all(t > 0 for t in timing["seconds"].values())
+    lengths = []
+    original = enc.forward
+    monkeypatch.setattr(enc, "forward", lambda batch, **kw: lengths.append(len(batch[0])) or original(batch, **kw))
+    timing = choose_feature_encoder(enc, probe_seconds=1.0, repeats=2, gain=1e9)  # nothing can be that fast
+    assert (timing["chosen"], timing["frame_grid"]) == ("library", 1) == (enc.feature_encoder, enc.frame_grid)
+    assert set(timing["seconds"]) == {f"{n}/{g}" for n in FEATURE_ENCODERS for g in FRAME_GRIDS}
+    assert all(t > 0 for t in timing["seconds"].values())
+    assert len(lengths) == 3 * len(timing["seconds"]) == len(set(lengths))  # every pass a new input length
     timing = choose_feature_encoder(enc, probe_seconds=1.0, repeats=1, gain=0.0)  # any gain will do
     fastest = min(timing["seconds"], key=timing["seconds"].get)
-    assert timing["chosen"] == fastest == enc.feature_encoder
+    assert fastest == f"{timing['chosen']}/{timing['frame_grid']}" == f"{enc.feature_encoder}/{enc.frame_grid}"
+
+
+def test_data2vec_is_never_timed_or_run_on_padded_frame_counts(tiny_model_dir):
+    enc = load_encoder(tiny_model_dir("data2vec-audio-base"), device="cpu", dtype="float32")
+    assert enc.frame_grid == 1 and all(k.endswith("/1") for k in enc.feature_encoder_timing["seconds"])
+    enc.use_frame_grid(8)
+    assert enc.frame_grid == 1
 
 
 def test_plugin_refused_where_a_later_convolution_normalises_over_time():

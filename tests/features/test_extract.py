@@ -262,6 +262,26 @@ def test_versions_and_provenance_recorded(tiny_encoder_dir):
     record = extract_mod.provenance(enc, procs=2)
     assert record["feature_encoder"] == enc.feature_encoder and record["cpu"] and record["procs"] == 2
     assert record["feature_encoder_timing"]["chosen"] == enc.feature_encoder
+    assert record["frame_grid"] == enc.frame_grid == record["feature_encoder_timing"]["frame_grid"]
+
+
+def test_an_extended_store_keeps_the_implementation_and_frame_grid_it_began_with(synth_files, make_manifest,
+                                                                                  tiny_encoder_dir, tmp_path,
+                                                                                  monkeypatch):
+    def chosen(enc):
+        enc.use_feature_encoder("strided_matmul")
+        enc.use_frame_grid(8)
+        enc.feature_encoder_timing = {"chosen": "strided_matmul", "frame_grid": 8}
+
+    out, kw = tmp_path / "f", {"encoder": str(tiny_encoder_dir), "device": "cpu", "dtype": "float32", "procs": 1}
+    monkeypatch.setattr(extract_mod, "choose_feature_encoder", chosen)
+    assert extract([make_manifest(synth_files[:3])], out, **kw)["computed"] == 3
+    monkeypatch.setattr(extract_mod, "choose_feature_encoder", lambda enc: pytest.fail("timed again"))
+    assert extract([make_manifest(synth_files)], out, **kw)["computed"] == 3
+    with FeatureStore(out) as fs:
+        record = fs.attrs["provenance"]
+    assert (record["feature_encoder"], record["frame_grid"]) == ("strided_matmul", 8)
+    assert record["feature_encoder_timing"]["kept_from"]
 
 
 def test_passes_are_planned_over_every_row_and_split_longest_first(tiny_encoder_dir):
