@@ -26,7 +26,7 @@ import hashlib
 import io
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -48,31 +48,8 @@ from features.store import (
     write_current,
 )
 from pipeline.cli import existing_file, output_dir, output_file
-from pipeline.roots import read_manifest
 
 SKIP_COLUMNS = ["id", "path", "reason", "detail"]
-
-
-def read_manifests(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate manifests (``id, path, ...``); a header-only manifest is fine.
-
-    Raises:
-        ValueError: a manifest lacks ``id`` or ``path``, or an id occurs twice.
-    """
-    frames = []
-    for path in paths:
-        df = read_manifest(path, keep_default_na=False)  # paths resolved against the recorded roots
-        missing = {"id", "path"} - set(df.columns)
-        if missing:
-            raise ValueError(f"{path}: expected manifest columns id and path, found {list(df.columns)}; "
-                             "pass a manifest written by pipeline.manifest or pipeline.augment.")
-        frames.append(df)
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "path"])
-    dup = rows["id"][rows["id"].duplicated()]
-    if len(dup):
-        raise ValueError(f"expected unique ids across manifests, found {len(dup)} repeated (e.g. {dup.iloc[0]!r}); "
-                         "an augmented manifest must give its copies ids of their own.")
-    return rows
 
 
 def source_hash(path: str | os.PathLike) -> str:
@@ -328,7 +305,7 @@ class StoreBuild:
         return {"stored": len(entries), "removed": removed, "corrupt": self.corrupt}
 
 
-def finish(stage: str, build: StoreBuild, *, out, skips, skipped: list[dict], computed: int,
+def publish(stage: str, build: StoreBuild, *, out, skips, skipped: list[dict], computed: int,
            audio_seconds: float) -> dict:
     """Publish the build, write the skips file and print and return the run's summary (``computed, reused,
     skipped, stored, removed, corrupt, audio_seconds``)."""

@@ -27,6 +27,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +42,13 @@ try:  # optional: pip install -e ".[ray]"
 except ImportError:  # pragma: no cover - depends on the install
     ray = None
 
-ENGINES = ("local", "ray")
+
+
+class Engine(StrEnum):
+    """What runs an extraction's tasks."""
+
+    LOCAL = "local"  # this machine: worker processes (CPU) or one process (CUDA)
+    RAY = "ray"      # actors on a Ray cluster
 
 
 def parse_shard(text: str) -> tuple[int, int]:

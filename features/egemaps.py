@@ -23,9 +23,10 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from features.cache import StoreBuild, add_store_args, advance, finish, read_manifests
+from features.cache import StoreBuild, add_store_args, advance, publish
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 from pipeline.cli import positive_int, run_main
+from pipeline.roots import read_manifests
 
 
 @functools.cache
@@ -98,7 +99,7 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
     """
     import opensmile
 
-    rows = read_manifests(manifests)
+    rows = read_manifests(manifests, keep_default_na=False)
     functional_names, lld_names = feature_names()
     meta = {"kind": "egemaps", "encoder": "opensmile/eGeMAPSv02", "revision": f"opensmile {opensmile.__version__}",
             "sample_rate": SAMPLE_RATE, "layers": [0], "dtype": "float32", "storage_dtype": "float32",
@@ -121,7 +122,7 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
                       duration_s=seconds)
             computed, done_s = computed + 1, done_s + seconds
             advance(bar, seconds)
-    return finish("egemaps", build, out=out, skips=skips, skipped=skipped, computed=computed,
+    return publish("egemaps", build, out=out, skips=skips, skipped=skipped, computed=computed,
                   audio_seconds=done_s)
 
 

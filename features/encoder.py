@@ -54,9 +54,10 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from features.hardware import Device, DType
+
+#: Compute (and storage) dtypes to their torch dtypes.
+DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
 DEFAULT_ENCODER = "facebook/wav2vec2-base"
 
 
@@ -94,7 +95,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.split(":")[0] not in {"cpu", "cuda"}:
-        raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICE_CHOICES)}.")
+        raise ValueError(f"device {device!r}: expected one of {', '.join(Device)} (or cuda:N).")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested, but torch finds no CUDA GPU (torch {torch.__version__}, "
                          f"CUDA build: {torch.version.cuda or 'none'}); pass --device cpu or --device auto.")
@@ -124,8 +125,8 @@ def pick_dtype(dtype: str, device: torch.device) -> str:
     Raises:
         ValueError: an unknown dtype, or float16 on CPU (too slow and inexact there; use bfloat16).
     """
-    if dtype not in DTYPE_CHOICES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}.")
+    if dtype not in list(DType):
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DType)}.")
     if dtype == "float16" and device.type == "cpu":
         raise ValueError("dtype float16 on CPU: expected float32 or bfloat16 there (CPUs have no fast float16 "
                          "products); pass --dtype bfloat16 or --dtype auto.")

@@ -42,14 +42,11 @@ from features.cache import (
     StoreBuild,
     add_store_args,
     advance,
-    finish,
-    read_manifests,
+    publish,
 )
-from features.distributed import ENGINES, RayActors, parse_shard, require_ray, shard_ids, shard_summary
+from features.distributed import Engine, RayActors, parse_shard, require_ray, shard_ids, shard_summary
 from features.encoder import (
     DEFAULT_ENCODER,
-    DEVICE_CHOICES,
-    DTYPE_CHOICES,
     DTYPES,
     FEATURE_ENCODERS,
     Encoder,
@@ -57,10 +54,12 @@ from features.encoder import (
     load_encoder,
     resolve_device,
 )
+from features.hardware import Device, DType
 from features.store import FeatureStore
 from pipeline.audio import AudioError, load_audio
 from pipeline.cli import non_negative_float, positive_float, positive_int, run_main
 from pipeline.processes import cpu_cores, die_with_parent
+from pipeline.roots import read_manifests
 
 
 def versions() -> dict:
@@ -245,7 +244,7 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     return out.copy_(x, non_blocking=True)
 
 
-def summarise(states: torch.Tensor, storage_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cast_and_pool(states: torch.Tensor, storage_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """On the states' device: frames cast to the storage dtype, and per-layer mean ‖ std (ddof=0) over time
     computed in float32 from the unrounded states. ``[L, T, H]`` -> ``([L, T, H], [L, 2H])``."""
     x = states.float()
@@ -306,7 +305,7 @@ def encode_rows(enc: Encoder, batches: Sequence[Sequence[dict]], job: Job, add: 
             states = forward_split(enc, [w for _, w in group], job.layers)
             for (row, _), s in zip(group, states, strict=True):
                 if row["todo"]:
-                    frames, pooled = summarise(s, storage)
+                    frames, pooled = cast_and_pool(s, storage)
                     results[row["id"]] = (to_host(frames), to_host(pooled))
             del states
         if enc.device.type == "cuda":
@@ -439,15 +438,15 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             without index or view (a later call without ``shard`` writes them).
 
     Returns:
-        The summary of :func:`features.cache.finish` (``computed``, ``reused``, ``skipped``, ``stored``, ...).
+        The summary of :func:`features.cache.publish` (``computed``, ``reused``, ``skipped``, ``stored``, ...).
     """
     if storage_dtype not in {"float16", "float32"}:
         raise ValueError(f"storage dtype {storage_dtype!r}: expected float16 or float32.")
-    if engine not in ENGINES:
-        raise ValueError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}.")
+    if engine not in list(Engine):
+        raise ValueError(f"engine {engine!r}: expected one of {', '.join(Engine)}.")
     if engine == "ray":
         require_ray()
-    rows = read_manifests(manifests)
+    rows = read_manifests(manifests, keep_default_na=False)
     timed = not isinstance(encoder, Encoder) and feature_encoder == "auto"  # timed below, only if there is work
     requested = dtype
     if dtype == "auto" and not isinstance(encoder, Encoder):
@@ -540,7 +539,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             writer.close()
     if shard is not None:
         return shard_summary(build, shard=shard, skipped=skipped, computed=computed, audio_seconds=done_s)
-    return finish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
+    return publish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
                   audio_seconds=done_s)
 
 
@@ -604,10 +603,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add_store_args(p)
     p.add_argument("--encoder", default=os.environ.get("SER_ENCODER") or DEFAULT_ENCODER,
                    help="hub id or local folder (default: $SER_ENCODER or %(default)s)")
-    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+    p.add_argument("--device", default=Device.AUTO, choices=list(Device))
+    p.add_argument("--dtype", default=DType.AUTO, choices=list(DType),
                    help="compute dtype; auto: bfloat16 where this CPU or GPU runs it fast, else float32")
-    p.add_argument("--storage-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--storage-dtype", default=DType.FLOAT16, choices=[DType.FLOAT16, DType.FLOAT32])
     p.add_argument("--layers", default="all", help="'all' or hidden-state indices, e.g. 0,6,12")
     p.add_argument("--max-seconds", type=_seconds_or_none, default=None)
     p.add_argument("--offset-seconds", type=non_negative_float, default=0.0)
@@ -621,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="most utterances per forward pass (default 4 on CPU, 64 on CUDA)")
     p.add_argument("--feature-encoder", default="auto", choices=["auto", *FEATURE_ENCODERS],
                    help="auto: the library's modules unless a plug-in is >= 10%% faster here (timed at start-up)")
-    p.add_argument("--engine", default="local", choices=ENGINES,
+    p.add_argument("--engine", default=Engine.LOCAL, choices=list(Engine),
                    help="local: this machine; ray: the actors of a Ray cluster (pip install -e '.[ray]')")
     p.add_argument("--address", default=None,
                    help="--engine ray: the cluster (auto, or HOST:PORT; default: start a local one)")

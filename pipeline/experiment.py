@@ -21,9 +21,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.labels import select_labels
-from pipeline.roots import resolve_paths
+from pipeline.roots import read_manifests
 from pipeline.split import PARTITIONS, check_speaker_independent, read_split
-from pipeline.tables import read_table
 
 #: Manifest columns every trainer reads.
 MANIFEST_COLUMNS = ("id", "path", "corpus", "speaker", "emotion")
@@ -122,22 +121,6 @@ class Experiment:
         }
 
 
-def read_manifests(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate manifests (the original, then augmented copies with ``source_id``), paths resolved.
-
-    Raises:
-        ValueError: an id listed twice.
-    """
-    frame = pd.concat([resolve_paths(read_table(p, required=MANIFEST_COLUMNS, what="manifest",
-                                                dtype={"id": str, "speaker": str, "path": str}), p)
-                       for p in paths], ignore_index=True)
-    dup = frame["id"][frame["id"].duplicated()]
-    if len(dup):
-        raise ValueError(f"{len(dup)} ids appear in more than one manifest row, e.g. {dup.head(3).tolist()}; "
-                         "expected each id once. Pass each manifest only once.")
-    return frame
-
-
 def place_augmented(splits: pd.DataFrame, augmented: pd.DataFrame) -> pd.DataFrame:
     """Add each copy to the training side of every fold where its source is in training.
 
@@ -197,7 +180,7 @@ def load_experiment(manifests: Sequence[str | os.PathLike], split: str | os.Path
         ValueError: unknown label set; split ids absent from the manifests; a speaker in two partitions of a
             fold of a split that claims speaker independence (or whose scheme is not ``random``).
     """
-    manifest = read_manifests(manifests)
+    manifest = read_manifests(manifests, required=MANIFEST_COLUMNS)
     if not augmentation and "source_id" in manifest:
         manifest = manifest[manifest["source_id"].isna()].reset_index(drop=True)
     selection = select_labels(manifest, label_set, merge_calm=merge_calm)  # refuses unknown label sets

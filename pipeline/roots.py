@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+
+from pipeline.tables import read_table
 
 
 def roots_path(manifest: str | os.PathLike) -> Path:
@@ -85,3 +88,28 @@ def read_manifest(path: str | os.PathLike, **read_csv) -> pd.DataFrame:
     (:func:`resolve_paths`)."""
     dtype = {"id": str, "speaker": str, "path": str, **read_csv.pop("dtype", {})}
     return resolve_paths(pd.read_csv(path, dtype=dtype, **read_csv), path)
+
+
+def read_manifests(paths: Sequence[str | os.PathLike], *, required: Sequence[str] = ("id", "path"),
+                   keep_default_na: bool = True) -> pd.DataFrame:
+    """Concatenate manifests (the original, then augmented copies with ``source_id``), paths resolved.
+
+    Args:
+        paths: manifest CSVs; none gives an empty frame with the ``required`` columns.
+        required: columns every manifest must have (trainers need ``corpus``, ``speaker``, ``emotion`` too).
+        keep_default_na: as :func:`pipeline.tables.read_table`.
+
+    Raises:
+        FileNotFoundError: a manifest is missing.
+        ValueError: a manifest that is not a CSV or lacks a required column, or an id in two rows.
+    """
+    frames = [resolve_paths(read_table(p, required=required, what="manifest", keep_default_na=keep_default_na,
+                                       dtype={"id": str, "speaker": str, "path": str}), p) for p in paths]
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(required))
+    dup = rows["id"][rows["id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"expected unique ids across the manifests, found {len(dup)} repeated (e.g. "
+                         f"{dup.head(3).tolist()}). Pass each manifest only once; an augmented manifest gives its "
+                         "copies ids of their own.")
+    return rows
+

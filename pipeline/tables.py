@@ -16,7 +16,7 @@ import pandas as pd
 
 
 def read_table(path: str | os.PathLike, *, required: Sequence[str], what: str,
-               dtype: Mapping[str, type] | None = None) -> pd.DataFrame:
+               dtype: Mapping[str, type] | None = None, keep_default_na: bool = True) -> pd.DataFrame:
     """Read a CSV and check that it has the ``required`` columns.
 
     Args:
@@ -24,6 +24,7 @@ def read_table(path: str | os.PathLike, *, required: Sequence[str], what: str,
         required: columns it must have.
         what: what the file is (``manifest``, ``split``), for the messages.
         dtype: pandas dtypes of some columns.
+        keep_default_na: read empty cells and ``NA``-like text as missing (``False``: as text).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -33,7 +34,7 @@ def read_table(path: str | os.PathLike, *, required: Sequence[str], what: str,
         raise FileNotFoundError(f"{path}: no such {what} file; expected the CSV written by the {what} stage. "
                                 "Check the path, or run that stage first.")
     try:
-        frame = pd.read_csv(path, dtype=dict(dtype or {}))
+        frame = pd.read_csv(path, dtype=dict(dtype or {}), keep_default_na=keep_default_na)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ValueError(f"{path}: cannot be read as a {what} CSV ({err}); expected the file the {what} stage "
                          "writes. It is damaged or another file: write it again.") from None

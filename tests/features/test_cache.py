@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from features.cache import PartWriter, StoreBuild, finish, read_manifests, source_hash
+from features.cache import PartWriter, StoreBuild, publish, source_hash
 from features.store import FeatureStore, identity_of, identity_slug, mean_std
+from pipeline.roots import read_manifests
 
 META_A = {"kind": "wav2vec2", "encoder": "org/enc-a", "revision": None, "sample_rate": 16000, "layers": [0, 1, 2],
           "dtype": "float32", "storage_dtype": "float32", "max_seconds": None, "offset_seconds": 0.0,
@@ -34,7 +35,7 @@ def features_of(path: str, meta: dict) -> np.ndarray:
 def run_build(out, manifest, meta=META_A, *, part_entries: int = 2, kill_after: int | None = None) -> dict:
     """One build as a stage runs it: plan, compute what is missing into rolling shards, finish."""
     build = StoreBuild(out, meta, part_entries=part_entries)
-    todo, skipped = build.plan(read_manifests([manifest]))
+    todo, skipped = build.plan(read_manifests([manifest], keep_default_na=False))
     computed = 0
     for row in todo.itertuples(index=False):
         if computed == kill_after:
@@ -42,7 +43,7 @@ def run_build(out, manifest, meta=META_A, *, part_entries: int = 2, kill_after: 
         frames = features_of(row.path, meta)  # pooled given: the same arithmetic in every process
         build.add(row.id, source=row.source, frames=frames, pooled=mean_std(frames), path=row.path)
         computed += 1
-    return finish("build", build, out=out, skips=None, skipped=skipped, computed=computed, audio_seconds=0.0)
+    return publish("build", build, out=out, skips=None, skipped=skipped, computed=computed, audio_seconds=0.0)
 
 
 @pytest.fixture
@@ -150,7 +151,7 @@ def _worker(part: str, paths: list[str], sources: list[str]) -> str | None:
 def test_worker_processes_publish_shards_the_parent_absorbs(audio, make_manifest, tmp_path):
     out = tmp_path / "feats"
     build = StoreBuild(out, META_A)
-    todo, _ = build.plan(read_manifests([make_manifest(audio)]))
+    todo, _ = build.plan(read_manifests([make_manifest(audio)], keep_default_na=False))
     halves = [todo.iloc[:4], todo.iloc[4:]]
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(2, mp_context=context) as pool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.experiment import read_manifests
+from pipeline.experiment import MANIFEST_COLUMNS
+from pipeline.roots import read_manifests
 from pipeline.split import main as split_main
 from pipeline.split import read_split
 
@@ -13,7 +14,7 @@ def test_manifest_without_the_columns_trainers_read_is_named(tmp_path):
     (tmp_path / "m.csv").write_text("id,foo\na,1\n")
     with pytest.raises(ValueError, match=r"m.csv: the manifest lacks columns \['path', 'corpus', 'speaker', "
                                          r"'emotion'\] \(found \['id', 'foo'\]\)"):
-        read_manifests([tmp_path / "m.csv"])
+        read_manifests([tmp_path / "m.csv"], required=MANIFEST_COLUMNS)
 
 
 def test_binary_garbage_as_a_split_is_named(tmp_path):
