@@ -114,7 +114,7 @@ def thread_environment() -> dict[str, str]:
 class _Extractor:
     """A Ray actor: loads the encoder once (``load()``), prepares its process as a forked worker is prepared
     (``init(enc)``), then runs ``work(batches, part, meta, job)`` per task with the feature-encoder implementation
-    the task names (the driver may choose it while the actors load; a restarted actor learns it again)."""
+    and frame grid the task names (the driver may choose it while the actors load; a restarted actor learns it again)."""
 
     def __init__(self, load: Callable, init: Callable, work: Callable, expected: dict):
         self.enc = load()
@@ -126,9 +126,10 @@ class _Extractor:
         init(self.enc)
         self._work = work
 
-    def work(self, batches: list, part: str, meta: dict, job, feature_encoder: str) -> tuple:
+    def work(self, batches: list, part: str, meta: dict, job, feature_encoder: str, frame_grid: int = 1) -> tuple:
         if self.enc.feature_encoder != feature_encoder:
             self.enc.use_feature_encoder(feature_encoder)
+        self.enc.use_frame_grid(frame_grid)
         return self._work(batches, part, meta, job)
 
 
@@ -171,9 +172,9 @@ class RayActors:
         self._actors = [remote.remote(load, init, work, expected) for _ in range(self.size)]
 
     def run(self, tasks: Sequence[list], parts: Sequence[str], meta: dict, job, *,
-            feature_encoder: str) -> Iterator[tuple]:
+            feature_encoder: str, frame_grid: int = 1) -> Iterator[tuple]:
         """Run ``work(task, part, meta, job)`` for each task on the actors, with the feature-encoder implementation
-        ``feature_encoder``; yields the results in the order they finish, then stops the actors (and the cluster,
+        ``feature_encoder`` and passes padded to a multiple of ``frame_grid`` frames; yields the results in the order they finish, then stops the actors (and the cluster,
         if it started it). A task whose actor dies is run again on the restarted actor.
 
         Raises:
@@ -182,7 +183,7 @@ class RayActors:
         try:
             pool = ActorPool(self._actors)
             yield from pool.map_unordered(
-                lambda actor, item: actor.work.remote(item[0], item[1], meta, job, feature_encoder),
+                lambda actor, item: actor.work.remote(item[0], item[1], meta, job, feature_encoder, frame_grid),
                 list(zip(tasks, parts, strict=True)))
         finally:
             self.close()

@@ -483,8 +483,6 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             enc.use_frame_grid(earlier[1])
             enc.feature_encoder_timing = {"chosen": earlier[0], "frame_grid": earlier[1],
                                           "kept_from": "the store's earlier shards"}
-    if actors:  # the actors load their own encoder and are told its implementation only: exact shapes there
-        enc.use_frame_grid(1)
     procs = actors.size if actors else procs
     meta["provenance"] = build.meta["provenance"] = {**provenance(enc, procs), "engine": engine,
                                                      "dtype_requested": requested}
@@ -496,7 +494,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             tasks = split_tasks(batches, procs, part_entries)
             parts = [str(build.reserve_part()) for _ in tasks]
             for seconds, n, task_skips, written in actors.run(tasks, parts, meta, job,
-                                                              feature_encoder=enc.feature_encoder):
+                                                              feature_encoder=enc.feature_encoder,
+                                                              frame_grid=enc.frame_grid):
                 if written is not None:
                     build.absorb(written)
                 done_s, computed = done_s + seconds, computed + n

@@ -132,3 +132,24 @@ def test_shard_and_engine_errors(monkeypatch, clips, tmp_path, tiny_encoder_dir)
         extract([clips], tmp_path / "f", encoder=str(tiny_encoder_dir), engine="ray", **SETTINGS)
     with pytest.raises(ValueError, match="expected one of local, ray"):
         extract([clips], tmp_path / "f", encoder=str(tiny_encoder_dir), engine="spark", **SETTINGS)
+
+
+def test_an_actor_computes_with_the_drivers_feature_encoder_and_frame_grid(tiny_encoder_dir):
+    """The actor class itself (Ray only places it): each task sets the implementation and the frame grid the
+    driver chose at start-up before it runs, so Ray and the single-machine path compute the same passes."""
+    from functools import partial
+
+    from features.distributed import _Extractor
+    from features.encoder import load_encoder
+
+    seen = []
+    load = partial(load_encoder, str(tiny_encoder_dir), device="cpu", dtype="float32", feature_encoder="library")
+    enc = load()
+    expected = {"dtype": enc.dtype, "device": "cpu", "chunk_seconds": enc.chunk_seconds,
+                "overlap_seconds": enc.overlap_seconds}
+    actor = _Extractor(load, lambda e: None, lambda *task: seen.append(task), expected)
+    actor.work(["batch"], "part", {}, "job", "strided_matmul", 8)
+    assert seen == [(["batch"], "part", {}, "job")]
+    assert actor.enc.feature_encoder == "strided_matmul" and actor.enc.frame_grid == 8
+    actor.work(["batch"], "part", {}, "job", "library", 1)
+    assert actor.enc.feature_encoder == "library" and actor.enc.frame_grid == 1
