@@ -79,7 +79,7 @@ def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model:
                          "expected finite values (the store is corrupt). Delete those entries (or the store) and "
                          "extract again.")
     exp.warn_missing_classes(("train", "val"))
-    if normalisation == "speaker":
+    if normalisation == Normalisation.SPEAKER:
         X = speaker_standardise(X, exp.speakers(ids))
     row = {uid: i for i, uid in enumerate(ids)}
     kind = attrs.get("kind", "features")

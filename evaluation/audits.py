@@ -21,6 +21,7 @@ import pandas as pd
 from evaluation import stats
 from evaluation.results import Result
 from evaluation.systems import augmented
+from pipeline.split import SplitScheme
 
 #: The protocol keys that define a system, on which the leakage audit pairs a system with itself across splits.
 #: Everything that describes the split instead (scheme, folds, ``train_corpora`` per fold, seed) and the
@@ -91,7 +92,7 @@ def cross_corpus(results: list[Result], corpus_of: Callable[[str], str]) -> pd.D
 def independent(protocol: dict) -> bool:
     """Whether a protocol's split is speaker-independent (unrecorded: any scheme but ``random``)."""
     value = protocol.get("speaker_independent")
-    return bool(value) if value is not None else protocol.get("split_scheme") != "random"
+    return bool(value) if value is not None else protocol.get("split_scheme") != SplitScheme.RANDOM
 
 
 def _corpora(train, fold) -> str:

@@ -92,9 +92,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     Raises:
         ValueError: an unknown device, or ``cuda`` on a machine where torch finds no GPU.
     """
-    if device == "auto":
+    if device == Device.AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.split(":")[0] not in {"cpu", "cuda"}:
+    if device.split(":")[0] not in {Device.CPU, Device.CUDA}:
         raise ValueError(f"device {device!r}: expected one of {', '.join(Device)} (or cuda:N).")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested, but torch finds no CUDA GPU (torch {torch.__version__}, "
@@ -130,7 +130,7 @@ def pick_dtype(dtype: str, device: torch.device) -> str:
     if dtype == "float16" and device.type == "cpu":
         raise ValueError("dtype float16 on CPU: expected float32 or bfloat16 there (CPUs have no fast float16 "
                          "products); pass --dtype bfloat16 or --dtype auto.")
-    if dtype != "auto":
+    if dtype != DType.AUTO:
         return dtype
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "float32"
@@ -353,7 +353,7 @@ class Encoder:
         try:
             torch.backends.cuda.matmul.allow_tf32 = False
             with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), \
-                    torch.autocast("cuda", dtype=torch.float16, enabled=self.dtype == "float16"):
+                    torch.autocast("cuda", dtype=torch.float16, enabled=self.dtype == DType.FLOAT16):
                 yield
         finally:
             torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
@@ -361,7 +361,7 @@ class Encoder:
     @property
     def input_dtype(self) -> torch.dtype:
         """The dtype of the model's weights, which inputs are cast to (float32 under float16 autocast)."""
-        return torch.float32 if self.dtype == "float16" else DTYPES[self.dtype]
+        return torch.float32 if self.dtype == DType.FLOAT16 else DTYPES[self.dtype]
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[np.ndarray] | np.ndarray, *,
@@ -587,7 +587,7 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
     if "input_values" not in extractor.model_input_names:
         raise ValueError(f"{name}: expected a raw-waveform encoder (feature extractor taking input_values), found "
                          f"{type(extractor).__name__}. Pass a wav2vec2-family checkpoint to --encoder.")
-    weights = torch.float32 if dtype == "float16" else DTYPES[dtype]  # float16: autocast over float32 weights
+    weights = torch.float32 if dtype == DType.FLOAT16 else DTYPES[dtype]  # float16: autocast over float32 weights
     model = model.to(dev, dtype=weights).eval().requires_grad_(False)
     for module in model.modules():  # the positional conv's weight norm: computed once here, not every pass
         if parametrize.is_parametrized(module):

@@ -440,16 +440,16 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
     Returns:
         The summary of :func:`features.cache.publish` (``computed``, ``reused``, ``skipped``, ``stored``, ...).
     """
-    if storage_dtype not in {"float16", "float32"}:
+    if storage_dtype not in {DType.FLOAT16, DType.FLOAT32}:
         raise ValueError(f"storage dtype {storage_dtype!r}: expected float16 or float32.")
     if engine not in list(Engine):
         raise ValueError(f"engine {engine!r}: expected one of {', '.join(Engine)}.")
-    if engine == "ray":
+    if engine == Engine.RAY:
         require_ray()
     rows = read_manifests(manifests, keep_default_na=False)
     timed = not isinstance(encoder, Encoder) and feature_encoder == "auto"  # timed below, only if there is work
     requested = dtype
-    if dtype == "auto" and not isinstance(encoder, Encoder):
+    if dtype == DType.AUTO and not isinstance(encoder, Encoder):
         dtype = recorded_auto_dtype(out, resolve_device(device).type) or dtype
     enc = encoder if isinstance(encoder, Encoder) else load_encoder(
         encoder, device=device, dtype=dtype, chunk_seconds=chunk_seconds,
@@ -473,7 +473,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
     batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
     check_free_space(out, cropped_seconds(todo, job).fillna(0).sum(), enc, job)
     actors = RayActors(address, enc=enc, most=len(batches), init=_init_worker, work=_work) \
-        if engine == "ray" and batches else None
+        if engine == Engine.RAY and batches else None
     if batches and timed:
         earlier = recorded_feature_encoder(build.store_dir)
         if earlier is None:

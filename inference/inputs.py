@@ -31,6 +31,7 @@ import numpy as np
 from features.egemaps import egemaps_features
 from features.store import mean_std
 from inference.model import Predictor
+from pipeline.normalisation import Normalisation
 
 
 @dataclass
@@ -136,7 +137,7 @@ def run_inputs(predictor: Predictor, *, encoder: str | None = None, device: str 
         OSError: the encoder cannot be loaded.
     """
     kind = predictor.feature_settings.get("kind")
-    if predictor.kind == "sklearn" and predictor.normalisation == "speaker":
+    if predictor.kind == "sklearn" and predictor.normalisation == Normalisation.SPEAKER:
         raise ValueError(f"{predictor.path}: a scikit-learn run with speaker normalisation z-scores many utterances of "
                          "one speaker together; expected a run with global normalisation, as heads.predict "
                          "classifies recordings one at a time.")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from pipeline.labels import select_labels
 from pipeline.roots import read_manifests
-from pipeline.split import PARTITIONS, check_speaker_independent, read_split
+from pipeline.split import PARTITIONS, SplitScheme, check_speaker_independent, read_split
 
 #: Manifest columns every trainer reads.
 MANIFEST_COLUMNS = ("id", "path", "corpus", "speaker", "emotion")
@@ -190,7 +190,7 @@ def load_experiment(manifests: Sequence[str | os.PathLike], split: str | os.Path
         raise ValueError(f"{split}: {len(unknown)} ids are in no manifest, e.g. {unknown[:5]}; expected the "
                          "split to be made from these manifests. Pass the manifest the split was made from.")
     splits, augmentation = _place_copies(splits, manifest)
-    if meta.get("scheme") != "random" or meta.get("speaker_independent"):
+    if meta.get("scheme") != SplitScheme.RANDOM or meta.get("speaker_independent"):
         check_speaker_independent(splits, manifest)
     frame = selection.frame.set_index("id", drop=False)
     frame["label"] = frame["emotion"].map({name: i for i, name in enumerate(selection.labels)})

@@ -96,9 +96,9 @@ class Normaliser:
             ValueError: unknown mode, or ``speaker`` without ``speakers``.
         """
         mode = Normalisation.parse(mode)
-        if mode == "global":
+        if mode == Normalisation.GLOBAL:
             return cls(mode, {"": frame_stats(read, train_ids)}, list(train_ids))
-        if mode == "speaker":
+        if mode == Normalisation.SPEAKER:
             if speakers is None:
                 raise ValueError("speaker normalisation needs each id's speaker; pass speakers={id: speaker}.")
             groups: dict[str, list[str]] = {}
@@ -109,20 +109,20 @@ class Normaliser:
 
     def __call__(self, x: np.ndarray, speaker: str | None = None) -> np.ndarray:
         """Standardise ``[L, T, H]`` frames (``speaker`` picks the statistics in ``speaker`` mode)."""
-        if self.mode == "none":
+        if self.mode == Normalisation.NONE:
             return x
-        mean, std = self.stats["" if self.mode == "global" else speaker]
+        mean, std = self.stats["" if self.mode == Normalisation.GLOBAL else speaker]
         return (x - mean[:, None, :]) / std[:, None, :]
 
     def to_dict(self) -> dict:
         """JSON-ready form; ``speaker`` statistics are not kept (a new speaker brings its own)."""
-        if self.mode != "global":
+        if self.mode != Normalisation.GLOBAL:
             return {"mode": self.mode}
         mean, std = self.stats[""]
         return {"mode": self.mode, "mean": mean.tolist(), "std": std.tolist()}
 
     @classmethod
     def from_dict(cls, data: dict) -> Normaliser:
-        if data["mode"] != "global":
+        if data["mode"] != Normalisation.GLOBAL:
             return cls(data["mode"])
         return cls("global", {"": (np.asarray(data["mean"], np.float32), np.asarray(data["std"], np.float32))})
