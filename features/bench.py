@@ -101,8 +101,8 @@ def _tree_memory_mb(pid: int, *, cheap: bool = False) -> float:
 class _PeakMemory(threading.Thread):
     """Peak :func:`_tree_memory_mb` of this process tree, at little cost to the run it measures.
 
-    Reading proportional set sizes makes the kernel walk every page (about 70 ms for this tree), which taken at
-    every 2 % new high cost 2 % of the extraction's CPU time. So the resident size (a cheap read) is polled every
+    Reading proportional set sizes makes the kernel walk every page, too slow to do at every new high without
+    slowing the extraction it measures. So the resident size (a cheap read) is polled every
     ``period`` seconds, the proportional size is read only when the resident size has grown by ``step`` since
     the last read, and in between the peak is estimated as that read plus the resident growth since (growth is
     private memory, counted whole by both; an over- rather than an under-estimate).
