@@ -62,7 +62,7 @@ class FastDropout(nn.Dropout):
             return x
         if self.p >= 1:
             return torch.zeros_like(x)
-        return x * (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # mask built in place: 1/(1-p) or 0
 
 
 class LinearHead(nn.Module):
@@ -107,8 +107,8 @@ class ConvHead(nn.Module):
         self.pool, width = POOLING[pooling]
         self.layer_weights = LayerWeights(num_layers)
         self.convs = nn.Sequential(  # over channels-last frames [B, T, C]
-            Pointwise(input_dim, hidden), nn.ReLU(), FastDropout(dropout),
-            Pointwise(hidden, hidden), nn.ReLU(), FastDropout(dropout),
+            Pointwise(input_dim, hidden), nn.ReLU(inplace=True), FastDropout(dropout),
+            Pointwise(hidden, hidden), nn.ReLU(inplace=True), FastDropout(dropout),
         )
         self.classifier = nn.Sequential(
             nn.Linear(width * hidden, hidden), nn.ReLU(), FastDropout(dropout), nn.Linear(hidden, num_classes),
