@@ -73,6 +73,7 @@ def encoder_source(settings: dict, override: str | None = None) -> tuple[str, st
 
 def _wav2vec2(predictor: Predictor, *, encoder: str | None, device: str, dtype: str | None) -> RunInputs:
     from features.encoder import (  # only wav2vec2 runs pay for importing transformers
+        FEATURE_ENCODERS,
         load_encoder,
         resolve_device,
     )
@@ -82,7 +83,14 @@ def _wav2vec2(predictor: Predictor, *, encoder: str | None, device: str, dtype: 
     dtype = dtype or settings.get("dtype") or "float32"
     if dtype == "float16" and resolve_device(device).type == "cpu":
         dtype = "float32"  # features extracted on a GPU in float16: CPUs compute them in float32
-    enc = load_encoder(name, device=device, dtype=dtype, revision=revision)
+    # computed as the run's store was: its recorded feature-encoder implementation and frame grid (a CPU plug-in
+    # falls back to the library's modules on a GPU), not a new timing, so the same audio gives the same features
+    recorded = settings.get("provenance") or {}
+    impl = recorded.get("feature_encoder", "library")
+    if impl not in FEATURE_ENCODERS or (impl != "library" and resolve_device(device).type != "cpu"):
+        impl = "library"
+    enc = load_encoder(name, device=device, dtype=dtype, revision=revision, feature_encoder=impl)
+    enc.use_frame_grid(int(recorded.get("frame_grid") or 1))
     layers = list(settings.get("hidden_states") or settings["layers"])
     recorded_rev = settings.get("revision")
     if recorded_rev and enc.revision != recorded_rev:
@@ -106,7 +114,8 @@ def _wav2vec2(predictor: Predictor, *, encoder: str | None, device: str, dtype: 
         return [mean_std(s) if pooled else s for s in states]
 
     where = f"{name}@{enc.revision}" if enc.revision else name
-    return RunInputs(enc.sample_rate, f"wav2vec2 {where} on {enc.device.type} ({enc.dtype}), hidden states "
+    return RunInputs(enc.sample_rate, f"wav2vec2 {where} on {enc.device.type} ({enc.dtype}, feature encoder "
+                                      f"{enc.feature_encoder}, frame grid {enc.frame_grid}), hidden states "
                                       f"{layers}" + (", mean ‖ std" if pooled else ""), compute)
 
 

@@ -134,6 +134,25 @@ def test_prediction_equals_run_on_extracted_features(wav2vec2_run, tiny_encoder_
     np.testing.assert_allclose([got[k] for k in LABELS], expected, atol=1e-5)
 
 
+def test_features_are_computed_as_the_store_recorded_them_without_a_new_timing(wav2vec2_run, tmp_path,
+                                                                            monkeypatch):
+    import features.encoder
+    from inference.inputs import run_inputs
+
+    run = shutil.copytree(wav2vec2_run, tmp_path / "run")
+    for config in (run / "models").glob("fold_*.json"):  # as if extraction had chosen the plug-in and a grid
+        cfg = json.loads(config.read_text())
+        cfg["feature_settings"].setdefault("provenance", {}).update(feature_encoder="strided_matmul", frame_grid=8)
+        config.write_text(json.dumps(cfg))
+
+    def no_timing(enc, **kw):
+        raise AssertionError("prediction must not time the feature encoder again")
+
+    monkeypatch.setattr(features.encoder, "choose_feature_encoder", no_timing)
+    inputs = run_inputs(Predictor.from_run(load_run(run)), device="cpu")
+    assert "feature encoder strided_matmul, frame grid 8" in inputs.description
+
+
 def test_timeline_segments_and_plot(wav2vec2_run, write_audio, tmp_path, capsys):
     path = write_audio(tmp_path / "ten.wav", seconds=10.0, sample_rate=22050)
     plot = tmp_path / "timeline.png"
