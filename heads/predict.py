@@ -36,9 +36,8 @@ from inference.formats import OutputFormat, to_csv, to_json, to_table
 from inference.inputs import RunInputs, run_inputs
 from inference.model import Predictor
 from inference.timeline import cut_windows, plan_segments, plot_timelines, weighted_mean
-from pipeline.audio import AudioError, audio_info, check_samples, load_audio, stream_audio
+from pipeline.audio import MIN_SECONDS, AudioError, audio_info, check_samples, load_audio, stream_audio
 from pipeline.cli import existing_dir, output_file, positive_float, positive_int, run_main
-from pipeline.manifest import MIN_SECONDS
 from pipeline.normalisation import Normalisation
 from training.rundir import load_run
 

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read the feature store {args.features} ({err}); expected a feature store "
                          "written by features.extract or features.egemaps.") from err
-    apply_defaults(args, {})
+    apply_defaults(args)
     conv_only = {"hidden": args.hidden, "pooling": args.pooling} if args.head == "conv" else {}
     head_kwargs = {"dropout": args.dropout, **conv_only}
     head_kwargs = {k: v for k, v in head_kwargs.items() if v is not None}

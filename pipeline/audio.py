@@ -23,6 +23,10 @@ import soxr
 
 #: Sample rate every stage works at unless an encoder asks for another.
 SAMPLE_RATE = 16000
+#: Shortest audio any feature path accepts, in seconds (openSMILE's eGeMAPS needs about 0.1 s): the manifest
+#: rejects shorter clips as ``too_short`` and ``heads.predict`` refuses shorter recordings, so no stage dead-ends on
+#: a clip another one accepted.
+MIN_SECONDS = 0.25
 
 _FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}
 

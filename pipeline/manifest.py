@@ -12,7 +12,7 @@ downstream of it, is the same in two clones of the project at different paths.
 Each file under a root is either a manifest row or a rejects row (``path, reason, detail``). Reasons:
 ``bad_name`` (outside the corpus's naming convention), ``not_speech`` (song, video), ``empty`` (zero bytes),
 ``not_audio`` / ``unreadable`` / ``corrupt`` / ``no_samples`` (libsndfile cannot decode it, or no permission
-to read it), ``truncated`` (less data than the header announces), ``too_short`` (under :data:`MIN_SECONDS`),
+to read it), ``truncated`` (less data than the header announces), ``too_short`` (under ``pipeline.audio.MIN_SECONDS``),
 ``unreadable_folder``, ``dangling_link``, ``link_loop``, ``not_a_file`` (what the walk could not list), ``silent``
 (all-zero samples), ``non_finite`` (NaN or infinite samples), ``duplicate`` (a second copy of an utterance
 already listed, as in archives that nest the corpus twice). Headers are read in a thread pool; samples
@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.audio import AudioError, audio_info, check_complete, check_samples
+from pipeline.audio import MIN_SECONDS, AudioError, audio_info, check_complete, check_samples
 from pipeline.cli import existing_file, non_negative_float, output_file, positive_int, run_main
 from pipeline.corpora import CORPORA, NameRejected
 from pipeline.roots import write_manifest
@@ -47,10 +47,6 @@ NOT_AUDIO = {".txt", ".csv", ".md", ".pdf", ".json", ".xml", ".html", ".htm", ".
              ".xlsx", ".jpg", ".png", ".py"}
 #: Lossless containers are preferred when one utterance exists twice (e.g. CREMA-D's WAV and MP3 copies).
 _PREFERRED = {".wav": 0, ".flac": 0, ".aif": 0, ".aiff": 0}
-#: Shortest clip kept, in seconds: one minimum for every feature path, applied here so that no stage downstream
-#: dead-ends on a clip another one accepted (openSMILE's eGeMAPS needs about 0.1 s; ``heads.predict`` refuses
-#: recordings under 0.25 s).
-MIN_SECONDS = 0.25
 
 
 def walk_files(root: Path) -> tuple[list[Path], list[dict]]:

@@ -1,9 +1,7 @@
 #!/bin/bash
 # Behaviour check for restructurings: the same commands and seeds through every trainer, the comparison and
-# prediction, into OUT. Run it from two checkouts (before and after) and compare the outputs:
-#   diff -r <(cd BEFORE && find . -name '*.json' -o -name '*.csv' -o -name '*.md' -o -name '*.tex') ...
-#   or: for f in $(cd BEFORE && find . -type f -name '*.[jcmt]*'); do cmp BEFORE/$f AFTER/$f; done
-# (table.csv's `runs` column holds the run paths, so compare it with OUT replaced).
+# prediction, into OUT. Run it from two checkouts (before and after) into two folders and compare them with
+# `diff -r BEFORE AFTER`: only compare/table.csv may differ, in its `runs` column (the run paths).
 # usage: scripts/same_figures.sh DATA ENCODER_DIR CORPUS_DIR OUT
 #   DATA: the data/ folder of a finished `dvc repro` with an eGeMAPS store and a store of ENCODER_DIR's
 #   encoder named `tiny` (data/features/{egemaps,tiny}); CORPUS_DIR: RAVDESS (Actor_01, Actor_02 are read).

@@ -28,6 +28,34 @@ def synth_speech(seconds: float, sample_rate: int, *, channels: int = 1, f0: flo
 
 
 @pytest.fixture
+def kill_after_first_fold():
+    """``kill(args, out, model_file)``: run ``python -m <args>`` (a trainer writing the run ``out``), SIGKILL it
+    once ``model_file`` (e.g. ``fold_0.joblib``) is in its staging folder, i.e. mid-run; fails if it never gets
+    there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def kill(args, out: Path, model_file: str) -> None:
+        process = subprocess.Popen([sys.executable, "-m", *args], cwd=repo,
+                                   env={**os.environ, "PYTHONPATH": str(repo)},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        staged = out.with_name(f".{out.name}.tmp-{process.pid}") / "models" / model_file
+        deadline = time.monotonic() + 240
+        while not staged.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        alive = process.poll() is None
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert staged.exists() and alive, "the trainer never saved its first fold"
+
+    return kill
+
+
+@pytest.fixture
 def write_audio():
     """Write synthetic speech: ``write_audio(path, seconds=1.0, sample_rate=16000, channels=1, **kw)``."""
 

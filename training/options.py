@@ -37,13 +37,13 @@ from pipeline.normalisation import Normalisation
 from training.fit import Balance, TrainConfig
 
 
-def apply_defaults(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
-    """Fill every option left unset (``None``) from ``defaults``, then from :class:`TrainConfig`.
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every option left unset (``None``) from :class:`TrainConfig` (``ensemble``: 1).
 
     The pipeline's settings of each system live in one place, params.yaml's ``systems`` and
     ``encoder_systems`` blocks, read with ``--settings``; a bare command line falls back to
     :class:`TrainConfig` and the model's own defaults."""
-    fallback = {"ensemble": 1, **asdict(TrainConfig()), **defaults}
+    fallback = {"ensemble": 1, **asdict(TrainConfig())}
     for key, value in fallback.items():
         if getattr(args, key, "absent") is None:
             setattr(args, key, value)
@@ -146,6 +146,6 @@ def parse_with_settings(parser: argparse.ArgumentParser, argv: Sequence[str] | N
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The optimisation settings of parsed options (unset ones from :class:`TrainConfig`)."""
-    apply_defaults(args, {})
+    apply_defaults(args)
     return TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, max_frames=args.max_frames or None, balance=args.balance)

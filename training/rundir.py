@@ -465,7 +465,9 @@ def _load_torch(path: Path) -> FoldModel:
     try:
         config = json.loads(path.read_text())
         weights = load_file(path.with_suffix(".safetensors"))
-        config["model"], config["model_kwargs"]  # noqa: B018 (every torch model config names both)
+        missing = {"model", "model_kwargs"} - set(config)
+        if missing:
+            raise KeyError(f"no {sorted(missing)}")
     except (OSError, json.JSONDecodeError, KeyError, TypeError, SafetensorError) as err:
         raise ValueError(f"{path.with_suffix('')}.{{json,safetensors}} cannot be loaded ({type(err).__name__}: "
                          f"{err}); expected a fold model written by heads.train or baselines.train. The run is "

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -104,19 +99,10 @@ def previous_run(baseline_experiment, tmp_path):
     return out, snapshot(out)
 
 
-def test_kill_mid_run_leaves_the_previous_run_as_it_was(baseline_experiment, previous_run):
+def test_kill_mid_run_leaves_the_previous_run_as_it_was(baseline_experiment, previous_run, kill_after_first_fold):
     out, before = previous_run
-    command = [sys.executable, "-m", "baselines.train",
-               *_args(baseline_experiment, out, "--model", "rf", "--n-estimators", "4000")]
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staged = out.with_name(f".run.tmp-{process.pid}") / "models" / "fold_0.joblib"
-    deadline = time.monotonic() + 240
-    while not staged.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert staged.exists() and process.poll() is None, "the trainer never saved its first fold"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_first_fold(["baselines.train", *_args(baseline_experiment, out, "--model", "rf",
+                                                     "--n-estimators", "4000")], out, "fold_0.joblib")
     assert snapshot(out) == before and len(Predictor.from_run(load_run(out)).folds) == 3
 
 

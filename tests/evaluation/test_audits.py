@@ -19,16 +19,22 @@ from pipeline.split import main as split_main
 F0 = {"neutral": 110.0, "happy": 260.0, "sad": 160.0, "angry": 380.0}
 
 
-def test_a_system_under_random_and_speaker_kfold_splits_is_paired(baseline_experiment, tmp_path):
-    manifest, kfold, features = baseline_experiment
+def _random_split(manifest, folder):
+    """The speaker-dependent random split of ``manifest``, written with its sidecar into ``folder``."""
     rows = pd.read_csv(manifest, dtype={"id": str, "speaker": str})
     random = make_split(rows, scheme="random", seed=0)
-    random.to_csv(tmp_path / "splits_random.csv", index=False)
-    (tmp_path / "splits_random.json").write_text(json.dumps(describe(random, rows, scheme="random", seed=0)))
+    random.to_csv(folder / "splits_random.csv", index=False)
+    (folder / "splits_random.json").write_text(json.dumps(describe(random, rows, scheme="random", seed=0)))
+    return folder / "splits_random.csv"
+
+
+def test_a_system_under_random_and_speaker_kfold_splits_is_paired(baseline_experiment, tmp_path):
+    manifest, kfold, features = baseline_experiment
+    random_split = _random_split(manifest, tmp_path)
     common = {"features": str(features), "manifests": [str(manifest)], "model": "rf", "label_set": "four",
               "settings": {"n_estimators": 20}}
     honest = train_sklearn(split=str(kfold), out=str(tmp_path / "runs" / "rf"), **common)
-    leaky = train_sklearn(split=str(tmp_path / "splits_random.csv"), out=str(tmp_path / "runs" / "rf_random"),
+    leaky = train_sklearn(split=str(random_split), out=str(tmp_path / "runs" / "rf_random"),
                           **common)
     # The two protocols differ in the split's description (train_corpora per fold included), not the system.
     assert honest["protocol"]["train_corpora"] != leaky["protocol"]["train_corpora"]
@@ -45,13 +51,10 @@ def test_a_system_under_random_and_speaker_kfold_splits_is_paired(baseline_exper
 
 def test_a_different_system_under_the_random_split_is_not_paired(baseline_experiment, tmp_path):
     manifest, kfold, features = baseline_experiment
-    rows = pd.read_csv(manifest, dtype={"id": str, "speaker": str})
-    random = make_split(rows, scheme="random", seed=0)
-    random.to_csv(tmp_path / "splits_random.csv", index=False)
-    (tmp_path / "splits_random.json").write_text(json.dumps(describe(random, rows, scheme="random", seed=0)))
+    random_split = _random_split(manifest, tmp_path)
     common = {"features": str(features), "manifests": [str(manifest)], "model": "rf", "label_set": "four"}
     train_sklearn(split=str(kfold), out=str(tmp_path / "runs" / "rf"), settings={"n_estimators": 20}, **common)
-    train_sklearn(split=str(tmp_path / "splits_random.csv"), out=str(tmp_path / "runs" / "rf_random"),
+    train_sklearn(split=str(random_split), out=str(tmp_path / "runs" / "rf_random"),
                   settings={"n_estimators": 30}, **common)  # another forest: another system
 
     compare([tmp_path / "runs"], tmp_path / "compare", resamples=50)

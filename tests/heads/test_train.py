@@ -6,12 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -295,21 +290,14 @@ def _cli_four(experiment, out, *extra):
                  "--head", "linear", "--label-set", "four", "--out", str(out), *extra])
 
 
-def test_kill_mid_training_leaves_the_previous_run_as_it_was(experiment, previous_run):
+def test_kill_mid_training_leaves_the_previous_run_as_it_was(experiment, previous_run, kill_after_first_fold):
     out, before = previous_run
     manifest, split, features = experiment
-    command = [sys.executable, "-m", "heads.train", "--features", str(features), "--manifest", str(manifest),
-               "--split", str(split), "--head", "conv", "--label-set", "four", "--out", str(out),
-               "--epochs", "400", "--patience", "0", "--jobs", "1", "--threads", "1"]
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staged = out.with_name(f".run.tmp-{process.pid}") / "models" / "fold_0.safetensors"
-    deadline = time.monotonic() + 240
-    while not staged.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert staged.exists(), "the trainer never saved its first fold"
-    process.send_signal(signal.SIGKILL)  # one fold saved in the staging folder, the others still training
-    process.wait()
+    # killed with one fold saved in the staging folder, the others still training
+    kill_after_first_fold(["heads.train", "--features", str(features), "--manifest", str(manifest),
+                           "--split", str(split), "--head", "conv", "--label-set", "four", "--out", str(out),
+                           "--epochs", "400", "--patience", "0", "--jobs", "1", "--threads", "1"],
+                          out, "fold_0.safetensors")
     assert snapshot(out) == before
     assert len(Predictor.from_run(load_run(out)).folds) == 3
     _train_quick(experiment, out)  # the next run removes what the killed one left
