@@ -157,9 +157,16 @@ def fingerprint_dir(folder: Path) -> str:
 class StridedMatmulFeatureEncoder:
     """Optional plug-in: the feature encoder's convolutions as matrix products with the modules' own weights.
 
-    The first convolution (one input channel) is one product of its ``[C, k]`` weight with the ``[k, T]`` windows
-    of the waveform, followed by the layer's own norm (its GroupNorm over time runs on the ``[C, T]`` result) and
-    activation. From then on the features are kept time-major, ``[T, C]``: a convolution of kernel ``k`` and stride
+    The first convolution (one input channel) is one product of the ``[T, k]`` windows of the waveform with its
+    ``[k, C]`` weight, time-major from the start. Where its norm is a GroupNorm with one group per channel (wav2vec2-
+    base, HuBERT, WavLM: statistics over time), the norm is folded into that product: the convolution is linear in
+    the windows, so each channel's mean and variance over time follow exactly from the windows' ``k``-dimensional
+    mean and covariance, and normalising becomes a per-channel scale of the weight and a new bias, computed once per
+    utterance in float64 and applied as one product of the weight split into a high and a low part in the compute
+    dtype (so bfloat16 rounds once, where the module rounds the convolution, the norm and the activation). That
+    replaces three passes over the model's largest tensor (the norm, and the transposition that the module's ``[C, T]``
+    layout needs) by a pass over ``[T, 2k + 2]``. Other norms run as the layer's own modules, then the activation.
+    From then on the features are kept time-major, ``[T, C]``: a convolution of kernel ``k`` and stride
     ``s`` reads, for output frame ``t``, input rows ``t*s .. t*s + k - 1``; its taps are cut into blocks of ``s``,
     and block ``b`` is one product of the strided view whose row ``t`` is the ``s * C`` contiguous values from row
     ``(t + b) * s`` with the block's weights (prepared once), so no window is copied and wav2vec2's kernel-3
@@ -181,9 +188,11 @@ class StridedMatmulFeatureEncoder:
         first = layers[0]
         (self.first_kernel,), (self.first_stride,) = first.conv.kernel_size, first.conv.stride
         self.first_weight = first.conv.weight[:, 0, :].contiguous()  # [C, k]
-        self.first_bias = None if first.conv.bias is None else first.conv.bias[:, None]
+        self.first_bias = first.conv.bias
         self.first_norm = getattr(first, "layer_norm", None)
         self.first_activation = first.activation
+        norm = self.first_norm
+        self.fold_first_norm = isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == norm.num_channels
         self.layers = []
         for layer in layers[1:]:
             norm = getattr(layer, "layer_norm", None)
@@ -201,33 +210,67 @@ class StridedMatmulFeatureEncoder:
         """``[B, N]`` -> ``[B, C, T]``, one row at a time."""
         return torch.stack([self._one(row) for row in input_values])
 
-    def _padded(self, h: torch.Tensor) -> torch.Tensor:
-        """``h [T, C]`` contiguous, with zero rows appended so that the last layer's frame count is a multiple of
-        :attr:`frame_grid` (frames computed from the zero rows come after the real ones and are dropped)."""
-        n = h.shape[0]
+    def _first_rows(self, frames: int) -> int:
+        """Rows of the first layer's output that the later layers read, for ``frames`` real ones: more where the
+        last layer's frame count is padded to a multiple of :attr:`frame_grid` (the frames computed from the extra
+        rows come after the real ones and are dropped, so what those rows hold does not matter)."""
+        n = frames
         for kernel, stride, *_ in self.layers:
             n = (n - kernel) // stride + 1
         rows = -(-n // self.frame_grid) * self.frame_grid
         for kernel, stride, *_ in reversed(self.layers):
             rows = (rows - 1) * stride + kernel
-        if rows <= h.shape[0]:
-            return h.contiguous()
-        out = h.new_empty(rows, h.shape[1])
-        out[:h.shape[0]].copy_(h)
-        out[h.shape[0]:].zero_()
+        return max(rows, frames)
+
+    def _folded_first(self, windows: torch.Tensor, frames: int) -> torch.Tensor:
+        """The first convolution and its per-channel GroupNorm over the first ``frames`` windows as one product:
+        ``[T, k]`` -> ``[T, C]``."""
+        norm, (rows, k) = self.first_norm, windows.shape
+        x = windows[:frames].double()
+        mean = x.mean(dim=0)
+        centred = x - mean
+        covariance = centred.T @ centred / frames  # [k, k]: the windows' spread over time
+        weight = self.first_weight.double()  # [C, k]; a convolution bias cancels out of the normalisation
+        variance = ((weight @ covariance) * weight).sum(dim=1)  # of each channel over time
+        scale = torch.rsqrt(variance + norm.eps)
+        shift = -scale * (weight @ mean)
+        if norm.weight is not None:
+            scale, shift = scale * norm.weight.double(), shift * norm.weight.double()
+        if norm.bias is not None:
+            shift = shift + norm.bias.double()
+        folded = torch.cat([(weight * scale[:, None]).T, shift[None]])  # [k + 1, C]
+        high = folded.to(windows.dtype)
+        low = (folded - high.double()).to(windows.dtype)
+        inputs = windows.new_empty(rows, 2 * (k + 1))  # [windows, 1, windows, 1] against [high; low]
+        inputs[:, :k] = windows
+        inputs[:, k] = 1
+        inputs[:, k + 1:] = inputs[:, :k + 1]
+        return inputs @ torch.cat([high, low])
+
+    def _first(self, wave: torch.Tensor) -> torch.Tensor:
+        """The first layer, time-major, with the rows :meth:`_first_rows` asks for: ``[N]`` -> ``[T', C]``."""
+        k, s = self.first_kernel, self.first_stride
+        frames = (wave.shape[0] - k) // s + 1
+        rows = self._first_rows(frames)
+        per_frame = self.fold_first_norm or not isinstance(self.first_norm, torch.nn.GroupNorm)
+        if per_frame and rows > frames:  # extra rows computed from zero samples
+            wave = torch.cat([wave, wave.new_zeros((rows - frames) * s)])
+        count = rows if per_frame else frames
+        windows = wave.as_strided((count, k), (s, 1), wave.storage_offset())
+        if self.fold_first_norm:
+            return self.first_activation(self._folded_first(windows, frames))
+        h = windows @ self.first_weight.T if self.first_bias is None else \
+            torch.addmm(self.first_bias, windows, self.first_weight.T)  # [T, C]
+        if per_frame:
+            return self.first_activation(h if self.first_norm is None else self.first_norm(h))
+        # a GroupNorm over groups of channels and time: the real frames' statistics, then zero rows appended
+        h = self.first_activation(self.first_norm(h.T[None])[0].T)
+        out = h.new_zeros(rows, h.shape[1])
+        out[:frames] = h
         return out
 
     def _one(self, wave: torch.Tensor) -> torch.Tensor:
-        frames = (wave.shape[0] - self.first_kernel) // self.first_stride + 1
-        windows = wave.as_strided((self.first_kernel, frames), (1, self.first_stride), wave.storage_offset())
-        h = self.first_weight @ windows if self.first_bias is None else \
-            torch.addmm(self.first_bias, self.first_weight, windows)  # [C, T]
-        if isinstance(self.first_norm, torch.nn.GroupNorm):  # over time, per channel: on [C, T]
-            h = self.first_activation(self.first_norm(h[None])[0]).T
-        else:  # per frame, or none: on [T, C]
-            h = h.T
-            h = self.first_activation(h if self.first_norm is None else self.first_norm(h))
-        h = self._padded(h)
+        h = self._first(wave)
         for kernel, stride, blocks, bias, norm, activation in self.layers:
             frames, channels = (h.shape[0] - kernel) // stride + 1, h.shape[1]
             out = None
@@ -376,10 +419,14 @@ class Encoder:
             ``B`` tensors ``[L, T_i, H]`` on :attr:`device`, in the compute dtype (views of one batch tensor).
 
         Raises:
-            ValueError: inputs of different frame counts for an architecture that cannot mix them.
+            ValueError: an input shorter than one frame, or inputs of different frame counts for an architecture
+                that cannot mix them.
         """
         lengths = [len(w) for w in batch]
         frames = [self.num_frames(n) for n in lengths]
+        if min(frames) == 0:
+            raise ValueError(f"expected inputs of at least {self.receptive_field} samples (one frame), found "
+                             f"{min(lengths)}; drop or pad such clips upstream.")
         if len(set(frames)) > 1 and not self.architecture.mixed_lengths:
             raise ValueError(f"{self.architecture.model_type}: expected inputs of one frame count per pass, found "
                              f"{sorted(set(frames))}; plan passes with features.extract.plan_batches.")

@@ -113,10 +113,13 @@ def test_long_input_is_windowed_in_bounded_passes(tiny_model_dir, monkeypatch):
     assert torch.allclose(windowed[0, :10], whole[0, :10], atol=0.5)
 
 
-def test_too_short_input_is_refused(tiny_model_dir):
-    enc = load_encoder(tiny_model_dir("wav2vec2-base"), device="cpu", dtype="float32")
+@pytest.mark.parametrize("feature_encoder", list(FEATURE_ENCODERS))
+def test_too_short_input_is_refused(tiny_model_dir, feature_encoder):
+    enc = load_encoder(tiny_model_dir("wav2vec2-base"), device="cpu", dtype="float32", feature_encoder=feature_encoder)
     with pytest.raises(ValueError, match="expected at least 400 samples"):
         list(enc.iter_hidden_states(np.zeros(100, np.float32)))
+    with pytest.raises(ValueError, match="expected inputs of at least 400 samples .* found 2;"):
+        enc.forward([np.zeros(16000, np.float32), np.zeros(2, np.float32)])
 
 
 def test_plugin_and_grid_kept_only_when_they_beat_the_library_by_the_margin(tiny_model_dir, monkeypatch):

@@ -55,6 +55,20 @@ def _shards(out):
     return sorted(out.glob("*/shards/*.h5"))
 
 
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("storage", [torch.float16, torch.float32])
+def test_cast_and_pool_keeps_its_input_and_pools_like_float64(compute, storage):
+    states = (torch.randn(3, 37, 16, generator=torch.Generator().manual_seed(0)) * 4 + 2).to(compute)
+    before = states.clone()
+    frames, pooled = extract_mod.cast_and_pool(states, storage)
+    assert torch.equal(states, before)
+    assert frames.dtype == storage and torch.equal(frames, before.to(storage))
+    x = before.double()
+    want = torch.cat([x.mean(1), x.std(1, correction=0)], dim=-1)
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled.double(), want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("storage, rtol, procs", [("float16", 2e-3, 1), ("float32", 1e-5, 2)])
 def test_cached_frames_equal_direct_forward_on_ravdess(ravdess_root, tiny_encoder_dir, direct_forward, tmp_path,
                                                        forward_calls, manifest_rows, storage, rtol, procs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import h5py
 import numpy as np
@@ -130,10 +131,22 @@ def test_pieces_pool_like_whole_and_are_written_in_whole_chunks(tmp_path, monkey
         np.testing.assert_allclose(f["utterances/u/pooled"][()], mean_std(frames), rtol=1e-6)
 
 
-def test_float16_overflow_is_an_error_and_leaves_nothing(tmp_path):
-    with pytest.raises(ValueError, match="float32"):
-        write_store(tmp_path / "f.h5", {"u": (np.full((1, 2, 2), 1e6), None)}, {"storage_dtype": "float16"})
+@pytest.mark.parametrize("with_torch", [True, False])
+@pytest.mark.parametrize(("bad", "dtype", "storage"), [(1e6, np.float64, "float16"), (-1e6, np.float32, "float16"),
+                                                       (np.nan, np.float32, "float16"), (np.inf, np.float16, "float16"),
+                                                       (-np.inf, np.float32, "float32"), (np.nan, np.float16, "float32")])
+def test_values_the_storage_cannot_hold_are_an_error_and_leave_nothing(tmp_path, monkeypatch, bad, dtype, storage,
+                                                                       with_torch):
+    if not with_torch:  # the writer checks through torch when it is loaded, through numpy otherwise
+        monkeypatch.delitem(sys.modules, "torch", raising=False)
+    frames = np.zeros((2, 3, 4), dtype)
+    frames[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=r"u: values out of .* range.*--storage-dtype float32"):
+        write_store(tmp_path / "f.h5", {"u": (frames, None)}, {"storage_dtype": storage})
     assert list(tmp_path.iterdir()) == []
+    frames[1, 2, 3] = 60000.0  # the largest float16 is 65504: still fits
+    with FeatureStore(write_store(tmp_path / "f.h5", {"u": (frames, None)}, {"storage_dtype": storage})) as fs:
+        assert fs.frames("u", 1)[2, 3] == 60000.0
 
 
 def test_failed_write_keeps_the_previous_view(tmp_path, entries):
