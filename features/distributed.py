@@ -111,22 +111,30 @@ def thread_environment() -> dict[str, str]:
     return env
 
 
+def encoder_facts(enc: Encoder) -> dict:
+    """What every actor's encoder must share with the driver's for the shards to be the driver's own."""
+    return {"revision": enc.revision, "dtype": enc.dtype, "device": enc.device.type, "chunk_seconds": enc.chunk_seconds,
+            "overlap_seconds": enc.overlap_seconds}
+
+
 class _Extractor:
     """A Ray actor: loads the encoder once (``load()``), prepares its process as a forked worker is prepared
     (``init(enc)``), then runs ``work(batches, part, meta, job)`` per task with the feature-encoder implementation
-    and frame grid the task names (the driver may choose it while the actors load; a restarted actor learns it again)."""
+    and frame grid the task names (the driver chooses them while the actors load; a restarted actor learns them
+    again), after checking that its encoder is the driver's (:func:`encoder_facts`)."""
 
-    def __init__(self, load: Callable, init: Callable, work: Callable, expected: dict):
+    def __init__(self, load: Callable, init: Callable, work: Callable):
         self.enc = load()
-        found = {"dtype": self.enc.dtype, "device": self.enc.device.type, "chunk_seconds": self.enc.chunk_seconds,
-                 "overlap_seconds": self.enc.overlap_seconds}
-        if found != expected:
-            raise ValueError(f"actor on {os.uname().nodename}: expected an encoder with {expected}, found "
-                             f"{found}; give every node the same hardware kind, or pass --device and --dtype.")
         init(self.enc)
         self._work = work
 
-    def work(self, batches: list, part: str, meta: dict, job, feature_encoder: str, frame_grid: int = 1) -> tuple:
+    def work(self, batches: list, part: str, meta: dict, job, expected: dict, feature_encoder: str,
+             frame_grid: int = 1) -> tuple:
+        found = encoder_facts(self.enc)
+        if found != expected:
+            raise ValueError(f"actor on {os.uname().nodename}: expected an encoder with {expected}, found "
+                             f"{found}; give every node the same hardware kind and model files, or pass --device "
+                             "and --dtype.")
         if self.enc.feature_encoder != feature_encoder:
             self.enc.use_feature_encoder(feature_encoder)
         self.enc.use_frame_grid(frame_grid)
@@ -135,55 +143,65 @@ class _Extractor:
 
 class RayActors:
     """Connects to a Ray cluster (``address``: ``auto``, ``HOST:PORT``, or None to start a local one unless this
-    process is already connected) and starts up to ``most`` actors: one per GPU when ``enc`` is on CUDA, else one
-    per CPU, each loading the encoder ``enc`` was loaded as (same checkpoint, device kind, dtype and window) and
-    prepared by ``init(enc)``. They load while this process goes on (e.g. times the feature encoder).
+    process is already connected) and starts one actor per GPU (``gpu``) or per CPU, each running
+    ``load_encoder(**load)`` and then ``init(enc)``. Creating them returns at once: they load while this process
+    goes on (loads its own copy, plans, times the feature encoder), which is most of their start-up hidden.
 
     :meth:`run` (or :meth:`close`) stops the actors, and the local cluster if it started one.
 
     Raises:
         ImportError: Ray is not installed.
-        ValueError: the cluster has no GPU (``enc`` on CUDA) or no CPU to run an actor on.
+        ValueError: the cluster has no GPU (``gpu``) or no CPU to run an actor on.
     """
 
-    def __init__(self, address: str | None, *, enc: Encoder, most: int, init: Callable, work: Callable,
+    def __init__(self, address: str | None, *, load: dict, gpu: bool, init: Callable, work: Callable,
                  max_restarts: int = 3):
         require_ray()
-        gpu = enc.device.type == "cuda"
         self._started = not ray.is_initialized()
         if self._started:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         resources = ray.cluster_resources()
-        self.size = min(most, int(resources.get("GPU" if gpu else "CPU", 0)))
+        self.size = int(resources.get("GPU" if gpu else "CPU", 0))
         self._actors: list = []
         if self.size < 1:
             self.close()
             raise ValueError(f"Ray cluster {address or 'local'}: expected at least one {'GPU' if gpu else 'CPU'}, "
                              f"found resources {resources}; start workers with GPUs, or pass --device cpu.")
-        load = partial(load_encoder, enc.name, device=enc.device.type, dtype=enc.dtype, revision=enc.revision,
-                       chunk_seconds=enc.chunk_seconds, overlap_seconds=enc.overlap_seconds,
-                       feature_encoder="library")
-        expected = {"dtype": enc.dtype, "device": enc.device.type, "chunk_seconds": enc.chunk_seconds,
-                    "overlap_seconds": enc.overlap_seconds}
         options = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
         remote = ray.remote(_Extractor).options(**options, max_restarts=max_restarts, max_task_retries=max_restarts,
                                                 runtime_env={"env_vars": thread_environment()})
+        load = partial(load_encoder, **{**load, "feature_encoder": "library"})
         init, work = by_reference(init), by_reference(work)
-        self._actors = [remote.remote(load, init, work, expected) for _ in range(self.size)]
+        self._actors = [remote.remote(load, init, work) for _ in range(self.size)]
 
-    def run(self, tasks: Sequence[list], parts: Sequence[str], meta: dict, job, *,
-            feature_encoder: str, frame_grid: int = 1) -> Iterator[tuple]:
-        """Run ``work(task, part, meta, job)`` for each task on the actors, with the feature-encoder implementation
-        ``feature_encoder`` and passes padded to a multiple of ``frame_grid`` frames; yields the results in the order they finish, then stops the actors (and the cluster,
-        if it started it). A task whose actor dies is run again on the restarted actor.
+    @classmethod
+    def like(cls, address: str | None, enc: Encoder, **kw) -> RayActors:
+        """Actors loading what ``enc`` was loaded from (same checkpoint and revision, device kind, dtype, window)."""
+        load = {"name_or_dir": enc.name, "device": enc.device.type, "dtype": enc.dtype, "revision": enc.revision,
+                "chunk_seconds": enc.chunk_seconds, "overlap_seconds": enc.overlap_seconds}
+        return cls(address, load=load, gpu=enc.device.type == "cuda", **kw)
+
+    def keep(self, most: int) -> None:
+        """Stop the actors beyond the first ``most`` (a run with fewer passes than actors)."""
+        for actor in self._actors[most:]:
+            ray.kill(actor)
+        self._actors = self._actors[:most]
+        self.size = len(self._actors)
+
+    def run(self, tasks: Sequence[list], parts: Sequence[str], meta: dict, job, *, enc: Encoder) -> Iterator[tuple]:
+        """Run ``work(task, part, meta, job)`` for each task on the actors, with the driver's encoder ``enc``'s
+        feature-encoder implementation and frame grid (and refusing actors whose encoder differs from it); yields
+        the results in the order they finish, then stops the actors (and the cluster, if it started it). A task
+        whose actor dies is run again on the restarted actor.
 
         Raises:
             ray.exceptions.RayActorError: an actor died more than ``max_restarts`` times.
         """
+        expected, name, grid = encoder_facts(enc), enc.feature_encoder, enc.frame_grid
         try:
             pool = ActorPool(self._actors)
             yield from pool.map_unordered(
-                lambda actor, item: actor.work.remote(item[0], item[1], meta, job, feature_encoder, frame_grid),
+                lambda actor, item: actor.work.remote(item[0], item[1], meta, job, expected, name, grid),
                 list(zip(tasks, parts, strict=True)))
         finally:
             self.close()

@@ -52,6 +52,7 @@ from features.encoder import (
     Encoder,
     choose_feature_encoder,
     load_encoder,
+    pick_dtype,
     resolve_device,
 )
 from features.hardware import Device, DType
@@ -459,95 +460,110 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
     requested = dtype
     if dtype == DType.AUTO and not isinstance(encoder, Encoder):
         dtype = recorded_auto_dtype(out, resolve_device(device).type) or dtype
-    enc = encoder if isinstance(encoder, Encoder) else load_encoder(
-        encoder, device=device, dtype=dtype, chunk_seconds=chunk_seconds,
-        feature_encoder="library" if timed else feature_encoder)
-    cuda = enc.device.type == "cuda"
-    job = Job(parse_layers(layers, enc.num_layers), offset_seconds, max_seconds, batch_seconds,
-              workers or (8 if cuda else 1), max_batch or (64 if cuda else 4),
-              tail_alone=(0 if cuda else 16) if tail_alone is None else tail_alone, storage_dtype=storage_dtype)
-    procs = 1 if cuda else (procs or cpu_cores())
-    meta = {"kind": "wav2vec2", "encoder": enc.name, "revision": enc.revision,
-            "model_type": enc.architecture.model_type, "sample_rate": enc.sample_rate,
-            "layers": job.layers, "dtype": enc.dtype, "storage_dtype": storage_dtype, "device": enc.device.type,
-            "max_seconds": max_seconds, "offset_seconds": offset_seconds, "chunk_seconds": enc.chunk_seconds,
-            "overlap_seconds": enc.overlap_seconds, "frame_stride": enc.stride,
-            "versions": versions()}
-    build = StoreBuild(out, meta, part_entries=part_entries)
-    todo, skipped = build.plan(rows, clean=shard is None)
-    if shard is not None:
-        todo = todo[todo["id"].isin(shard_ids(plan_batches(build.wanted_rows, set(build.wanted_rows["id"]), job,
-                                                           enc), shard))]
-    batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
-    check_free_space(out, cropped_seconds(todo, job).fillna(0).sum(), enc, job)
-    actors = RayActors(address, enc=enc, most=len(batches), init=_init_worker, work=_work) \
-        if engine == Engine.RAY and batches else None
-    if batches and timed:
-        earlier = recorded_feature_encoder(build.store_dir)
-        if earlier is None:
-            choose_feature_encoder(enc)
-        else:  # a resumed or extended store is computed as it began, whatever today's timing says
-            enc.use_feature_encoder(earlier[0])
-            enc.use_frame_grid(earlier[1])
-            enc.feature_encoder_timing = {"chosen": earlier[0], "frame_grid": earlier[1],
-                                          "kept_from": "the store's earlier shards"}
-    procs = actors.size if actors else procs
-    meta["provenance"] = build.meta["provenance"] = {**provenance(enc, procs), "engine": engine,
-                                                     "dtype_requested": requested}
-    total = float(cropped_seconds(todo, job).fillna(0).sum()) if "duration_s" in todo else None
-    done_s, computed = 0.0, 0
-    with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar, \
-            _disk_full_explained(out):
-        if actors:
-            tasks = split_tasks(batches, procs, part_entries)
-            parts = [str(build.reserve_part()) for _ in tasks]
-            for seconds, n, task_skips, written in actors.run(tasks, parts, meta, job,
-                                                              feature_encoder=enc.feature_encoder,
-                                                              frame_grid=enc.frame_grid):
-                if written is not None:
-                    build.absorb(written)
-                done_s, computed = done_s + seconds, computed + n
-                skipped.extend(task_skips)
-                advance(bar, seconds)
-        elif procs > 1 and sum(map(len, batches)) > 1:
-            tasks = split_tasks(batches, procs, part_entries)
-            with ProcessPoolExecutor(min(procs, len(tasks)), mp_context=_FORK,
-                                     initializer=_init_worker, initargs=(enc,)) as pool:
-                futures = [pool.submit(_work, t, str(build.reserve_part()), meta, job) for t in tasks]
-                for future in as_completed(futures):
-                    try:
-                        seconds, n, task_skips, written = future.result()
-                    except BrokenProcessPool as err:
-                        raise OSError(f"an encoder process died ({err}); {disk_note(out)}Finished shards are kept: "
-                                      "rerun to resume once the cause (memory, disk, a signal) is gone.") from err
+    actors = None
+    if engine == Engine.RAY and not isinstance(encoder, Encoder):  # started first: they load while this process does
+        dev = resolve_device(device)
+        dtype = pick_dtype(dtype, dev)  # resolved once, for the actors and this process alike
+        actors = RayActors(address, load={"name_or_dir": str(encoder), "device": dev.type, "dtype": dtype,
+                                          "chunk_seconds": chunk_seconds},
+                           gpu=dev.type == "cuda", init=_init_worker, work=_work)
+    try:
+        enc = encoder if isinstance(encoder, Encoder) else load_encoder(
+            encoder, device=device, dtype=dtype, chunk_seconds=chunk_seconds,
+            feature_encoder="library" if timed else feature_encoder)
+        cuda = enc.device.type == "cuda"
+        job = Job(parse_layers(layers, enc.num_layers), offset_seconds, max_seconds, batch_seconds,
+                  workers or (8 if cuda else 1), max_batch or (64 if cuda else 4),
+                  tail_alone=(0 if cuda else 16) if tail_alone is None else tail_alone, storage_dtype=storage_dtype)
+        procs = 1 if cuda else (procs or cpu_cores())
+        meta = {"kind": "wav2vec2", "encoder": enc.name, "revision": enc.revision,
+                "model_type": enc.architecture.model_type, "sample_rate": enc.sample_rate,
+                "layers": job.layers, "dtype": enc.dtype, "storage_dtype": storage_dtype, "device": enc.device.type,
+                "max_seconds": max_seconds, "offset_seconds": offset_seconds, "chunk_seconds": enc.chunk_seconds,
+                "overlap_seconds": enc.overlap_seconds, "frame_stride": enc.stride,
+                "versions": versions()}
+        build = StoreBuild(out, meta, part_entries=part_entries)
+        todo, skipped = build.plan(rows, clean=shard is None)
+        if shard is not None:
+            todo = todo[todo["id"].isin(shard_ids(plan_batches(build.wanted_rows, set(build.wanted_rows["id"]), job,
+                                                               enc), shard))]
+        batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
+        check_free_space(out, cropped_seconds(todo, job).fillna(0).sum(), enc, job)
+        if engine == Engine.RAY and batches and actors is None:
+            actors = RayActors.like(address, enc, init=_init_worker, work=_work)
+        if actors is not None and not batches:  # started early, and nothing to compute
+            actors.close()
+            actors = None
+        elif actors is not None:
+            actors.keep(len(batches))
+        if batches and timed:
+            earlier = recorded_feature_encoder(build.store_dir)
+            if earlier is None:
+                choose_feature_encoder(enc)
+            else:  # a resumed or extended store is computed as it began, whatever today's timing says
+                enc.use_feature_encoder(earlier[0])
+                enc.use_frame_grid(earlier[1])
+                enc.feature_encoder_timing = {"chosen": earlier[0], "frame_grid": earlier[1],
+                                              "kept_from": "the store's earlier shards"}
+        procs = actors.size if actors else procs
+        meta["provenance"] = build.meta["provenance"] = {**provenance(enc, procs), "engine": engine,
+                                                         "dtype_requested": requested}
+        total = float(cropped_seconds(todo, job).fillna(0).sum()) if "duration_s" in todo else None
+        done_s, computed = 0.0, 0
+        with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar, \
+                _disk_full_explained(out):
+            if actors:
+                tasks = split_tasks(batches, procs, part_entries)
+                parts = [str(build.reserve_part()) for _ in tasks]
+                for seconds, n, task_skips, written in actors.run(tasks, parts, meta, job, enc=enc):
                     if written is not None:
                         build.absorb(written)
                     done_s, computed = done_s + seconds, computed + n
                     skipped.extend(task_skips)
                     advance(bar, seconds)
-        else:
-            writer = BackgroundWriter()
-            add = lambda uid, **kw: writer.submit(build.add, uid, roll=False, **kw)  # noqa: E731 (shards roll between passes)
-            try:
-                with contextlib.nullcontext() if cuda else single_thread():
-                    for seconds, skip in encode_rows(enc, batches, job, add,
-                                                     end_batch=lambda: writer.submit(build.roll)):
-                        if skip:
-                            skipped.append(skip)
-                        else:
-                            computed += 1
-                        done_s += seconds
+            elif procs > 1 and sum(map(len, batches)) > 1:
+                tasks = split_tasks(batches, procs, part_entries)
+                with ProcessPoolExecutor(min(procs, len(tasks)), mp_context=_FORK,
+                                         initializer=_init_worker, initargs=(enc,)) as pool:
+                    futures = [pool.submit(_work, t, str(build.reserve_part()), meta, job) for t in tasks]
+                    for future in as_completed(futures):
+                        try:
+                            seconds, n, task_skips, written = future.result()
+                        except BrokenProcessPool as err:
+                            raise OSError(f"an encoder process died ({err}); {disk_note(out)}Finished shards are kept: "
+                                          "rerun to resume once the cause (memory, disk, a signal) is gone.") from err
+                        if written is not None:
+                            build.absorb(written)
+                        done_s, computed = done_s + seconds, computed + n
+                        skipped.extend(task_skips)
                         advance(bar, seconds)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    writer.close()
-                build.discard()
-                raise
-            writer.close()
-    if shard is not None:
-        return shard_summary(build, shard=shard, skipped=skipped, computed=computed, audio_seconds=done_s)
-    return publish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
-                  audio_seconds=done_s)
+            else:
+                writer = BackgroundWriter()
+                add = lambda uid, **kw: writer.submit(build.add, uid, roll=False, **kw)  # noqa: E731 (shards roll between passes)
+                try:
+                    with contextlib.nullcontext() if cuda else single_thread():
+                        for seconds, skip in encode_rows(enc, batches, job, add,
+                                                         end_batch=lambda: writer.submit(build.roll)):
+                            if skip:
+                                skipped.append(skip)
+                            else:
+                                computed += 1
+                            done_s += seconds
+                            advance(bar, seconds)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        writer.close()
+                    build.discard()
+                    raise
+                writer.close()
+        if shard is not None:
+            return shard_summary(build, shard=shard, skipped=skipped, computed=computed, audio_seconds=done_s)
+        return publish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
+                      audio_seconds=done_s)
+    except BaseException:
+        if actors is not None:
+            actors.close()
+        raise
 
 
 def check_free_space(out: str | os.PathLike, seconds: float, enc: Encoder, job: Job) -> None:

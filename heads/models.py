@@ -41,14 +41,15 @@ class LayerWeights(nn.Module):
 
 
 class Pointwise(nn.Conv1d):
-    """A kernel-1 ``nn.Conv1d`` applied to channels-last frames ``[B, T, C_in]`` as one matrix product: the same
-    parameters (and saved weights) as the convolution, without transposing the frames to ``[B, C, T]``."""
+    """A kernel-1 ``nn.Conv1d`` applied to channels-last frames ``[N, C_in]`` (all frames of a batch as rows) as one
+    matrix product: the same parameters (and saved weights) as the convolution, without transposing the frames to
+    ``[B, C, T]``."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, C_in]`` to ``[B, T, C_out]``."""
+        """``[N, C_in]`` to ``[N, C_out]``."""
         return F.linear(x, self.weight.squeeze(-1), self.bias)
 
 
@@ -106,7 +107,9 @@ class ConvHead(nn.Module):
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {sorted(POOLING)}.")
         self.pool, width = POOLING[pooling]
         self.layer_weights = LayerWeights(num_layers)
-        self.convs = nn.Sequential(  # over channels-last frames [B, T, C]
+        # over the batch's frames as rows, [B * T, C]: a product's output is then a tensor of its own, not a view
+        # of one, so the in-place ReLUs leave autograd no view to rebuild (copies and zero-fills in the backward)
+        self.convs = nn.Sequential(
             Pointwise(input_dim, hidden), nn.ReLU(inplace=True), FastDropout(dropout),
             Pointwise(hidden, hidden), nn.ReLU(inplace=True), FastDropout(dropout),
         )
@@ -116,8 +119,9 @@ class ConvHead(nn.Module):
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``features [B, L, T, H]``, ``lengths [B]`` to logits ``[B, C]``."""
-        x = self.convs(self.layer_weights(features))  # [B, T, H] -> [B, T, hidden]
-        return self.classifier(self.pool(x, lengths))
+        frames = self.layer_weights(features)  # [B, T, H]
+        x = self.convs(frames.reshape(-1, frames.shape[-1]))  # [B * T, hidden]
+        return self.classifier(self.pool(x.view(*frames.shape[:-1], -1), lengths))
 
 
 #: Head name to class; each is called as ``factory(num_layers=, input_dim=, num_classes=, **kwargs)``.

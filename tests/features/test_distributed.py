@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from features import distributed
+from features import extract as extract_module
 from features.extract import extract, main
 from features.store import FeatureStore
 
@@ -73,6 +74,31 @@ def test_ray_actors_give_the_single_process_store_and_a_rerun_computes_nothing(r
     again = extract([clips], out, encoder=str(tiny_encoder_dir), engine="ray", part_entries=3, **settings)
     assert again["computed"] == 0 and again["reused"] == 12
     assert _files_state(out) == before
+
+
+def _actor_pids():
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if any("_Extractor" in part
+                                                                    for part in p.info["cmdline"] or [])]
+
+
+def test_actors_started_before_the_model_loads_are_stopped_when_the_run_fails(ray_cluster, clips, tmp_path,
+                                                                              tiny_encoder_dir, monkeypatch):
+    started = []
+
+    class Recorded(distributed.RayActors):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            started.append(list(self._actors))
+
+    monkeypatch.setattr(extract_module, "RayActors", Recorded)
+    with pytest.raises(ValueError, match="--layers"):  # found only once the driver's model is loaded
+        extract([clips], tmp_path / "ray", encoder=str(tiny_encoder_dir), engine="ray", layers="99", **SETTINGS)
+    assert len(started) == 1 and len(started[0]) == 2  # one per CPU of the cluster, before the error
+    deadline = time.monotonic() + 30
+    while _actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _actor_pids() == []
+    assert not (tmp_path / "ray").exists()
 
 
 def test_a_killed_actor_loses_only_its_shard_which_is_recomputed(ray_cluster, tmp_path, write_audio, make_manifest,
@@ -139,17 +165,19 @@ def test_an_actor_computes_with_the_drivers_feature_encoder_and_frame_grid(tiny_
     driver chose at start-up before it runs, so Ray and the single-machine path compute the same passes."""
     from functools import partial
 
-    from features.distributed import _Extractor
+    from features.distributed import _Extractor, encoder_facts
     from features.encoder import load_encoder
 
     seen = []
     load = partial(load_encoder, str(tiny_encoder_dir), device="cpu", dtype="float32", feature_encoder="library")
-    enc = load()
-    expected = {"dtype": enc.dtype, "device": "cpu", "chunk_seconds": enc.chunk_seconds,
-                "overlap_seconds": enc.overlap_seconds}
-    actor = _Extractor(load, lambda e: None, lambda *task: seen.append(task), expected)
-    actor.work(["batch"], "part", {}, "job", "strided_matmul", 8)
+    expected = encoder_facts(load())
+    actor = _Extractor(load, lambda e: None, lambda *task: seen.append(task))
+    actor.work(["batch"], "part", {}, "job", expected, "strided_matmul", 8)
     assert seen == [(["batch"], "part", {}, "job")]
     assert actor.enc.feature_encoder == "strided_matmul" and actor.enc.frame_grid == 8
-    actor.work(["batch"], "part", {}, "job", "library", 1)
+    actor.work(["batch"], "part", {}, "job", expected, "library", 1)
     assert actor.enc.feature_encoder == "library" and actor.enc.frame_grid == 1
+    for key, other in [("dtype", "bfloat16"), ("revision", "local:0"), ("chunk_seconds", 10.0)]:
+        with pytest.raises(ValueError, match=f"expected an encoder with .*'{key}': '?{other}"):
+            actor.work(["batch"], "part", {}, "job", {**expected, key: other}, "library", 1)
+    assert len(seen) == 2  # a mismatched actor computes nothing
