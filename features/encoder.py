@@ -163,7 +163,8 @@ class StridedMatmulFeatureEncoder:
     the windows, so each channel's mean and variance over time follow exactly from the windows' ``k``-dimensional
     mean and covariance, and normalising becomes a per-channel scale of the weight and a new bias, computed once per
     utterance in float64 and applied as one product of the weight split into a high and a low part in the compute
-    dtype (so bfloat16 rounds once, where the module rounds the convolution, the norm and the activation). That
+    dtype (so in bfloat16 the normalised values are rounded once, where the module rounds the convolution's output
+    and then the norm's). That
     replaces three passes over the model's largest tensor (the norm, and the transposition that the module's ``[C, T]``
     layout needs) by a pass over ``[T, 2k + 2]``. Other norms run as the layer's own modules, then the activation.
     From then on the features are kept time-major, ``[T, C]``: a convolution of kernel ``k`` and stride

@@ -601,7 +601,7 @@ def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def _fits(x: np.ndarray, limit: float) -> bool:
     """Every value of ``x`` finite and within ``±limit``. Through torch when it is loaded: numpy reduces float16
-    element by element, ~100x slower than torch's ``aminmax`` (docs/benchmarks.md)."""
+    element by element, far slower than torch's ``aminmax`` (docs/benchmarks.md)."""
     torch = sys.modules.get("torch")
     if torch is not None and x.dtype in (np.float16, np.float32, np.float64):
         lo, hi = (float(v) for v in torch.aminmax(torch.from_numpy(np.ascontiguousarray(x))))
