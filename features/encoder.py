@@ -178,7 +178,8 @@ class StridedMatmulFeatureEncoder:
         feature_extractor: the model's ``feature_extractor`` module.
 
     Raises:
-        ValueError: a layer after the first has a GroupNorm (over time; not expressible per frame).
+        ValueError: a layer after the first has a GroupNorm (over time; not expressible per frame), or the first
+            layer's GroupNorm has groups of several channels.
     """
 
     name = "strided_matmul"
@@ -193,7 +194,12 @@ class StridedMatmulFeatureEncoder:
         self.first_norm = getattr(first, "layer_norm", None)
         self.first_activation = first.activation
         norm = self.first_norm
-        self.fold_first_norm = isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == norm.num_channels
+        if norm is not None and not isinstance(norm, torch.nn.GroupNorm | torch.nn.LayerNorm):
+            raise ValueError(f"{type(norm).__name__} in the first layer: expected GroupNorm, LayerNorm or none.")
+        if isinstance(norm, torch.nn.GroupNorm) and norm.num_groups != norm.num_channels:
+            raise ValueError(f"GroupNorm of {norm.num_groups} groups over {norm.num_channels} channels in the first "
+                             "layer: expected one group per channel (as transformers builds it).")
+        self.fold_first_norm = isinstance(norm, torch.nn.GroupNorm)
         self.layers = []
         for layer in layers[1:]:
             norm = getattr(layer, "layer_norm", None)
@@ -249,26 +255,19 @@ class StridedMatmulFeatureEncoder:
         return inputs @ torch.cat([high, low])
 
     def _first(self, wave: torch.Tensor) -> torch.Tensor:
-        """The first layer, time-major, with the rows :meth:`_first_rows` asks for: ``[N]`` -> ``[T', C]``."""
+        """The first layer, time-major, with the rows :meth:`_first_rows` asks for: ``[N]`` -> ``[T', C]`` (the
+        rows beyond the real frames are computed from zero samples; a GroupNorm's statistics exclude them)."""
         k, s = self.first_kernel, self.first_stride
         frames = (wave.shape[0] - k) // s + 1
         rows = self._first_rows(frames)
-        per_frame = self.fold_first_norm or not isinstance(self.first_norm, torch.nn.GroupNorm)
-        if per_frame and rows > frames:  # extra rows computed from zero samples
+        if rows > frames:
             wave = torch.cat([wave, wave.new_zeros((rows - frames) * s)])
-        count = rows if per_frame else frames
-        windows = wave.as_strided((count, k), (s, 1), wave.storage_offset())
+        windows = wave.as_strided((rows, k), (s, 1), wave.storage_offset())
         if self.fold_first_norm:
             return self.first_activation(self._folded_first(windows, frames))
         h = windows @ self.first_weight.T if self.first_bias is None else \
             torch.addmm(self.first_bias, windows, self.first_weight.T)  # [T, C]
-        if per_frame:
-            return self.first_activation(h if self.first_norm is None else self.first_norm(h))
-        # a GroupNorm over groups of channels and time: the real frames' statistics, then zero rows appended
-        h = self.first_activation(self.first_norm(h.T[None])[0].T)
-        out = h.new_zeros(rows, h.shape[1])
-        out[:frames] = h
-        return out
+        return self.first_activation(h if self.first_norm is None else self.first_norm(h))  # per frame
 
     def _one(self, wave: torch.Tensor) -> torch.Tensor:
         h = self._first(wave)

@@ -144,7 +144,7 @@ def test_data2vec_is_never_timed_or_run_on_padded_frame_counts(tiny_model_dir):
     assert enc.frame_grid == 1
 
 
-def test_plugin_refused_where_a_later_convolution_normalises_over_time():
+def test_plugin_refused_where_a_norm_cannot_be_computed_per_frame_or_folded():
     conv = torch.nn.Conv1d(4, 4, 3, stride=2)
     layer = torch.nn.Module()
     layer.conv, layer.layer_norm, layer.activation = conv, torch.nn.GroupNorm(4, 4), torch.nn.GELU()
@@ -154,6 +154,15 @@ def test_plugin_refused_where_a_later_convolution_normalises_over_time():
     fe.conv_layers = torch.nn.ModuleList([first, layer])
     with pytest.raises(ValueError, match="GroupNorm after the first convolution"):
         encoder_mod.StridedMatmulFeatureEncoder(fe)
+    fe.conv_layers = torch.nn.ModuleList([first])
+    first.layer_norm = torch.nn.GroupNorm(2, 4)  # statistics over pairs of channels: not folded into the product
+    with pytest.raises(ValueError, match="GroupNorm of 2 groups over 4 channels in the first layer"):
+        encoder_mod.StridedMatmulFeatureEncoder(fe)
+    first.layer_norm = torch.nn.BatchNorm1d(4)
+    with pytest.raises(ValueError, match="BatchNorm1d in the first layer"):
+        encoder_mod.StridedMatmulFeatureEncoder(fe)
+    first.layer_norm = torch.nn.GroupNorm(4, 4)
+    assert encoder_mod.StridedMatmulFeatureEncoder(fe).fold_first_norm
 
 
 def test_unsupported_architecture_is_refused_by_model_type(tmp_path):
