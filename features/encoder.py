@@ -44,9 +44,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -494,6 +497,25 @@ class Encoder:
 #: Frame grids timed at start-up: exact shapes (1), and passes padded to a multiple of this many frames.
 FRAME_GRIDS = (1, 8)
 
+_PROBING: dict = {}  # the encoder being timed, for the forked processes that time it
+
+
+def _timed_pass(enc: Encoder, name: str, grid: int, wave: list[np.ndarray]) -> float:
+    """Seconds of one forward pass over ``wave`` with feature encoder ``name`` and frame grid ``grid``."""
+    enc.use_feature_encoder(name)
+    enc.use_frame_grid(grid)
+    start = time.perf_counter()
+    out = enc.forward(wave)
+    if enc.device.type == "cuda":
+        torch.cuda.synchronize(enc.device)
+    del out
+    return time.perf_counter() - start
+
+
+def _timed_round(passes: list[tuple]) -> list[float]:
+    """In a forked process: :func:`_timed_pass` of each ``(name, grid, wave)`` in turn."""
+    return [_timed_pass(_PROBING["enc"], *item) for item in passes]
+
 
 def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats: int = 2,
                            gain: float = 1.10) -> dict:
@@ -505,7 +527,8 @@ def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats:
     extraction, where utterances rarely share a length: the library's kernels are prepared per shape, and that
     preparation is part of what is timed. After one warm-up pass per candidate, each candidate's ``repeats``
     passes are interleaved with the others' and summed. On CPU the passes run on one thread, as extraction's
-    processes do.
+    processes do, and the repeats run at once in forked processes, one per core (up to ``repeats``), so that the
+    timing is taken under the load extraction puts on the machine and takes a fraction of the time.
 
     Returns:
         ``{"chosen": name, "frame_grid": grid, "seconds": {"name/grid": seconds of its passes}, "probe_seconds":
@@ -525,27 +548,27 @@ def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats:
     def probe(extra_frames: int) -> list[np.ndarray]:
         return [rng.standard_normal(base + extra_frames * enc.stride).astype(np.float32)]
 
-    def timed(name: str, grid: int, wave: list[np.ndarray]) -> float:
-        enc.use_feature_encoder(name)
-        enc.use_frame_grid(grid)
-        start = time.perf_counter()
-        out = enc.forward(wave)
-        if enc.device.type == "cuda":
-            torch.cuda.synchronize(enc.device)
-        del out
-        return time.perf_counter() - start
-
     threads = torch.get_num_threads()
-    if enc.device.type == "cpu":  # as extraction runs on CPU: one thread per process
+    cpu = enc.device.type == "cpu"
+    if cpu:  # as extraction runs on CPU: one thread per process
         torch.set_num_threads(1)
     try:
         for c, (name, grid) in enumerate(candidates):  # warm-up, at lengths the timed passes never use
-            timed(name, grid, probe(-1 - c))
-        seconds = dict.fromkeys(candidates, 0.0)
-        for rep in range(repeats):
-            for c, candidate in enumerate(candidates):
-                seconds[candidate] += timed(*candidate, probe(rep * len(candidates) + c))
+            _timed_pass(enc, name, grid, probe(-1 - c))
+        rounds = [[(*candidate, probe(rep * len(candidates) + c)) for c, candidate in enumerate(candidates)]
+                  for rep in range(repeats)]
+        ray = sys.modules.get("ray")  # a process connected to a Ray cluster is not forked (its client threads)
+        forkable = "fork" in multiprocessing.get_all_start_methods() and not (ray and ray.is_initialized())
+        procs = min(repeats, os.cpu_count() or 1) if cpu and forkable else 1
+        if procs > 1:  # the repeats on every core at once, as extraction's processes run (forked: warm, shared)
+            _PROBING["enc"] = enc
+            with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+                timings = list(pool.map(_timed_round, rounds))
+        else:
+            timings = [[_timed_pass(enc, *item) for item in passes] for passes in rounds]
+        seconds = {candidate: sum(t[c] for t in timings) for c, candidate in enumerate(candidates)}
     finally:
+        _PROBING.clear()
         torch.set_num_threads(threads)
     fastest = min(seconds, key=seconds.get)
     chosen = fastest if seconds["library", 1] >= gain * seconds[fastest] else ("library", 1)
@@ -600,6 +623,10 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
     attempts = [True] if Path(name).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in {"", "0"} \
         else [True, False]
     error: Exception | None = None
+    local = Path(name)
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")  # reads and hashes beside the load
+    fingerprint = hashing.submit(fingerprint_dir, local) if local.is_dir() else None
+    hashing.shutdown(wait=False)
     for local_only in attempts:
         try:
             config = AutoConfig.from_pretrained(name, local_files_only=local_only, **kw)
@@ -640,8 +667,7 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
         if parametrize.is_parametrized(module):
             for tensor_name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
-    local = Path(name)
-    rev = fingerprint_dir(local) if local.is_dir() else (getattr(model.config, "_commit_hash", None) or revision)
+    rev = fingerprint.result() if fingerprint else (getattr(model.config, "_commit_hash", None) or revision)
     enc = Encoder(model, extractor, name=name, revision=rev, device=dev, dtype=dtype,
                   chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds)
     if feature_encoder == "auto":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -122,16 +124,27 @@ def test_too_short_input_is_refused(tiny_model_dir, feature_encoder):
         enc.forward([np.zeros(16000, np.float32), np.zeros(2, np.float32)])
 
 
-def test_plugin_and_grid_kept_only_when_they_beat_the_library_by_the_margin(tiny_model_dir, monkeypatch):
+def test_plugin_and_grid_kept_only_when_they_beat_the_library_by_the_margin(tiny_model_dir, monkeypatch, tmp_path):
     enc = load_encoder(tiny_model_dir("wav2vec2-base"), device="cpu", dtype="float32", feature_encoder="library")
-    lengths = []
-    original = enc.forward
-    monkeypatch.setattr(enc, "forward", lambda batch, **kw: lengths.append(len(batch[0])) or original(batch, **kw))
+    original, log = enc.forward, tmp_path / "passes"
+
+    def spy(batch, **kw):  # the timed passes may run in forked processes: each appends "pid length" to a file
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {len(batch[0])}\n")
+        return original(batch, **kw)
+
+    monkeypatch.setattr(enc, "forward", spy)
     timing = choose_feature_encoder(enc, probe_seconds=1.0, repeats=2, gain=1e9)  # nothing can be that fast
     assert (timing["chosen"], timing["frame_grid"]) == ("library", 1) == (enc.feature_encoder, enc.frame_grid)
     assert set(timing["seconds"]) == {f"{n}/{g}" for n in FEATURE_ENCODERS for g in FRAME_GRIDS}
     assert all(t > 0 for t in timing["seconds"].values())
+    passes = [line.split() for line in log.read_text().splitlines()]
+    lengths = [int(n) for _, n in passes]
     assert len(lengths) == 3 * len(timing["seconds"]) == len(set(lengths))  # every pass a new input length
+    warm_up, timed = passes[:len(timing["seconds"])], passes[len(timing["seconds"]):]
+    assert {pid for pid, _ in warm_up} == {str(os.getpid())}
+    forked = min(2, os.cpu_count()) if os.cpu_count() > 1 else 0  # the repeats, one per core
+    assert len({pid for pid, _ in timed} - {str(os.getpid())}) == forked
     timing = choose_feature_encoder(enc, probe_seconds=1.0, repeats=1, gain=0.0)  # any gain will do
     fastest = min(timing["seconds"], key=timing["seconds"].get)
     assert fastest == f"{timing['chosen']}/{timing['frame_grid']}" == f"{enc.feature_encoder}/{enc.frame_grid}"
