@@ -76,6 +76,18 @@ def test_ray_actors_give_the_single_process_store_and_a_rerun_computes_nothing(r
     assert _files_state(out) == before
 
 
+def test_ray_actors_load_what_a_given_encoder_was_loaded_from(ray_cluster, clips, tmp_path, tiny_encoder_dir):
+    """An :class:`Encoder` passed in (not a name): the actors start once the run has passes, loading its checkpoint."""
+    from features.encoder import load_encoder
+
+    enc = load_encoder(str(tiny_encoder_dir), device="cpu", dtype="float32", feature_encoder="library")
+    out = tmp_path / "ray"
+    summary = extract([clips], out, encoder=enc, engine="ray", part_entries=3,
+                      **{k: v for k, v in SETTINGS.items() if k not in {"device", "dtype", "feature_encoder"}})
+    assert summary["computed"] == 12
+    assert_same_store(out, _single_process(clips, tmp_path, tiny_encoder_dir), 12)
+
+
 def _actor_pids():
     return [p.pid for p in psutil.process_iter(["cmdline"]) if any("_Extractor" in part
                                                                     for part in p.info["cmdline"] or [])]
