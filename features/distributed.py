@@ -43,7 +43,6 @@ except ImportError:  # pragma: no cover - depends on the install
     ray = None
 
 
-
 class Engine(StrEnum):
     """What runs an extraction's tasks."""
 
@@ -113,8 +112,8 @@ def thread_environment() -> dict[str, str]:
 
 def encoder_facts(enc: Encoder) -> dict:
     """What every actor's encoder must share with the driver's for the shards to be the driver's own."""
-    return {"revision": enc.revision, "dtype": enc.dtype, "device": enc.device.type, "chunk_seconds": enc.chunk_seconds,
-            "overlap_seconds": enc.overlap_seconds}
+    return {"revision": enc.revision, "dtype": enc.dtype, "device": enc.device.type,
+            "chunk_seconds": enc.chunk_seconds, "overlap_seconds": enc.overlap_seconds}
 
 
 class _Extractor:

@@ -58,6 +58,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from features.hardware import Device, DType
+from pipeline.processes import cpu_cores
 
 #: Compute (and storage) dtypes to their torch dtypes.
 DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
@@ -167,10 +168,10 @@ class StridedMatmulFeatureEncoder:
     mean and covariance, and normalising becomes a per-channel scale of the weight and a new bias, computed once per
     utterance in float64 and applied as one product of the weight split into a high and a low part in the compute
     dtype (so in bfloat16 the normalised values are rounded once, where the module rounds the convolution's output
-    and then the norm's). That
-    replaces three passes over the model's largest tensor (the norm, and the transposition that the module's ``[C, T]``
-    layout needs) by a pass over ``[T, 2k + 2]``. Other norms run as the layer's own modules, then the activation.
-    From then on the features are kept time-major, ``[T, C]``: a convolution of kernel ``k`` and stride
+    and then the norm's). That replaces three passes over the model's largest tensor (the norm, and the
+    transposition that the module's ``[C, T]`` layout needs) by a pass over ``[T, 2k + 2]``. Other norms run as the
+    layer's own modules, then the activation. From then on the features are kept time-major, ``[T, C]``: a
+    convolution of kernel ``k`` and stride
     ``s`` reads, for output frame ``t``, input rows ``t*s .. t*s + k - 1``; its taps are cut into blocks of ``s``,
     and block ``b`` is one product of the strided view whose row ``t`` is the ``s * C`` contiguous values from row
     ``(t + b) * s`` with the block's weights (prepared once), so no window is copied and wav2vec2's kernel-3
@@ -559,7 +560,7 @@ def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats:
                   for rep in range(repeats)]
         ray = sys.modules.get("ray")  # a process connected to a Ray cluster is not forked (its client threads)
         forkable = "fork" in multiprocessing.get_all_start_methods() and not (ray and ray.is_initialized())
-        procs = min(repeats, os.cpu_count() or 1) if cpu and forkable else 1
+        procs = min(repeats, cpu_cores()) if cpu and forkable else 1
         if procs > 1:  # the repeats on every core at once, as extraction's processes run (forked: warm, shared)
             _PROBING["enc"] = enc
             with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:

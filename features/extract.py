@@ -87,7 +87,8 @@ def provenance(enc: Encoder, procs: int) -> dict:
     record = {"device": str(enc.device), "cpu": cpu_model(), "procs": procs,
               "threads_per_proc": 1 if enc.device.type == "cpu" else torch.get_num_threads(),
               "feature_encoder": enc.feature_encoder, "frame_grid": enc.frame_grid,
-              "feature_encoder_timing": enc.feature_encoder_timing, "attention": getattr(enc.model.config, "_attn_implementation", None), "versions": versions()}
+              "feature_encoder_timing": enc.feature_encoder_timing,
+              "attention": getattr(enc.model.config, "_attn_implementation", None), "versions": versions()}
     if enc.device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(enc.device)
     return record
@@ -253,9 +254,7 @@ def cast_and_pool(states: torch.Tensor, storage_dtype: torch.dtype) -> tuple[tor
     ``torch.std_mean``, whose reduction over the middle dimension is several times slower on CPU
     (docs/benchmarks.md); the two-pass form is the numerically careful one as well."""
     frames = states.to(storage_dtype)
-    x = states.float()
-    if x is states or x is frames:  # never modify the states or the frames in place
-        x = x.clone()
+    x = states.to(torch.float32, copy=True)  # a copy of its own: pooled in place below
     mean = x.mean(dim=1)
     std = x.sub_(mean[:, None]).square_().mean(dim=1).sqrt_()
     return frames, torch.cat([mean, std], dim=-1)
@@ -560,10 +559,9 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             return shard_summary(build, shard=shard, skipped=skipped, computed=computed, audio_seconds=done_s)
         return publish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
                       audio_seconds=done_s)
-    except BaseException:
+    finally:  # actors never outlive the call (closing twice is harmless)
         if actors is not None:
             actors.close()
-        raise
 
 
 def check_free_space(out: str | os.PathLike, seconds: float, enc: Encoder, job: Job) -> None:

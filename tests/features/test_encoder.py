@@ -18,6 +18,7 @@ from features.encoder import (
     load_encoder,
     pick_dtype,
 )
+from pipeline.processes import cpu_cores
 
 ARCHS = ["wav2vec2-base", "wav2vec2-large-lv60", "hubert-base", "wavlm-base-plus", "data2vec-audio-base"]
 
@@ -143,7 +144,7 @@ def test_plugin_and_grid_kept_only_when_they_beat_the_library_by_the_margin(tiny
     assert len(lengths) == 3 * len(timing["seconds"]) == len(set(lengths))  # every pass a new input length
     warm_up, timed = passes[:len(timing["seconds"])], passes[len(timing["seconds"]):]
     assert {pid for pid, _ in warm_up} == {str(os.getpid())}
-    forked = min(2, os.cpu_count()) if os.cpu_count() > 1 else 0  # the repeats, one per core
+    forked = min(2, cpu_cores()) if cpu_cores() > 1 else 0  # the repeats, one per core
     assert len({pid for pid, _ in timed} - {str(os.getpid())}) == forked
     timing = choose_feature_encoder(enc, probe_seconds=1.0, repeats=1, gain=0.0)  # any gain will do
     fastest = min(timing["seconds"], key=timing["seconds"].get)
