@@ -125,8 +125,7 @@ def test_a_killed_actor_loses_only_its_shard_which_is_recomputed(ray_cluster, tm
     deadline, victim = time.monotonic() + 120, None
     while victim is None and run.is_alive() and time.monotonic() < deadline:
         if list(out.glob("*/shards/*.h5")):  # a shard is published: the actors are computing their next ones
-            victim = next((p.pid for p in psutil.process_iter(["cmdline"])
-                           if any("_Extractor" in part for part in p.info["cmdline"] or [])), None)
+            victim = next(iter(_actor_pids()), None)
         time.sleep(0.002)
     assert victim is not None, "no actor was computing"
     os.kill(victim, signal.SIGKILL)  # killed mid-shard: its shard in progress is never published
