@@ -41,13 +41,13 @@ from features.store import (
     identity_slug,
     is_identity_store,
     new_shard_name,
-    pid_alive,
     read_current,
     replace_synced,
     scan_shard,
     write_current,
 )
 from pipeline.cli import existing_file, output_dir, output_file
+from pipeline.processes import pid_alive
 
 SKIP_COLUMNS = ["id", "path", "reason", "detail"]
 

@@ -126,17 +126,6 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
-def pid_alive(pid: str | int) -> bool:
-    """Whether the process that owns a temporary file or folder (pid in its name) still runs."""
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-
-
 def _sync_dir(path: Path) -> None:
     """fsync a directory, so that a rename in it survives a machine crash (where the platform allows)."""
     with contextlib.suppress(OSError):

@@ -29,9 +29,9 @@ from features.store import (
     IdentityStore,
     dir_size,
     is_identity_store,
-    pid_alive,
     read_current,
 )
+from pipeline.processes import pid_alive
 
 DEFAULT_ROOT = "data/features"
 #: Part of the name a store folder takes while it is being deleted (skipped by ``list``, cleaned by ``remove``).

@@ -45,16 +45,19 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import joblib
 import numpy as np
 import pandas as pd
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.metrics import SCORES, scores
+from pipeline.processes import pid_alive
+
+if TYPE_CHECKING:  # torch is imported where models are saved or loaded: reading runs (compare) needs none
+    import torch
 
 PREDICTION_COLUMNS = ("id", "fold", "true", "pred")
 #: The folder of a run directory that holds the fold models.
@@ -65,16 +68,6 @@ MODELS_DIR = "models"
 
 #: What a trainer writes into a run directory; everything else in an old run is carried over.
 RUN_ENTRIES = frozenset({"metrics.json", "predictions.csv", "history.csv", "layer_weights.json", MODELS_DIR})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _siblings(out: Path, tag: str) -> list[Path]:
@@ -95,7 +88,7 @@ def recover_run(out: str | os.PathLike) -> Path:
     out = Path(out)
     if not out.exists():
         olds = [p for p in _siblings(out, "old")
-                if (p / "metrics.json").is_file() and not _alive(int(p.name.rsplit("-", 1)[-1]))]
+                if (p / "metrics.json").is_file() and not pid_alive(p.name.rsplit("-", 1)[-1])]
         if olds:
             os.replace(olds[-1], out)
     return out
@@ -106,12 +99,12 @@ def clean_stale(out: str | os.PathLike) -> list[Path]:
     out = recover_run(out)
     removed = []
     for path in _siblings(out, "tmp"):
-        if not _alive(int(path.name.rsplit("-", 1)[-1])):
+        if not pid_alive(path.name.rsplit("-", 1)[-1]):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     if out.exists():
         for path in _siblings(out, "old"):
-            if _alive(int(path.name.rsplit("-", 1)[-1])):
+            if pid_alive(path.name.rsplit("-", 1)[-1]):
                 continue
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -240,6 +233,8 @@ def save_torch_fold(out: str | os.PathLike, fold: int, model: torch.nn.Module, c
     """Write ``models/fold_<k>.safetensors`` (``fold_<k>_<m>`` for member ``m`` of an ensemble) and its JSON
     ``config`` (``kind, model, model_kwargs, labels, normalisation, feature_settings``, anything else useful
     such as ``best_epoch``)."""
+    from safetensors.torch import save_file
+
     folder = Path(out) / MODELS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     name = f"fold_{fold}" if member is None else f"fold_{fold}_{member}"
@@ -462,6 +457,8 @@ def load_run(path: str | os.PathLike) -> Run:
 
 
 def _load_torch(path: Path) -> FoldModel:
+    from safetensors.torch import load_file
+
     try:
         config = json.loads(path.read_text())
         weights = load_file(path.with_suffix(".safetensors"))
