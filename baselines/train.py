@@ -124,8 +124,9 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
     settings = {"sample_rate": 16000, "n_mels": 64, **(log_mel_settings or {})}
     jobs = jobs or default_jobs(len(exp.folds) * members)
+    budget_mb = max(1, cache_mb // jobs)  # per training process
     read = functools.partial(LRUCache, AudioFrames(exp.frame["path"].to_dict(), settings),
-                             max_bytes=max(1, cache_mb // jobs) * 2**20)
+                             max_bytes=budget_mb * 2**20)
     input_dim = settings.get("n_mfcc") or settings["n_mels"]
     kwargs = {"num_layers": 1, "input_dim": input_dim, "num_classes": len(exp.labels), **(model_kwargs or {})}
     feature_set = "mfcc" if settings.get("n_mfcc") else "logmel"
@@ -137,7 +138,7 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
                 "features": "audio", **exp.protocol(), "normalisation": normalisation, "seed": seed,
                 "layers": [0], "balance": config.balance, "ensemble": members}
     job = FoldJob(exp, read, functools.partial(MfccCnn, **kwargs), config,
-                  normalisation, seed, out, model_config, threads, members, max(1, cache_mb // jobs))
+                  normalisation, seed, out, model_config, threads, members, budget_mb)
     return run_folds(job, protocol=protocol, jobs=jobs)
 
 

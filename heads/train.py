@@ -90,9 +90,10 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
                     "seed": seed, "layers": used, "balance": config.balance, "ensemble": members,
                     "encoder": store.attrs.get("encoder")}
     jobs = jobs or default_jobs(len(exp.folds) * members)
-    job = FoldJob(exp, functools.partial(store_reader, str(features), used, max(1, cache_mb // jobs)),
+    budget_mb = max(1, cache_mb // jobs)  # per training process
+    job = FoldJob(exp, functools.partial(store_reader, str(features), used, budget_mb),
                   functools.partial(build_head, head, **model_kwargs), config, normalisation, seed, out,
-                  model_config, threads, members, max(1, cache_mb // jobs))
+                  model_config, threads, members, budget_mb)
     return run_folds(job, protocol=protocol, jobs=jobs)
 
 

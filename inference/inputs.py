@@ -81,13 +81,14 @@ def _wav2vec2(predictor: Predictor, *, encoder: str | None, device: str, dtype: 
     settings = predictor.feature_settings
     name, revision = encoder_source(settings, encoder)
     dtype = dtype or settings.get("dtype") or "float32"
-    if dtype == "float16" and resolve_device(device).type == "cpu":
+    on_cpu = resolve_device(device).type == "cpu"
+    if dtype == "float16" and on_cpu:
         dtype = "float32"  # features extracted on a GPU in float16: CPUs compute them in float32
     # computed as the run's store was: its recorded feature-encoder implementation and frame grid (a CPU plug-in
     # falls back to the library's modules on a GPU), not a new timing, so the same audio gives the same features
     recorded = settings.get("provenance") or {}
     impl = recorded.get("feature_encoder", "library")
-    if impl not in FEATURE_ENCODERS or (impl != "library" and resolve_device(device).type != "cpu"):
+    if impl not in FEATURE_ENCODERS or (FEATURE_ENCODERS[impl] is not None and not on_cpu):
         impl = "library"
     enc = load_encoder(name, device=device, dtype=dtype, revision=revision, feature_encoder=impl)
     enc.use_frame_grid(int(recorded.get("frame_grid") or 1))

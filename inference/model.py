@@ -23,7 +23,7 @@ import torch
 from baselines.mfcc_cnn import MfccCnn, log_mel
 from heads.models import HEADS
 from pipeline.normalisation import Normalisation, Normaliser, frame_stats, speaker_standardise
-from training.data import collate
+from training.data import batches
 from training.rundir import FoldModel, Run
 
 #: Torch model name (``model`` in a fold's config) to the class that rebuilds it from ``model_kwargs``.
@@ -127,19 +127,13 @@ class Predictor:
 
     @torch.no_grad()
     def _torch_proba(self, model, cfg: dict, prepared: list[np.ndarray], batch_size: int) -> np.ndarray:
+        ids = range(len(prepared))
         if self.normalisation == Normalisation.SPEAKER:
-            normalise = Normaliser(Normalisation.GLOBAL,
-                                   {"": frame_stats(lambda i: prepared[i], range(len(prepared)))})
+            normalise = Normaliser(Normalisation.GLOBAL, {"": frame_stats(prepared.__getitem__, ids)})
         else:
             normalise = Normaliser.from_dict(cfg["normalisation"])
-        max_frames = self.feature_settings.get("max_frames")
-        out = []
-        for start in range(0, len(prepared), batch_size):
-            chunk = []
-            for x in prepared[start:start + batch_size]:
-                if max_frames and x.shape[1] > max_frames:
-                    offset = (x.shape[1] - max_frames) // 2
-                    x = x[:, offset:offset + max_frames]
-                chunk.append(normalise(x))
-            out.append(torch.softmax(model(*collate(chunk)), dim=-1).numpy())
-        return np.concatenate(out)
+        labels = np.zeros(len(prepared), dtype=np.int64)  # unused: batches as training evaluates them (centred crops)
+        return np.concatenate([torch.softmax(model(x, lengths), dim=-1).numpy()
+                               for x, lengths, _ in batches(ids, labels, prepared.__getitem__, normalise,
+                                                            batch_size=batch_size,
+                                                            max_frames=self.feature_settings.get("max_frames"))])

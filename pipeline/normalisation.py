@@ -44,7 +44,7 @@ class Normalisation(StrEnum):
         return cls(value)
 
 
-def speaker_standardise(X: np.ndarray, groups: np.ndarray | None = None, *, eps: float = 1e-5) -> np.ndarray:
+def speaker_standardise(X: np.ndarray, groups: np.ndarray | None = None, *, eps: float = _STD_FLOOR) -> np.ndarray:
     """Z-score the rows ``X [N, D]`` of each speaker (``groups [N]``; ``None``: one speaker) with its own
     mean and std (``speaker`` normalisation of utterance-level features)."""
     X = np.asarray(X, dtype=np.float64)
@@ -125,4 +125,5 @@ class Normaliser:
     def from_dict(cls, data: dict) -> Normaliser:
         if data["mode"] != Normalisation.GLOBAL:
             return cls(data["mode"])
-        return cls("global", {"": (np.asarray(data["mean"], np.float32), np.asarray(data["std"], np.float32))})
+        mean, std = np.asarray(data["mean"], np.float32), np.asarray(data["std"], np.float32)
+        return cls(Normalisation.GLOBAL, {"": (mean, std)})

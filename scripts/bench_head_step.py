@@ -13,11 +13,16 @@ import torch
 from torch import nn
 
 from heads.models import FastDropout, build_head
+from training.options import read_settings
+
+#: conv_egemaps's settings, as `dvc repro` trains it.
+SETTINGS = read_settings("params.yaml", "systems.conv_egemaps.settings")
 
 
 def head(plain_dropout: bool) -> nn.Module:
     """The conv head of params.yaml's conv_egemaps over eGeMAPS's 25 descriptors, 8 classes."""
-    model = build_head("conv", num_layers=1, input_dim=25, num_classes=8, hidden=256, dropout=0.5, pooling="stats")
+    model = build_head(SETTINGS["head"], num_layers=1, input_dim=25, num_classes=8, hidden=SETTINGS["hidden"],
+                       dropout=SETTINGS["dropout"], pooling=SETTINGS["pooling"])
     if plain_dropout:
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
@@ -27,9 +32,10 @@ def head(plain_dropout: bool) -> nn.Module:
 
 
 def step_seconds(model: nn.Module, steps: int) -> float:
-    """Mean seconds of a training step (forward, backward, AdamW) on a batch of 32 crops of 300 frames."""
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    x, lengths, y = torch.randn(32, 1, 300, 25), torch.full((32,), 300), torch.randint(0, 8, (32,))
+    """Mean seconds of a training step (forward, backward, AdamW) on a batch of crops of ``max_frames`` frames."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=SETTINGS["lr"], weight_decay=SETTINGS["weight_decay"])
+    batch, frames = SETTINGS["batch_size"], SETTINGS["max_frames"]
+    x, lengths, y = torch.randn(batch, 1, frames, 25), torch.full((batch,), frames), torch.randint(0, 8, (batch,))
     loss = nn.CrossEntropyLoss()
 
     def step() -> None:

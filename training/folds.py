@@ -26,7 +26,7 @@ import torch
 
 from pipeline.experiment import Experiment
 from pipeline.metrics import scores
-from pipeline.normalisation import Normaliser, Reader
+from pipeline.normalisation import Normalisation, Normaliser, Reader
 from pipeline.processes import cpu_cores, die_with_parent
 from training.data import preload
 from training.fit import FoldData, TrainConfig, evaluate, fit, seed_everything
@@ -92,12 +92,14 @@ def train_member(job: FoldJob, index: int, member: int = 0) -> dict:
         read, speakers = job.make_reader(), exp.frame["speaker"].to_dict()
         seed_everything(job.seed + fold.index + 1000 * member)
         rng = np.random.default_rng([job.seed, fold.index, member] if member else [job.seed, fold.index])
-        normalise = Normaliser.fit(job.normalisation, read, fold.train, speakers=speakers,
-                                   all_ids=fold.train + fold.val + fold.test)
-        ids = fold.train + fold.val + fold.test
+        ids, labels = fold.train + fold.val + fold.test, exp.frame["label"].to_dict()
+        normalise = Normaliser.fit(job.normalisation, read, fold.train, speakers=speakers, all_ids=ids)
         frames = preload(read, ids, normalise, max_bytes=job.memory_mb * 2**20, speakers=speakers)
-        data = (FoldData(read, normalise, exp.frame["label"].to_dict(), speakers) if frames is None else
-                FoldData(frames.__getitem__, Normaliser("none"), exp.frame["label"].to_dict(), speakers))
+        if frames is None:
+            data = FoldData(read, normalise, labels, speakers)
+        else:  # normalised in memory: the reader, and the raw frames its cache holds, are let go
+            read = None
+            data = FoldData(frames.__getitem__, Normaliser(Normalisation.NONE), labels, speakers)
         model = job.build_model()
         name = f"fold {fold.index}" + (f" member {member}" if job.members > 1 else "")
         history, best_epoch = fit(model, data, fold.train, fold.val, job.config, rng,
