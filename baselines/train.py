@@ -28,11 +28,12 @@ from pipeline.cli import LayerList, UsageError, existing_dir, positive_float, po
 from pipeline.experiment import load_experiment
 from pipeline.metrics import scores
 from pipeline.normalisation import Normalisation, speaker_standardise
-from training.data import LRUCache, distinct_layers
+from training.data import LRUCache
 from training.fit import TrainConfig
 from training.folds import FoldJob, default_jobs, run_folds
 from training.options import (
     add_training_args,
+    apply_defaults,
     check_label_set,
     config_from_args,
     parse_with_settings,
@@ -69,7 +70,7 @@ def train_sklearn(*, features: str, manifests: Sequence[str], split: str, model:
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
     with FeatureStore(features) as store:
         exp.require_ids(store.ids(), str(features))
-        used = distinct_layers(store.layer_positions(layers))
+        used = store.layer_positions(layers)
         ids = exp.needed_ids()
         X = np.stack([store.pooled(uid)[used].reshape(-1) for uid in ids])
         attrs = dict(store.attrs)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-mels", type=positive_int, default=64, help="mfcc_cnn")
     parser.add_argument("--n-mfcc", type=positive_int, default=None, help="mfcc_cnn: MFCCs instead of log-mel")
     add_training_args(parser)
-    args = parse_with_settings(parser, argv)
+    args = apply_defaults(parse_with_settings(parser, argv))
     check_label_set(args.label_set)
     if args.n_jobs == 0 or args.n_jobs < -1:
         raise UsageError(f"--n-jobs {args.n_jobs}: expected a whole number of at least 1, or -1 for every core.")

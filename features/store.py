@@ -505,13 +505,18 @@ class FeatureStore:
         """Positions in the stored layers to use: all when ``layers`` is empty or None, else checked.
 
         Raises:
-            ValueError: a position outside ``0 .. num_layers - 1``.
+            ValueError: a position outside ``0 .. num_layers - 1``, or one given twice (it would be read and
+                weighted twice).
         """
         used = list(range(self.num_layers)) if not layers else [int(i) for i in layers]
         bad = [i for i in used if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"--layers {bad}: expected positions 0..{self.num_layers - 1} of the store's "
                              f"layers {self.attrs['layers']}.")
+        twice = sorted({i for i in used if used.count(i) > 1})
+        if twice:
+            raise ValueError(f"layers {used}: expected each layer once, found {twice} more than once. "
+                             "Drop the repeats.")
         return used
 
     def ids(self) -> list[str]:

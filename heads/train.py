@@ -25,7 +25,7 @@ from heads.models import HEADS, build_head
 from pipeline.cli import LayerList, existing_dir, positive_int, run_main
 from pipeline.experiment import load_experiment
 from pipeline.normalisation import Normalisation
-from training.data import distinct_layers, store_reader
+from training.data import store_reader
 from training.fit import TrainConfig
 from training.folds import FoldJob, default_jobs, run_folds
 from training.options import (
@@ -76,7 +76,7 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
     exp = load_experiment(manifests, split, label_set, merge_calm=merge_calm, augmentation=augmentation)
     with FeatureStore(features) as store:
         exp.require_ids(store.ids(), str(features))
-        used = distinct_layers(store.layer_positions(layers))
+        used = store.layer_positions(layers)
         input_dim = store.frames(exp.folds[0].train[0], used[0]).shape[1]
         kind = store.attrs.get("kind", "features")
         settings = {**store.attrs, "used_layers": used, "max_frames": config.max_frames,

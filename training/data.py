@@ -128,15 +128,6 @@ def batches(ids: Sequence[str], y: np.ndarray, read: Reader, normalise: Normalis
         yield features, lengths, torch.as_tensor(y[start:start + batch_size], dtype=torch.int64)
 
 
-def distinct_layers(used: Sequence[int]) -> list[int]:
-    """``used`` layer positions, refused when one is given twice (it would be stored and weighted twice)."""
-    twice = sorted({i for i in used if list(used).count(i) > 1})
-    if twice:
-        raise ValueError(f"layers {list(used)}: expected each layer once, found {twice} more than once. "
-                         "Drop the repeats.")
-    return list(used)
-
-
 def store_reader(path: str, layers: Sequence[int], cache_mb: int) -> Reader:
     """A cached reader of ``layers`` from the store at ``path`` (opened in the calling process)."""
     return LRUCache(StoreFrames(FeatureStore(path), layers), max_bytes=cache_mb * 2**20)

@@ -145,7 +145,6 @@ def parse_with_settings(parser: argparse.ArgumentParser, argv: Sequence[str] | N
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The optimisation settings of parsed options (unset ones from :class:`TrainConfig`)."""
-    apply_defaults(args)
+    """The optimisation settings of parsed options (filled by :func:`apply_defaults`)."""
     return TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, weight_decay=args.weight_decay,
                        batch_size=args.batch_size, max_frames=args.max_frames or None, balance=args.balance)
