@@ -187,6 +187,9 @@ class StridedMatmulFeatureEncoder:
     """
 
     name = "strided_matmul"
+    #: Bumped whenever the plug-in's arithmetic changes (1: first layer as the module computes it; 2: its GroupNorm
+    #: folded into the product), recorded with every store so that a store's numbers can be told apart.
+    version = 2
 
     def __init__(self, feature_extractor, frame_grid: int = 1):
         self.frame_grid = frame_grid
@@ -361,6 +364,11 @@ class Encoder:
         self._features = self.model.feature_extractor if plugin is None else self._plugins[name]
         self.feature_encoder = name
         self.use_frame_grid(self.frame_grid)
+
+    @property
+    def feature_encoder_version(self) -> int | None:
+        """The version of the plug-in in use (None for the library's modules, whose versions are the libraries')."""
+        return getattr(FEATURE_ENCODERS[self.feature_encoder], "version", None)
 
     def use_frame_grid(self, grid: int) -> None:
         """Pad each pass's frame count up to a multiple of ``grid`` (under the attention mask), so that passes
@@ -579,6 +587,22 @@ def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats:
                                   "seconds": {f"{n}/{g}": round(v, 4) for (n, g), v in seconds.items()},
                                   "probe_seconds": probe_seconds}
     return enc.feature_encoder_timing
+
+
+def plugin_version_note(recorded: dict, enc: Encoder) -> str | None:
+    """What to tell a user whose store (``recorded``: its provenance) was computed with the plug-in ``enc`` uses
+    but at another version of it, or at an unrecorded one (stores from before versions were recorded); None when
+    the versions agree or no plug-in is involved. Such numbers differ from ``enc``'s at rounding level only."""
+    current = enc.feature_encoder_version
+    if current is None or recorded.get("feature_encoder") != enc.feature_encoder:
+        return None
+    found = recorded.get("feature_encoder_version")
+    if found == current:
+        return None
+    earlier = "an unrecorded version" if found is None else f"version {found}"
+    return (f"the store's features were computed by the {enc.feature_encoder} plug-in at {earlier}; this code runs "
+            f"version {current}, whose frames may differ at rounding level (the dtype's precision), so results "
+            "may differ in their last digits. Re-extract into a new store for numbers from one version.")
 
 
 def _refuse_unsupported(name: str, config) -> None:

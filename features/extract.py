@@ -53,6 +53,7 @@ from features.encoder import (
     choose_feature_encoder,
     load_encoder,
     pick_dtype,
+    plugin_version_note,
     resolve_device,
 )
 from features.hardware import Device, DType
@@ -86,7 +87,8 @@ def provenance(enc: Encoder, procs: int) -> dict:
     feature-encoder implementation and how it was chosen, the process layout and the library versions."""
     record = {"device": str(enc.device), "cpu": cpu_model(), "procs": procs,
               "threads_per_proc": 1 if enc.device.type == "cpu" else torch.get_num_threads(),
-              "feature_encoder": enc.feature_encoder, "frame_grid": enc.frame_grid,
+              "feature_encoder": enc.feature_encoder, "feature_encoder_version": enc.feature_encoder_version,
+              "frame_grid": enc.frame_grid,
               "feature_encoder_timing": enc.feature_encoder_timing,
               "attention": getattr(enc.model.config, "_attn_implementation", None), "versions": versions()}
     if enc.device.type == "cuda":
@@ -94,19 +96,21 @@ def provenance(enc: Encoder, procs: int) -> dict:
     return record
 
 
-def recorded_feature_encoder(store_dir: Path) -> tuple[str, int] | None:
-    """The feature-encoder implementation and frame grid the newest shard of an identity store was computed with
-    (a store from before frame grids: 1; None for a store without shards, or one that names an implementation
-    this version does not have)."""
+def recorded_feature_encoder(store_dir: Path) -> dict | None:
+    """The provenance of the newest shard of an identity store, with its ``frame_grid`` filled in (1 for a store
+    from before frame grids); None for a store without shards, or one whose implementation this version does not
+    have."""
     if not any((store_dir / "shards").glob("*.h5")):
         return None
     try:
         with FeatureStore(store_dir) as fs:
-            record = fs.attrs.get("provenance") or {}
+            record = dict(fs.attrs.get("provenance") or {})
     except (OSError, ValueError):
         return None
-    name, grid = record.get("feature_encoder"), record.get("frame_grid", 1)
-    return (name, int(grid)) if name in FEATURE_ENCODERS and isinstance(grid, int) and grid >= 1 else None
+    record.setdefault("frame_grid", 1)
+    grid = record["frame_grid"]
+    return record if record.get("feature_encoder") in FEATURE_ENCODERS and isinstance(grid, int) and grid >= 1 \
+        else None
 
 
 def recorded_auto_dtype(out: str | os.PathLike, device_type: str) -> str | None:
@@ -500,10 +504,12 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             if earlier is None:
                 choose_feature_encoder(enc)
             else:  # a resumed or extended store is computed as it began, whatever today's timing says
-                enc.use_feature_encoder(earlier[0])
-                enc.use_frame_grid(earlier[1])
-                enc.feature_encoder_timing = {"chosen": earlier[0], "frame_grid": earlier[1],
+                enc.use_feature_encoder(earlier["feature_encoder"])
+                enc.use_frame_grid(earlier["frame_grid"])
+                enc.feature_encoder_timing = {"chosen": enc.feature_encoder, "frame_grid": enc.frame_grid,
                                               "kept_from": "the store's earlier shards"}
+                if note := plugin_version_note(earlier, enc):
+                    print(f"note: {note} Each shard records the version it was computed with.")
         procs = actors.size if actors else procs
         meta["provenance"] = build.meta["provenance"] = {**provenance(enc, procs), "engine": engine,
                                                          "dtype_requested": requested}

@@ -75,6 +75,7 @@ def _wav2vec2(predictor: Predictor, *, encoder: str | None, device: str, dtype: 
     from features.encoder import (  # only wav2vec2 runs pay for importing transformers
         FEATURE_ENCODERS,
         load_encoder,
+        plugin_version_note,
         resolve_device,
     )
 
@@ -92,6 +93,8 @@ def _wav2vec2(predictor: Predictor, *, encoder: str | None, device: str, dtype: 
         impl = "library"
     enc = load_encoder(name, device=device, dtype=dtype, revision=revision, feature_encoder=impl)
     enc.use_frame_grid(int(recorded.get("frame_grid") or 1))
+    if note := plugin_version_note(recorded, enc):
+        print(f"warning: {note}", file=sys.stderr)
     layers = list(settings.get("hidden_states") or settings["layers"])
     recorded_rev = settings.get("revision")
     if recorded_rev and enc.revision != recorded_rev:

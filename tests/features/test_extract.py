@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 
 from features import extract as extract_mod
-from features.encoder import Encoder
+from features.encoder import Encoder, StridedMatmulFeatureEncoder
 from features.extract import extract, main
 from features.store import FeatureStore, scan_shard
 from pipeline.audio import load_audio
@@ -277,6 +277,10 @@ def test_versions_and_provenance_recorded(tiny_encoder_dir):
     assert record["feature_encoder"] == enc.feature_encoder and record["cpu"] and record["procs"] == 2
     assert record["feature_encoder_timing"]["chosen"] == enc.feature_encoder
     assert record["frame_grid"] == enc.frame_grid == record["feature_encoder_timing"]["frame_grid"]
+    enc.use_feature_encoder("strided_matmul")
+    assert extract_mod.provenance(enc, procs=1)["feature_encoder_version"] == StridedMatmulFeatureEncoder.version
+    enc.use_feature_encoder("library")
+    assert extract_mod.provenance(enc, procs=1)["feature_encoder_version"] is None
 
 
 def test_an_extended_store_keeps_the_implementation_and_frame_grid_it_began_with(synth_files, make_manifest,
@@ -296,6 +300,25 @@ def test_an_extended_store_keeps_the_implementation_and_frame_grid_it_began_with
         record = fs.attrs["provenance"]
     assert (record["feature_encoder"], record["frame_grid"]) == ("strided_matmul", 8)
     assert record["feature_encoder_timing"]["kept_from"]
+
+
+def test_extending_a_store_made_by_another_plugin_version_says_so(synth_files, make_manifest, tiny_encoder_dir,
+                                                                  tmp_path, monkeypatch, capsys):
+    def chosen(enc):
+        enc.use_feature_encoder("strided_matmul")
+        enc.feature_encoder_timing = {"chosen": "strided_matmul", "frame_grid": 1}
+
+    out, kw = tmp_path / "f", {"encoder": str(tiny_encoder_dir), "device": "cpu", "dtype": "float32", "procs": 1}
+    monkeypatch.setattr(extract_mod, "choose_feature_encoder", chosen)
+    old = StridedMatmulFeatureEncoder.version
+    extract([make_manifest(synth_files[:2])], out, **kw)
+    assert "computed by the strided_matmul plug-in" not in capsys.readouterr().out
+    monkeypatch.setattr(StridedMatmulFeatureEncoder, "version", old + 1)  # as if the plug-in changed since
+    assert extract([make_manifest(synth_files)], out, **kw)["computed"] == len(synth_files) - 2
+    said = capsys.readouterr().out
+    assert f"strided_matmul plug-in at version {old}; this code runs version {old + 1}" in said
+    with FeatureStore(out) as fs:
+        assert fs.attrs["provenance"]["feature_encoder_version"] == old + 1  # the newest shard's own
 
 
 def test_passes_are_planned_over_every_row_and_split_longest_first(tiny_encoder_dir):

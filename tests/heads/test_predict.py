@@ -153,6 +153,27 @@ def test_features_are_computed_as_the_store_recorded_them_without_a_new_timing(w
     assert "feature encoder strided_matmul, frame grid 8" in inputs.description
 
 
+def test_prediction_warns_when_the_plugin_changed_since_extraction(wav2vec2_run, tmp_path, capsys):
+    from features.encoder import StridedMatmulFeatureEncoder
+    from inference.inputs import run_inputs
+
+    run = shutil.copytree(wav2vec2_run, tmp_path / "run")
+    current = StridedMatmulFeatureEncoder.version
+    for version, warned in ((current, False), (current - 1, True), (None, True)):
+        for config in (run / "models").glob("fold_*.json"):
+            cfg = json.loads(config.read_text())
+            cfg["feature_settings"].setdefault("provenance", {}).update(feature_encoder="strided_matmul",
+                                                                        feature_encoder_version=version)
+            if version is None:
+                del cfg["feature_settings"]["provenance"]["feature_encoder_version"]
+            config.write_text(json.dumps(cfg))
+        run_inputs(Predictor.from_run(load_run(run)), device="cpu")
+        err = capsys.readouterr().err
+        assert ("warning: the store's features were computed by the strided_matmul plug-in" in err) == warned
+        if warned:
+            assert ("an unrecorded version" if version is None else f"version {version};") in err
+
+
 def test_timeline_segments_and_plot(wav2vec2_run, write_audio, tmp_path, capsys):
     path = write_audio(tmp_path / "ten.wav", seconds=10.0, sample_rate=22050)
     plot = tmp_path / "timeline.png"
