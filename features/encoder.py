@@ -136,8 +136,10 @@ def pick_dtype(dtype: str, device: torch.device) -> str:
                          "products); pass --dtype bfloat16 or --dtype auto.")
     if dtype != DType.AUTO:
         return dtype
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "float32"
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # the GPU asked for, not the current one
+            if not torch.cuda.is_bf16_supported():
+                return "float32"
     size = 2048 if device.type == "cuda" else 1024
     try:
         ratio = _product_seconds(torch.float32, device, size, 3) / _product_seconds(torch.bfloat16, device, size, 3)
@@ -421,7 +423,8 @@ class Encoder:
     @torch.inference_mode()
     def forward(self, batch: Sequence[np.ndarray] | np.ndarray, *,
                 layers: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """One forward pass over already-normalised inputs; every result equals the input's single pass.
+        """One forward pass over already-normalised inputs; every result equals the input's single pass. One pass
+        at a time per encoder (its hooks collect the pass's hidden states).
 
         Args:
             batch: ``B`` inputs ``[N_i]`` float32, normalised with :meth:`normalise` (or a ``[B, N]`` array).
@@ -433,6 +436,7 @@ class Encoder:
         Raises:
             ValueError: an input shorter than one frame, or inputs of different frame counts for an architecture
                 that cannot mix them.
+            RuntimeError: another pass of this encoder is running (a call from another thread).
         """
         lengths = [len(w) for w in batch]
         frames = [self.num_frames(n) for n in lengths]
@@ -462,6 +466,9 @@ class Encoder:
             mask = None
             if len(set(frames)) > 1 or width > max(frames):
                 mask = torch.arange(width, device=x.device)[None, :] < torch.tensor(frames, device=x.device)[:, None]
+            if self._captured is not None:  # the hooks collect one pass's states: two at once would mix them
+                raise RuntimeError("Encoder.forward: another pass of this encoder is running (from another thread); "
+                                   "expected one pass at a time per Encoder.")
             self._captured = []
             try:
                 self.model.encoder(hidden, attention_mask=mask)

@@ -274,10 +274,11 @@ def forward_split(enc: Encoder, waves: list[np.ndarray], layers: Sequence[int]) 
             raise OSError(errno.ENOMEM, f"one utterance of {len(waves[0]) / enc.sample_rate:.1f} s does not fit in "
                               f"{enc.device} memory ({err}); expected windows that fit: pass a smaller "
                               "--chunk-seconds.") from err
-        if enc.device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(waves) // 2
-        return forward_split(enc, waves[:half], layers) + forward_split(enc, waves[half:], layers)
+    # retried outside the handler: the error's traceback holds the failed pass's tensors until the handler ends
+    if enc.device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = len(waves) // 2
+    return forward_split(enc, waves[:half], layers) + forward_split(enc, waves[half:], layers)
 
 
 def _groups(ready: list, enc: Encoder) -> list[list]:
@@ -381,10 +382,14 @@ class BackgroundWriter:
             self._futures.popleft().result()
         self._futures.append(self._pool.submit(fn, *args, **kwargs))
 
+    def wait(self) -> None:
+        """Until every submitted write is done (raising the first error)."""
+        while self._futures:
+            self._futures.popleft().result()
+
     def close(self) -> None:
         try:
-            while self._futures:
-                self._futures.popleft().result()
+            self.wait()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -544,7 +549,14 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                         advance(bar, seconds)
             else:
                 writer = BackgroundWriter()
-                add = lambda uid, **kw: writer.submit(build.add, uid, roll=False, **kw)  # noqa: E731 (shards roll between passes)
+
+                def add(uid: str, **kw) -> None:  # shards roll between passes, not within one
+                    if "pieces" in kw:  # a long row's windows are computed while it is written: on this thread,
+                        writer.wait()   # after the writes queued before it (the encoder runs one pass at a time)
+                        build.add(uid, roll=False, **kw)
+                    else:
+                        writer.submit(build.add, uid, roll=False, **kw)
+
                 try:
                     with contextlib.nullcontext() if cuda else single_thread():
                         for seconds, skip in encode_rows(enc, batches, job, add,

@@ -6,5 +6,5 @@
 # Results: DIR/exactness.json and DIR/bench.json (default DIR: $OUT where set, else ./gpu-check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-exec python scripts/gpu_check.py --out "${OUT:-gpu-check}" "$@"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # runs without an install
+exec "${PYTHON:-python3}" scripts/gpu_check.py --out "${OUT:-gpu-check}" "$@"

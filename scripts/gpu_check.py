@@ -25,9 +25,18 @@ from features.store import FeatureStore
 
 
 def exactness(corpus: Path, device: str, files: int, work: Path) -> dict:
-    """Extract ``files`` RAVDESS files with a random base-size model in float32 on CPU and on ``device``; the
-    largest relative difference (max |a - b| / max |b| per layer) over every stored layer of every file."""
-    paths = sorted(corpus.rglob("*.flac"))[:: max(1, len(list(corpus.rglob("*.flac"))) // files)][:files]
+    """Extract ``files`` RAVDESS files with a random base-size model in float32 on CPU and on ``device`` (the
+    library's modules on both, so that only the device differs); the largest relative difference
+    (max |a - b| / max |b| per layer) over every stored layer of every file.
+
+    Raises:
+        FileNotFoundError: ``corpus`` holds fewer than ``files`` FLAC files.
+    """
+    found = sorted(corpus.rglob("*.flac"))
+    if len(found) < files:
+        raise FileNotFoundError(f"{corpus}: expected at least {files} RAVDESS .flac files, found {len(found)}; "
+                                "pass --corpus DIR (the 16 kHz FLAC copy of RAVDESS) or fewer --files.")
+    paths = found[::len(found) // files][:files]
     manifest = work / "manifest.csv"
     pd.DataFrame({"id": [p.stem for p in paths], "path": [str(p) for p in paths],
                   "duration_s": [sf.info(p).duration for p in paths]}).to_csv(manifest, index=False)
@@ -38,7 +47,7 @@ def exactness(corpus: Path, device: str, files: int, work: Path) -> dict:
     for name, dev in (("cpu", "cpu"), ("device", device)):
         start = time.perf_counter()
         extract([manifest], work / name, encoder=str(work / "model"), device=dev, dtype="float32",
-                storage_dtype="float32")
+                storage_dtype="float32", feature_encoder="library")  # the same modules: only the device differs
         seconds[name] = round(time.perf_counter() - start, 2)
     worst, pooled = 0.0, 0.0
     with FeatureStore(work / "cpu") as a, FeatureStore(work / "device") as b:

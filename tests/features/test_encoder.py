@@ -116,6 +116,27 @@ def test_long_input_is_windowed_in_bounded_passes(tiny_model_dir, monkeypatch):
     assert torch.allclose(windowed[0, :10], whole[0, :10], atol=0.5)
 
 
+def test_a_pass_started_while_another_runs_is_refused_not_mixed(tiny_model_dir):
+    enc = load_encoder(tiny_model_dir("wav2vec2-base"), device="cpu", dtype="float32", feature_encoder="library")
+    wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    started = []
+    layer = enc.model.encoder.layers[0]
+
+    def nested(module, args, output):  # a second pass from inside the first, as a second thread would start one
+        if not started:
+            started.append(True)
+            with pytest.raises(RuntimeError, match="another pass of this encoder is running"):
+                enc.forward([wave])
+
+    handle = layer.register_forward_hook(nested)
+    try:
+        [states] = enc.forward([wave])
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(states.numpy(), enc.forward([wave])[0].numpy())  # the first pass was not disturbed
+    assert started
+
+
 @pytest.mark.parametrize("feature_encoder", list(FEATURE_ENCODERS))
 def test_too_short_input_is_refused(tiny_model_dir, feature_encoder):
     enc = load_encoder(tiny_model_dir("wav2vec2-base"), device="cpu", dtype="float32", feature_encoder=feature_encoder)

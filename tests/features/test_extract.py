@@ -215,6 +215,25 @@ def test_long_file_is_streamed_in_windows(tmp_path, write_audio, make_manifest, 
         assert fs.num_frames("synth/long/a") == 450 and fs.attrs["chunk_seconds"] == 1.0
 
 
+def test_long_files_amid_short_ones_in_one_process_equal_worker_processes(tmp_path, write_audio, make_manifest,
+                                                                         tiny_encoder_dir):
+    # one process writes on a background thread; a long file's windows must still be computed on the thread that
+    # runs the other passes (the encoder collects each pass's hidden states in one place)
+    files = [write_audio(tmp_path / "a" / f"s{i % 3}" / f"long{i}.wav", seconds=7.0 + i, seed=i) for i in range(3)]
+    files += [write_audio(tmp_path / "a" / f"s{i % 3}" / f"u{i:02d}.wav", seconds=1.0 + 0.1 * i, seed=10 + i)
+              for i in range(12)]
+    manifest = make_manifest(files)
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "dtype": "float32", "chunk_seconds": 1.0,
+          "feature_encoder": "library", "max_batch": 2}
+    extract([manifest], tmp_path / "one", procs=1, **kw)
+    extract([manifest], tmp_path / "two", procs=2, **kw)
+    with FeatureStore(tmp_path / "one") as one, FeatureStore(tmp_path / "two") as two:
+        assert sorted(one.ids()) == sorted(two.ids()) and len(one) == 15
+        for uid in one.ids():
+            np.testing.assert_array_equal(one.all_frames(uid), two.all_frames(uid), err_msg=uid)
+            np.testing.assert_array_equal(one.pooled(uid), two.pooled(uid), err_msg=uid)
+
+
 def test_killed_run_resumes_to_the_same_store(tmp_path, write_audio, make_manifest, tiny_encoder_dir):
     files = [write_audio(tmp_path / "a" / f"s{i % 3}" / f"u{i:02d}.wav", seconds=1.0 + 0.05 * i, seed=i)
              for i in range(24)]
