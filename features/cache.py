@@ -7,21 +7,20 @@ A store is append-only (layout in :mod:`features.store`): nothing published is e
    changed since it was published has each entry read, so that damaged ones are recomputed, not reused) and
    hashes every manifest row's audio. An entry is reused where the identity store holds that utterance with that
    audio content; the rest is the work.
-2. New entries go to new shards, written as ``shards/<name>.h5.tmp-<pid>`` and published by fsync and rename
+2. New entries go to new shards, written as ``shards/<name>.h5.tmp-<host>.<pid>`` and published by fsync and rename
    every ``part_entries`` utterances (by the worker processes themselves, or by :meth:`StoreBuild.add`);
    :meth:`StoreBuild.absorb` registers a published shard, no data is copied.
 3. :meth:`StoreBuild.finish` rewrites ``index.json`` if shards were added and ``current.json`` (the view: which
    identity store, which ``uid -> source`` entries this run wanted) if it changed, each atomically.
 
 A kill at any moment leaves the old view and every published shard intact (the next run reuses them) plus at most
-a few ``*.tmp-<pid>`` files (deleted by the next run). A rerun on unchanged inputs writes nothing; settings switched
+a few ``*.tmp-<host>.<pid>`` files (deleted by the next run on that host). A rerun on unchanged inputs writes nothing; settings switched
 back and forth find their identity store again.
 """
 
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import io
 import os
@@ -37,6 +36,7 @@ from features.store import (
     IdentityStore,
     StoreWriter,
     entries_by_uid,
+    hold_store,
     identity_of,
     identity_slug,
     is_identity_store,
@@ -44,7 +44,9 @@ from features.store import (
     read_current,
     replace_synced,
     scan_shard,
+    temporary_sibling,
     write_current,
+    writer_tag,
 )
 from pipeline.cli import existing_file, output_dir, output_file
 from pipeline.processes import pid_alive
@@ -87,25 +89,20 @@ def advance(bar, seconds: float) -> None:
 
 
 def remove_dead_temporaries(folder: Path) -> list[Path]:
-    """Delete ``*.tmp-<pid>`` files in ``folder`` whose process is gone (what a killed writer left); returns them."""
-    gone = []
+    """Delete the ``*.tmp-<host>.<pid>`` files in ``folder`` that this host's dead processes left (a killed writer's
+    debris); returns them. Other hosts' files are left alone: their pids mean nothing here, and on a shared
+    filesystem such a file may be a live writer's."""
+    gone, here = [], writer_tag().rsplit(".", 1)[0]
     for tmp in folder.glob("*.tmp-*") if folder.is_dir() else []:
-        if tmp.is_file() and not pid_alive(tmp.name.rsplit("-", 1)[-1]):
+        host, _, pid = tmp.name.rsplit(".tmp-", 1)[-1].rpartition(".")
+        if tmp.is_file() and host in {here, ""} and not pid_alive(pid):  # "": named by an older version, pid only
             tmp.unlink(missing_ok=True)
             gone.append(tmp)
     return gone
 
 
-def lock_shared(store: Path):
-    """Hold a shared lock on an identity store while a build uses it (``features.stores remove`` takes an
-    exclusive one, so it never deletes a store being built). Returns the open file that holds it."""
-    f = open(store / "store.json", "rb")  # held until the build finishes
-    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-    return f
-
-
 class PartWriter:
-    """One new shard: entries go to ``<path>.tmp-<pid>``, which :meth:`close` publishes as ``path``.
+    """One new shard: entries go to ``<path>.tmp-<host>.<pid>``, which :meth:`close` publishes as ``path``.
 
     Self-contained, so that a worker process (forked or spawned) writes and publishes its own shards.
 
@@ -122,7 +119,7 @@ class PartWriter:
         """Add one utterance: ``frames=[L, T, H]`` (+ ``pooled``), or ``pieces=..., num_frames=, hidden_size=``
         as for :class:`features.store.StoreWriter`; other keywords become entry attributes."""
         if self._writer is None:
-            self._writer = StoreWriter(self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}"), self.meta)
+            self._writer = StoreWriter(temporary_sibling(self.path), self.meta)
         if "pieces" in kw:
             self._writer.add_pieces(uid, source=source, **kw)
         else:
@@ -201,8 +198,14 @@ class StoreBuild:
             ValueError: ``out`` is not a collection folder.
         """
         self._check_out()
-        store = IdentityStore.create(self.store_dir, self.identity)
-        self._lock = lock_shared(self.store_dir)
+        for _ in range(3):  # held until the build finishes; a removal between creating and locking: again
+            store = IdentityStore.create(self.store_dir, self.identity)
+            self._lock = hold_store(self.store_dir)
+            if self._lock is not None:
+                break
+        else:
+            raise OSError(f"{self.store_dir}: removed while this run opened it, three times; expected no "
+                          "`features.stores remove` of it during an extraction. Rerun.")
         for folder in (self.out, self.store_dir, self.store_dir / SHARDS) if clean else ():
             remove_dead_temporaries(folder)
         try:
@@ -212,6 +215,11 @@ class StoreBuild:
             self._previous = None
         self._index, self.damaged = store.load(verify=True)
         for shard, bad in self.damaged.items():
+            if not bad:
+                print(f"warning: {self.store_dir / SHARDS / shard} cannot be read, and no index says what it held (a "
+                      "shard damaged before a run indexed it): whatever it held is recomputed where wanted. Delete "
+                      "the file.", file=sys.stderr)
+                continue
             print(f"warning: {self.store_dir / SHARDS / shard} changed since it was written: {len(bad)} damaged "
                   f"entries (e.g. {next(iter(bad))!r}) are not reused but recomputed where wanted.", file=sys.stderr)
         sources, skips = [], []

@@ -22,8 +22,9 @@ Layout (format ``ser-features/2``)::
                                 ddof=0, computed from the float32 frames before storage rounding);
                                 eGeMAPS: the 88 functionals (L = 1)
 
-Every dataset carries a fletcher32 checksum per chunk, so a shard damaged after it was written fails on read
-(a clear ``OSError`` naming the utterance and the shard) instead of returning garbage.
+Every dataset carries a fletcher32 checksum per chunk, and the file's own metadata (HDF5 1.10 format) its
+checksums, so a shard damaged after it was written fails on read (a clear ``OSError`` naming the utterance and
+the shard) instead of returning garbage.
 
 The *identity* of a store is its feature settings: the meta dict minus :data:`RUN_KEYS` (``versions``,
 ``provenance``: library versions, CPU/GPU model, kernels picked, which describe a run and are kept in each
@@ -43,12 +44,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
 import sys
 import time
 from collections import OrderedDict
@@ -120,10 +123,35 @@ def identity_slug(identity: Mapping) -> str:
 # --------------------------------------------------------------------------------- files written atomically
 
 
+def writer_tag() -> str:
+    """``<host>.<pid>``: who writes a temporary file. On a filesystem several machines share, a pid means
+    something only on its own host, so only this host's files of dead processes are ever deleted as debris."""
+    host = re.sub(r"[^A-Za-z0-9_]+", "_", socket.gethostname()) or "host"
+    return f"{host}.{os.getpid()}"
+
+
 def temporary_sibling(path: Path) -> Path:
-    """``<path>.tmp-<pid>``: where a new file is written before it is renamed onto ``path`` (the pid tells a live
-    writer's file from a killed one's debris)."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """``<path>.tmp-<host>.<pid>``: where a new file is written before it is renamed onto ``path`` (host and pid
+    tell a live writer's file from a killed one's debris)."""
+    return path.with_name(f"{path.name}.tmp-{writer_tag()}")
+
+
+def hold_store(store_dir: Path):
+    """A shared lock on the identity store ``store_dir`` for as long as the returned file stays open. Builds and
+    readers hold one; ``features.stores remove`` takes the exclusive lock, so it never deletes a store in use.
+    Returns None when the store is not there, or was removed (renamed aside) between being found and locked."""
+    try:
+        f = open(store_dir / STORE_JSON, "rb")
+    except FileNotFoundError:
+        return None
+    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+    try:
+        if os.path.samestat(os.fstat(f.fileno()), os.stat(store_dir / STORE_JSON)):
+            return f
+    except FileNotFoundError:
+        pass
+    f.close()
+    return None
 
 
 def _sync_dir(path: Path) -> None:
@@ -220,6 +248,15 @@ def _attr(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+#: What reading a damaged HDF5 file raises: checksum and header errors (OSError), but damaged metadata can also
+#: surface as RuntimeError (a heap's free list) or AttributeError (a group read back as None).
+DAMAGE_ERRORS = (OSError, KeyError, ValueError, RuntimeError, AttributeError)
+
+
+class UnreadableShard(OSError):
+    """A shard that no index describes cannot be opened or listed: what it held is unknown."""
+
+
 def scan_shard(path: str | os.PathLike) -> dict[str, str]:
     """``{uid: source}`` of a shard, read from its attributes only (no data is read)."""
     path = Path(path)
@@ -238,19 +275,26 @@ def verify_shard(path: str | os.PathLike, expected: Mapping[str, str] | None = N
 
     Returns:
         ``(good, damaged)``, each ``{uid: source}``; an unreadable shard has every expected entry damaged.
+
+    Raises:
+        UnreadableShard: ``expected`` is None (no index describes the shard) and it cannot be opened or listed.
     """
     path = Path(path)
     good: dict[str, str] = {}
     try:
         f = h5py.File(path, "r")
-    except OSError:
-        return {}, dict(expected or {})
+    except DAMAGE_ERRORS as err:
+        if expected is None:
+            raise UnreadableShard(f"{path}: cannot open it ({err})") from err
+        return {}, dict(expected)
     with f:
         try:
             _shard_meta(f, path)
             held = {str(_attr(g.attrs["id"])): n for n, g in f["utterances"].items()}
-        except (OSError, KeyError, ValueError):
-            return {}, dict(expected or {})
+        except DAMAGE_ERRORS as err:
+            if expected is None:
+                raise UnreadableShard(f"{path}: cannot list its entries ({err})") from err
+            return {}, dict(expected)
         failed: dict[str, str] = {}
         for uid, name in held.items():
             source = (expected or {}).get(uid, "")
@@ -261,7 +305,7 @@ def verify_shard(path: str | os.PathLike, expected: Mapping[str, str] | None = N
                 for layer in range(frames.shape[0]):
                     frames[layer]
                 group["pooled"][()]
-            except (OSError, KeyError, ValueError):
+            except DAMAGE_ERRORS:
                 failed[uid] = source
                 continue
             if expected is None or expected.get(uid) == source:
@@ -345,7 +389,8 @@ class IdentityStore:
 
         Returns:
             ``(index, damaged)``: ``{shard name: {"size", "mtime_ns", "entries", ["corrupt"]}}`` in shard order,
-            and ``{shard name: {uid: source}}`` of the entries found damaged now.
+            and ``{shard name: {uid: source}}`` of the entries found damaged now (``{}`` for a shard no index
+            describes that cannot be read at all: it stays out of the index, and is found again next time).
         """
         stored = self.read_index() or {}
         index, damaged = {}, {}
@@ -356,7 +401,11 @@ class IdentityStore:
                 continue
             if verify:
                 expected = None if rec is None else {**rec["entries"], **rec.get("corrupt", {})}
-                good, bad = verify_shard(path, expected)
+                try:
+                    good, bad = verify_shard(path, expected)
+                except UnreadableShard:  # reported by the caller each time, until the file is removed
+                    damaged[path.name] = {}
+                    continue
                 if bad:
                     damaged[path.name] = bad
                 corrupt = {**(rec or {}).get("corrupt", {}), **bad}
@@ -364,7 +413,7 @@ class IdentityStore:
             else:
                 try:
                     index[path.name] = _record(path, scan_shard(path))
-                except (OSError, KeyError, ValueError):
+                except DAMAGE_ERRORS:
                     index[path.name] = _record(path, {})
         return index, damaged
 
@@ -431,6 +480,7 @@ class FeatureStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._open: OrderedDict[str, h5py.File] = OrderedDict()
+        self._lock = None
         current = read_current(self.path) if self.path.is_dir() else None
         if current is not None:
             store_dir = self.path / current["store"]
@@ -441,6 +491,17 @@ class FeatureStore:
             store_dir = self.path
         else:
             raise _not_a_store(self.path)
+        self._lock = hold_store(store_dir)  # released by close(); `features.stores remove` waits for it
+        if self._lock is None:
+            raise FileNotFoundError(f"{store_dir}: removed while it was being opened; rerun the extraction with "
+                                    f"--out {store_dir.parent} to recompute it.")
+        try:
+            self._load(store_dir, current)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, store_dir: Path, current: dict | None) -> None:
         self.store = IdentityStore(store_dir)
         index, _ = self.store.load()
         held = entries_by_uid(index)
@@ -473,6 +534,9 @@ class FeatureStore:
     def close(self) -> None:
         while self._open:
             self._open.popitem()[1].close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _shard_path(self, name: str) -> Path:
         return self.store.shards_dir / name
@@ -491,7 +555,7 @@ class FeatureStore:
         """Run ``read(h5 file)``; any HDF5 failure (a checksum mismatch, a damaged header) becomes a clear error."""
         try:
             return read(self._file(shard))
-        except (OSError, KeyError, ValueError) as err:
+        except DAMAGE_ERRORS as err:
             whose = f"{uid}: cannot read its {what}" if uid else f"cannot read the {what}"
             raise OSError(f"{whose} from {self._shard_path(shard)} ({err}); the shard was damaged after it was "
                           f"written. {_RERUN}") from err
@@ -647,7 +711,10 @@ class StoreWriter:
         self.path = Path(path)
         self.attrs = dict(attrs)
         self.storage_dtype = np.dtype(self.attrs["storage_dtype"])
-        self._h5 = h5py.File(f"{self.path.name}-{id(self)}", "w", driver="core", backing_store=False)
+        # libver v110: the file's own metadata carries checksums too, so damage there fails on read (with the 1.0
+        # format, damaged headers could lead past the datasets' Fletcher-32 to other data); HDF5 >= 1.10 reads it
+        self._h5 = h5py.File(f"{self.path.name}-{id(self)}", "w", driver="core", backing_store=False,
+                             libver=("v110", "latest"))
         self._h5.attrs["format"] = FORMAT
         self._h5.attrs["meta"] = json.dumps(self.attrs)
         self._utts = self._h5.create_group("utterances")

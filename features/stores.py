@@ -112,8 +112,8 @@ def remove_store(store: Path, *, dry_run: bool = False) -> int:
     """Delete one identity store (locked exclusively, renamed aside, then deleted); returns its size.
 
     Raises:
-        ValueError: it is its collection's current store.
-        BlockingIOError: an extraction is using it.
+        ValueError: it is its collection's current store (checked again once it is locked).
+        BlockingIOError: an extraction or an open reader is using it.
     """
     if current_of(store):
         raise ValueError(f"{store} is the current store of {store.parent} (its last run's features); expected a "
@@ -126,8 +126,11 @@ def remove_store(store: Path, *, dry_run: bool = False) -> int:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BlockingIOError(f"{store}: an extraction is using it (locked); expected an idle store. Retry "
-                                  "when it has finished.") from None
+            raise BlockingIOError(f"{store}: an extraction or a reader (training, prediction) is using it "
+                                  "(locked); expected an idle store. Retry when it has finished.") from None
+        if current_of(store):  # a run that finished since the check above made it current again
+            raise ValueError(f"{store} became the current store of {store.parent} while it was being removed; "
+                             "expected a store no collection uses. It is kept.")
         aside = store.with_name(f".{store.name}{REMOVING}{os.getpid()}")
         os.replace(store, aside)  # no longer a store for anyone, even if the deletion below is cut short
     shutil.rmtree(aside)

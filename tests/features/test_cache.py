@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from features.cache import PartWriter, StoreBuild, publish, source_hash
-from features.store import FeatureStore, identity_of, identity_slug, mean_std
+from features.store import FeatureStore, identity_of, identity_slug, mean_std, writer_tag
 from pipeline.roots import read_manifests
 
 META_A = {"kind": "wav2vec2", "encoder": "org/enc-a", "revision": None, "sample_rate": 16000, "layers": [0, 1, 2],
@@ -233,9 +233,39 @@ def test_a_dead_writers_temporary_shard_is_deleted_by_the_next_build(audio, make
     run_build(out, manifest)
     shards = shard_files(out)[0].parent
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    debris = shards / f"{shard_files(out)[0].name}.tmp-{dead.stdout.strip()}"  # killed while writing its image
+    host, pid = writer_tag().rsplit(".", 1)[0], dead.stdout.strip()
+    debris = shards / f"{shard_files(out)[0].name}.tmp-{host}.{pid}"  # killed while writing its image
     debris.write_bytes(b"half an HDF5 image")
-    live = shards / f"other.h5.tmp-{os.getpid()}"  # a live writer's file is left alone
+    older = shards / f"old.h5.tmp-{pid}"  # named by an earlier version: pid only
+    older.write_bytes(b"half an HDF5 image")
+    live = shards / f"other.h5.tmp-{writer_tag()}"  # a live writer's file is left alone
     live.write_bytes(b"being written")
+    elsewhere = shards / f"remote.h5.tmp-{host}x.{pid}"  # another machine's writer on a shared filesystem:
+    elsewhere.write_bytes(b"being written")  # its pid means nothing here
     assert run_build(out, manifest)["computed"] == 0
-    assert not debris.exists() and live.exists()
+    assert not debris.exists() and not older.exists() and live.exists() and elsewhere.exists()
+
+def test_an_unreadable_shard_no_index_describes_is_reported_and_its_rows_recomputed(audio, make_manifest, tmp_path,
+                                                                                   capsys):
+    out, manifest = tmp_path / "feats", make_manifest(audio[:4])
+    run_build(out, manifest)  # two shards of two entries
+    broken = shard_files(out)[0]
+    (broken.parent.parent / "index.json").unlink()  # as if the run had been killed before writing its index
+    broken.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))  # ... and the shard damaged since
+    capsys.readouterr()
+    summary = run_build(out, manifest)
+    assert (summary["computed"], summary["reused"]) == (2, 2)
+    said = capsys.readouterr().err
+    assert f"{broken} cannot be read, and no index says what it held" in said and "Delete the file" in said
+    index = json.loads((broken.parent.parent / "index.json").read_text())
+    assert broken.name not in index  # not recorded as an empty shard: found and reported again next time
+    assert_holds(out, audio[:4])
+    run_build(out, manifest)
+    assert f"{broken} cannot be read" in capsys.readouterr().err
+
+
+def test_shards_checksum_their_own_metadata(audio, make_manifest, tmp_path):
+    out = tmp_path / "feats"
+    run_build(out, make_manifest(audio[:2]))
+    image = shard_files(out)[0].read_bytes()
+    assert image[:8] == b"\x89HDF\r\n\x1a\n" and image[8] >= 2  # superblock version 2+: checksummed metadata

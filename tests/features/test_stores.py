@@ -75,12 +75,57 @@ def test_remove_one_store_and_refusals(root, capsys):
     assert build.store_dir == unused
     build.plan(pd.DataFrame(columns=["id", "path"]))  # a build is using the unused store
     assert main(["remove", str(unused)]) == 1
-    assert "an extraction is using it" in capsys.readouterr().err and unused.is_dir()
+    assert "an extraction or a reader (training, prediction) is using it" in capsys.readouterr().err and unused.is_dir()
     assert main(["remove", "--unused", str(root)]) == 1 and unused.is_dir()
     build.finish()  # now it is the current one
     assert json.loads((root / "w2v.h5" / "current.json").read_text())["store"] == unused.name
     assert main(["remove", str(current)]) == 0
     assert f"removed {current}" in capsys.readouterr().out and not current.exists()
+
+
+def test_an_open_reader_keeps_its_store(root, capsys):
+    unused = root / "w2v.h5" / slug(ENC_A)
+    with FeatureStore(unused) as fs:  # training reading the old encoder's store while the collection moved on
+        assert main(["remove", "--unused", str(root)]) == 1
+        assert "a reader (training, prediction) is using it" in capsys.readouterr().err
+        assert len(fs) == 3 and fs.all_frames(fs.ids()[0]).shape == (3, 5, 4)
+    assert main(["remove", "--unused", str(root)]) == 0 and not unused.exists()
+
+
+def test_a_store_that_becomes_current_while_being_removed_is_kept(root, capsys, monkeypatch):
+    import features.stores
+
+    unused, size = root / "w2v.h5" / slug(ENC_A), features.stores.dir_size
+
+    def a_run_finishes_meanwhile(path):  # between the first check and the lock
+        write_store(root / "w2v.h5", entries(3), ENC_A)
+        return size(path)
+
+    monkeypatch.setattr(features.stores, "dir_size", a_run_finishes_meanwhile)
+    assert main(["remove", str(unused)]) == 1
+    assert "became the current store" in capsys.readouterr().err and unused.is_dir()
+    with FeatureStore(root / "w2v.h5") as fs:
+        assert len(fs) == 3
+
+
+def test_a_build_whose_store_is_removed_before_it_locks_it_makes_it_again(root, monkeypatch):
+    import features.cache
+
+    hold, removed = features.cache.hold_store, []
+
+    def removed_first(store_dir):
+        if not removed:  # `remove` renamed it aside just before this build locked it
+            assert main(["remove", str(store_dir)]) == 0
+            removed.append(store_dir)
+        return hold(store_dir)
+
+    monkeypatch.setattr(features.cache, "hold_store", removed_first)
+    build = StoreBuild(root / "w2v.h5", {**DEFAULT_ATTRS, **ENC_A})
+    todo, _ = build.plan(pd.DataFrame(columns=["id", "path"]))
+    assert removed == [build.store_dir] and build.store_dir.is_dir()
+    build.finish()
+    with FeatureStore(root / "w2v.h5") as fs:
+        assert fs.attrs["encoder"] == "org/enc-a" and len(fs) == 0
 
 
 def test_bad_usage_exits_2_and_bad_data_exits_1(root, tmp_path, capsys):
