@@ -10,10 +10,11 @@ unique per writer and a shard becomes visible only by an atomic rename.
   once and writes the shards of the tasks it is handed; the driver registers each finished shard. A killed actor
   is restarted by Ray and its task, whose shard was never published, is run again (``max_restarts`` and
   ``max_task_retries``); what was published before stays.
-* ``--shard K/N`` (:func:`shard_ids`): the passes, planned over every wanted row, are dealt round-robin into N
-  shards, so N invocations (a SLURM array job) agree on who computes what, whatever is already stored. A member
-  publishes its shards only; the final call without ``--shard`` indexes them and writes the view (and computes
-  whatever a failed member left).
+* ``--shard K/N`` (:func:`shard_ids`): the passes, planned over every manifest row (readable on that machine or
+  not), are dealt round-robin into N shards, so N invocations (a SLURM array job) agree on who computes what,
+  whatever is already stored; choices timed at start-up (``--dtype auto``, ``--feature-encoder auto``) are
+  recorded by the first member to make them and followed by the others. A member publishes its shards only; the
+  final call without ``--shard`` indexes them and writes the view (and computes whatever a failed member left).
 
 Example:
     ray start --head --num-gpus 8            # then `ray start --address HEAD:6379` on each worker node
@@ -69,7 +70,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def shard_ids(passes: Sequence[Sequence[dict]], shard: tuple[int, int]) -> set[str]:
     """The row ids of shard ``(K, N)``: passes ``K-1, K-1+N, ...`` of ``passes``.
 
-    ``passes`` must be planned over every wanted row (done or not), so that the N shards are the same on every
+    ``passes`` must be planned over every manifest row (done or not), so that the N shards are the same on every
     machine and in every run; passes come longest first, so round-robin dealing gives each shard a similar
     amount of audio.
     """
@@ -202,6 +203,10 @@ class RayActors:
             yield from pool.map_unordered(
                 lambda actor, item: actor.work.remote(item[0], item[1], meta, job, expected, name, grid),
                 list(zip(tasks, parts, strict=True)))
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, OSError):  # as the local path raises it: errno kept (a full disk is explained)
+                raise err.cause from err
+            raise
         finally:
             self.close()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import multiprocessing
 import os
 import platform
@@ -57,7 +58,7 @@ from features.encoder import (
     resolve_device,
 )
 from features.hardware import Device, DType
-from features.store import FeatureStore
+from features.store import FeatureStore, claim_json
 from pipeline.audio import AudioError, load_audio
 from pipeline.cli import non_negative_float, positive_float, positive_int, run_main
 from pipeline.processes import cpu_cores, die_with_parent
@@ -96,16 +97,24 @@ def provenance(enc: Encoder, procs: int) -> dict:
     return record
 
 
+#: In an identity store: the feature-encoder implementation and frame grid its first timing chose (first writer wins).
+FEATURE_ENCODER_CHOICE = "feature-encoder.json"
+
+
 def recorded_feature_encoder(store_dir: Path) -> dict | None:
-    """The provenance of the newest shard of an identity store, with its ``frame_grid`` filled in (1 for a store
-    from before frame grids); None for a store without shards, or one whose implementation this version does not
-    have."""
-    if not any((store_dir / "shards").glob("*.h5")):
-        return None
-    try:
-        with FeatureStore(store_dir) as fs:
+    """What an identity store is computed with: the choice its first timing recorded (:data:`FEATURE_ENCODER_CHOICE`)
+    or, for a store from before that file, the provenance of its newest shard; with ``frame_grid`` filled in (1 for
+    a store from before frame grids). None for a store with neither, or one whose implementation this version does
+    not have."""
+    record = None
+    if (store_dir / FEATURE_ENCODER_CHOICE).is_file():
+        with contextlib.suppress(OSError, ValueError):  # unreadable: timed again, and the claim says why
+            record = json.loads((store_dir / FEATURE_ENCODER_CHOICE).read_text())
+        record = record if isinstance(record, dict) else None
+    elif any((store_dir / "shards").glob("*.h5")):
+        with contextlib.suppress(OSError, ValueError), FeatureStore(store_dir) as fs:
             record = dict(fs.attrs.get("provenance") or {})
-    except (OSError, ValueError):
+    if not record:
         return None
     record.setdefault("frame_grid", 1)
     grid = record["frame_grid"]
@@ -113,10 +122,34 @@ def recorded_feature_encoder(store_dir: Path) -> dict | None:
         else None
 
 
-def recorded_auto_dtype(out: str | os.PathLike, device_type: str) -> str | None:
-    """The dtype ``auto`` chose for the collection ``out`` on this device class in its last run, so that reruns
-    keep it whatever a new timing would say (None where there is no such run)."""
-    if not (Path(out) / "current.json").is_file():
+def auto_dtype(out: str | os.PathLike, device: torch.device) -> str:
+    """The dtype ``auto`` means for the collection ``out`` on this device class: the one its first such run chose,
+    recorded in ``<out>/dtype-auto-<device>.json`` (first writer wins, so ``--shard`` members starting together on
+    several machines agree), else, for a collection from before that file, the one of its last run; otherwise timed
+    now (:func:`features.encoder.pick_dtype`) and recorded. Reruns keep it whatever a new timing would say.
+
+    Raises:
+        ValueError: the recorded file does not name a dtype.
+    """
+    out = Path(out)
+    record = out / f"dtype-auto-{device.type}.json"
+    chosen = None if record.is_file() else _last_auto_dtype(out, device.type)
+    if out.exists() and not out.is_dir():  # refused with a clear message where the store is opened
+        return chosen or pick_dtype(DType.AUTO, device)
+    if not record.is_file():
+        chosen = chosen or pick_dtype(DType.AUTO, device)
+        out.mkdir(parents=True, exist_ok=True)
+    held = claim_json(record, {"dtype": chosen}).get("dtype")
+    if held not in {DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16}:
+        raise ValueError(f"{record}: expected a dtype (float32, bfloat16 or float16), found {held!r}. Delete the file "
+                         "to choose again.")
+    return held
+
+
+def _last_auto_dtype(out: Path, device_type: str) -> str | None:
+    """The dtype ``auto`` chose for the collection ``out`` on this device class in its last run (None where there
+    is no such run)."""
+    if not (out / "current.json").is_file():
         return None
     try:
         with FeatureStore(out) as fs:
@@ -315,6 +348,8 @@ def encode_rows(enc: Encoder, batches: Sequence[Sequence[dict]], job: Job, add: 
         short = [(row, wave) for row, wave in ready if len(wave) <= enc.max_single_samples]
         results = {}
         for group in _groups(short, enc):
+            if not any(row["todo"] for row, _ in group):  # its rows to do failed to decode: nothing to store
+                continue
             states = forward_split(enc, [w for _, w in group], job.layers)
             for (row, _), s in zip(group, states, strict=True):
                 if row["todo"]:
@@ -467,7 +502,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
     timed = not isinstance(encoder, Encoder) and feature_encoder == "auto"  # timed below, only if there is work
     requested = dtype
     if dtype == DType.AUTO and not isinstance(encoder, Encoder):
-        dtype = recorded_auto_dtype(out, resolve_device(device).type) or dtype
+        dtype = auto_dtype(out, resolve_device(device))
     actors = None
     if engine == Engine.RAY and not isinstance(encoder, Encoder):  # started first: they load while this process does
         dev = resolve_device(device)
@@ -492,9 +527,9 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                 "versions": versions()}
         build = StoreBuild(out, meta, part_entries=part_entries)
         todo, skipped = build.plan(rows, clean=shard is None)
-        if shard is not None:
-            todo = todo[todo["id"].isin(shard_ids(plan_batches(build.wanted_rows, set(build.wanted_rows["id"]), job,
-                                                               enc), shard))]
+        if shard is not None:  # dealt over every manifest row, readable here or not, so that every member agrees
+            dealt = plan_batches(rows.assign(source=None), set(rows["id"]), job, enc)
+            todo = todo[todo["id"].isin(shard_ids(dealt, shard))]
         batches = plan_batches(build.wanted_rows, set(todo["id"]), job, enc)
         check_free_space(out, cropped_seconds(todo, job).fillna(0).sum(), enc, job)
         if engine == Engine.RAY and batches and actors is None:
@@ -506,15 +541,21 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             actors.keep(len(batches))
         if batches and timed:
             earlier = recorded_feature_encoder(build.store_dir)
+            kept_from = "the store's recorded choice"
             if earlier is None:
                 choose_feature_encoder(enc)
-            else:  # a resumed or extended store is computed as it began, whatever today's timing says
+                earlier = claim_json(build.store_dir / FEATURE_ENCODER_CHOICE, {
+                    "feature_encoder": enc.feature_encoder, "frame_grid": enc.frame_grid,
+                    "feature_encoder_version": enc.feature_encoder_version})
+                kept_from = "another run's timing, recorded first (a --shard member starting at the same time)"
+            if (earlier["feature_encoder"], earlier["frame_grid"]) != (enc.feature_encoder, enc.frame_grid) \
+                    or "chosen" not in enc.feature_encoder_timing:  # a store is computed as it began
                 enc.use_feature_encoder(earlier["feature_encoder"])
                 enc.use_frame_grid(earlier["frame_grid"])
                 enc.feature_encoder_timing = {"chosen": enc.feature_encoder, "frame_grid": enc.frame_grid,
-                                              "kept_from": "the store's earlier shards"}
-                if note := plugin_version_note(earlier, enc):
-                    print(f"note: {note} Each shard records the version it was computed with.")
+                                              "kept_from": kept_from}
+            if note := plugin_version_note(earlier, enc):
+                print(f"note: {note} Each shard records the version it was computed with.")
         procs = actors.size if actors else procs
         meta["provenance"] = build.meta["provenance"] = {**provenance(enc, procs), "engine": engine,
                                                          "dtype_requested": requested}

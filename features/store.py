@@ -189,6 +189,38 @@ def write_json(path: str | os.PathLike, obj) -> bool:
     return True
 
 
+def claim_json(path: str | os.PathLike, obj: dict) -> dict:
+    """First writer wins: make ``path`` hold ``obj`` unless it exists already; returns what it holds. Processes that
+    decide at once (``--shard`` members on machines sharing the store) all end with the first one's decision: the
+    file is written aside and hard-linked into place, which fails where it exists, so it is never seen partial.
+
+    Raises:
+        ValueError: an existing ``path`` is not a JSON object.
+    """
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        _sync_dir(path.parent)
+        return dict(obj)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the recorded choice ({err}); expected a JSON object. Delete the "
+                         "file to choose again.") from err
+    if not isinstance(held, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(held).__name__}. Delete the file to choose "
+                         "again.")
+    return held
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import threading
 import time
 
+import h5py
 import numpy as np
 import psutil
 import pytest
@@ -113,6 +115,20 @@ def test_actors_started_before_the_model_loads_are_stopped_when_the_run_fails(ra
     assert not (tmp_path / "ray").exists()
 
 
+def test_an_actors_os_error_reaches_the_driver_as_itself(ray_cluster, clips, tmp_path, tiny_encoder_dir,
+                                                         monkeypatch):
+    import errno
+
+    from features.cache import StoreBuild
+
+    gone = tmp_path / "no-such-folder"  # where the actors are told to write: their write fails there
+    monkeypatch.setattr(StoreBuild, "reserve_part", lambda self: gone / "part.h5")
+    with pytest.raises(OSError) as raised:
+        extract([clips], tmp_path / "ray", encoder=str(tiny_encoder_dir), engine="ray", **SETTINGS)
+    assert raised.value.errno == errno.ENOENT and str(gone) in str(raised.value)  # errno kept, as locally
+    assert not isinstance(raised.value, ray_cluster.exceptions.RayTaskError)
+
+
 def test_a_killed_actor_loses_only_its_shard_which_is_recomputed(ray_cluster, tmp_path, write_audio, make_manifest,
                                                                 tiny_encoder_dir):
     files = [write_audio(tmp_path / "audio" / f"u{i:02d}.wav", seconds=6.0 + 0.1 * i, seed=i) for i in range(12)]
@@ -157,6 +173,68 @@ def test_shard_halves_then_an_index_call_equal_the_whole(clips, tmp_path, tiny_e
     status, printed, computed = run()
     assert status == 0 and computed == 0 and "12 utterances in" in printed
     assert_same_store(out, _single_process(clips, tmp_path, tiny_encoder_dir, tail_alone=16), 12)  # the CLI's
+
+
+def test_shard_members_timing_at_once_compute_with_the_first_ones_choice(clips, tmp_path, tiny_encoder_dir,
+                                                                        monkeypatch):
+    out = tmp_path / "sharded"
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "dtype": "float32", "storage_dtype": "float32",
+          "procs": 1, "part_entries": 2}  # feature_encoder auto: timed
+    store_dir = []
+
+    def member_one_times(enc):  # its node finds the plug-in faster
+        enc.use_feature_encoder("strided_matmul")
+        enc.use_frame_grid(8)
+        enc.feature_encoder_timing = {"chosen": "strided_matmul", "frame_grid": 8}
+
+    def member_two_times(enc):  # its node would pick the library's modules, but member one records its choice first
+        (store,) = [p for p in out.iterdir() if p.is_dir()]
+        store_dir.append(store)
+        (store / extract_module.FEATURE_ENCODER_CHOICE).write_text(
+            '{"feature_encoder": "strided_matmul", "frame_grid": 8, "feature_encoder_version": 2}')
+        enc.feature_encoder_timing = {"chosen": "library", "frame_grid": 1}
+
+    monkeypatch.setattr(extract_module, "choose_feature_encoder", member_two_times)
+    extract([clips], out, shard=(2, 2), **kw)
+    monkeypatch.setattr(extract_module, "choose_feature_encoder", lambda enc: pytest.fail("timed after a choice"))
+    extract([clips], out, shard=(1, 2), **kw)
+    assert extract([clips], out, **kw)["computed"] == 0
+    shards = sorted((store_dir[0] / "shards").glob("*.h5"))
+    assert len(shards) >= 2
+    for shard in shards:  # every member's shards computed alike
+        with h5py.File(shard, "r") as f:
+            record = json.loads(f.attrs["meta"])["provenance"]
+        assert (record["feature_encoder"], record["frame_grid"]) == ("strided_matmul", 8), shard.name
+    monkeypatch.setattr(extract_module, "choose_feature_encoder", member_one_times)
+    single = tmp_path / "single"
+    extract([clips], single, **kw)
+    assert_same_store(out, single, 12)
+
+
+def test_shard_members_agree_on_dtype_auto_and_on_who_computes_a_file_some_cannot_read(
+        clips, tmp_path, tiny_encoder_dir, monkeypatch, capsys):
+    import pandas as pd
+
+    import features.encoder
+
+    out = tmp_path / "sharded"
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "dtype": "auto", "storage_dtype": "float32",
+          "procs": 1, "part_entries": 2, "feature_encoder": "library"}
+    picks = iter(["bfloat16", "float32", "float32"])  # the first member's node times bfloat16 faster, others not
+    timed = lambda dtype, dev: next(picks) if dtype == "auto" else dtype  # noqa: E731
+    monkeypatch.setattr(extract_module, "pick_dtype", timed)
+    monkeypatch.setattr(features.encoder, "pick_dtype", timed)
+    rows = pd.read_csv(clips)
+    hidden = tmp_path / "hidden.csv"  # member two's node cannot read one file yet (a lagging mount)
+    rows.assign(path=[p + ".missing" if i == 5 else p for i, p in enumerate(rows["path"])]).to_csv(hidden, index=False)
+    one = extract([clips], out, shard=(1, 2), **kw)
+    two = extract([hidden], out, shard=(2, 2), **kw)
+    final = extract([clips], out, **kw)
+    assert one["computed"] + two["computed"] + final["computed"] == 12  # every row once, none by two members,
+    assert final["computed"] <= 1  # and none left to the final call but the file member two could not read
+    assert [p.name for p in out.iterdir() if p.is_dir()] and len([p for p in out.iterdir() if p.is_dir()]) == 1
+    with FeatureStore(out) as fs:
+        assert fs.attrs["dtype"] == "bfloat16" and len(fs) == 12
 
 
 def test_shard_and_engine_errors(monkeypatch, clips, tmp_path, tiny_encoder_dir):

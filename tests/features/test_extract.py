@@ -234,6 +234,21 @@ def test_long_files_amid_short_ones_in_one_process_equal_worker_processes(tmp_pa
             np.testing.assert_array_equal(one.pooled(uid), two.pooled(uid), err_msg=uid)
 
 
+def test_a_rerun_computes_no_pass_whose_only_row_to_do_cannot_be_decoded(tmp_path, write_audio, make_manifest,
+                                                                        tiny_encoder_dir, forward_calls):
+    good = write_audio(tmp_path / "a" / "s1" / "good.wav", seconds=1.0)  # one pass with the bad row (1 s listed)
+    bad = tmp_path / "a" / "s1" / "bad.wav"
+    bad.write_bytes(b"RIFF and then nothing an audio decoder can read")
+    manifest = make_manifest([good, bad])
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "dtype": "float32", "procs": 1,
+          "feature_encoder": "library", "tail_alone": 0}
+    first = extract([manifest], tmp_path / "f", **kw)
+    assert (first["computed"], first["skipped"]) == (1, 1) and len(forward_calls) == 1
+    again = extract([manifest], tmp_path / "f", **kw)
+    assert (again["computed"], again["skipped"]) == (0, 1)
+    assert len(forward_calls) == 1  # the good row's pass was not run again for nothing
+
+
 def test_killed_run_resumes_to_the_same_store(tmp_path, write_audio, make_manifest, tiny_encoder_dir):
     files = [write_audio(tmp_path / "a" / f"s{i % 3}" / f"u{i:02d}.wav", seconds=1.0 + 0.05 * i, seed=i)
              for i in range(24)]
