@@ -77,7 +77,12 @@ def write_skips(path: str | os.PathLike, skips: Iterable[dict]) -> Path:
     except OSError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text.getvalue().encode())
+    tmp = temporary_sibling(path)  # a kill mid-write leaves the old report whole
+    try:
+        tmp.write_bytes(text.getvalue().encode())
+        replace_synced(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
