@@ -18,7 +18,6 @@ analysis).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from baselines.train import train_sklearn
 from features.store import FeatureStore
 from pipeline.cli import existing_dir, positive_float, run_main
 from training.options import add_training_args, check_label_set, parse_with_settings, run_trainer
+from training.rundir import staged_run
 
 
 def probe_layers(*, features: str, manifests: Sequence[str], split: str, label_set: str, out: str,
@@ -53,19 +53,16 @@ def probe_layers(*, features: str, manifests: Sequence[str], split: str, label_s
         hidden_states = list(store.attrs.get("layers", range(store.num_layers)))
     name = encoder_name or Path(features).name
     final = Path(out)
-    work = final.with_name(final.name + ".tmp")
-    shutil.rmtree(work, ignore_errors=True)
     results = []
-    for position, layer in enumerate(hidden_states):
-        metrics = train_sklearn(
-            features=features, manifests=manifests, split=split, model="logreg", label_set=label_set,
-            out=str(work / f"layer_{int(layer):02d}"), merge_calm=merge_calm, augmentation=augmentation,
-            normalisation=normalisation, layers=[position], seed=seed, settings={"C": C},
-            system=f"probe_{name}_L{int(layer):02d}", extra_protocol={"probe_layer": int(layer)})
-        print(f"layer {layer}: ua {metrics['ua']:.3f}", file=sys.stderr)
-        results.append(metrics)
-    shutil.rmtree(final, ignore_errors=True)  # an earlier probe is replaced only by a complete one
-    work.rename(final)
+    with staged_run(final, keep_foreign=False) as work:  # an earlier probe is replaced only by a complete one
+        for position, layer in enumerate(hidden_states):
+            metrics = train_sklearn(
+                features=features, manifests=manifests, split=split, model="logreg", label_set=label_set,
+                out=str(work / f"layer_{int(layer):02d}"), merge_calm=merge_calm, augmentation=augmentation,
+                normalisation=normalisation, layers=[position], seed=seed, settings={"C": C},
+                system=f"probe_{name}_L{int(layer):02d}", extra_protocol={"probe_layer": int(layer)})
+            print(f"layer {layer}: ua {metrics['ua']:.3f}", file=sys.stderr)
+            results.append(metrics)
     return results
 
 

@@ -33,7 +33,7 @@ from evaluation.results import Result
 from evaluation.systems import System, augmented, group_systems
 from pipeline.cli import existing_dir, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.metrics import SCORES, scores
-from training.rundir import Run, load_run
+from training.rundir import Run, load_run, recover_run
 
 TABLE_COLUMNS = ["system", "ua", "wa", "macro_f1", "ua_std", "wa_std", "macro_f1_std", "ua_ci_low", "ua_ci_high",
            "n_test", "n_speakers", "p_value"]
@@ -140,17 +140,35 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Run directories from paths that are run directories or folders of them (searched at any depth, sorted).
 
     A folder is a run directory when it holds ``metrics.json``; ``dvc repro`` passes ``data/runs`` and
-    ``data/probes``, so no stage keeps a list of systems by hand.
+    ``data/probes``, so no stage keeps a list of systems by hand. Below a folder, trainers' staging folders and
+    replaced runs (names starting with ``.`` or ending in ``.tmp``) and run directories without ``metrics.json``
+    are skipped and reported on stderr, never averaged in. A named run that a killed trainer left half-swapped
+    is put back first (:func:`training.rundir.recover_run`).
 
     Raises:
         FileNotFoundError: a path that does not exist, or a folder without any run directory below it.
     """
     found = []
-    for path in map(Path, paths):
+    for path in map(recover_run, paths):
         if (path / "metrics.json").is_file() or not path.is_dir():
             found.append(path)  # load_run says what is missing
             continue
-        below = sorted(m.parent for m in path.rglob("metrics.json"))
+        below, staged = [], []
+        for run in sorted(m.parent for m in path.rglob("metrics.json")):
+            parts = run.relative_to(path).parts
+            hidden = any(p.startswith(".") or p.endswith(".tmp") for p in parts)
+            (staged if hidden else below).append(run)
+        broken = sorted(d.parent for name in ("predictions.csv", "models") for d in path.rglob(name)
+                        if not (d.parent / "metrics.json").is_file()
+                        and not any(p.startswith(".") or p.endswith(".tmp")
+                                    for p in d.parent.relative_to(path).parts))
+        for run in staged:  # a trainer's staging folder or a replaced run an interrupted commit left
+            print(f"skipped {run}: a run being written or replaced (a trainer's staging folder); a finished "
+                  "training swaps it in, and its next run or `load_run` of the run beside it cleans it up",
+                  file=sys.stderr)
+        for run in dict.fromkeys(broken):
+            print(f"skipped {run}: a run directory without metrics.json (interrupted or damaged); re-run its "
+                  "train stage", file=sys.stderr)
         if not below:
             raise FileNotFoundError(f"{path} holds no run directory (no metrics.json at any depth); expected "
                                     "a run directory of heads.train / baselines.train or a folder of them.")
@@ -199,7 +217,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m pipeline.compare RUN_DIR... --out DIR [--format md,csv,latex]``."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", type=existing_dir,
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", type=lambda text: existing_dir(str(recover_run(text))),
                         help="run directories to compare, or folders of them (e.g. data/runs)")
     parser.add_argument("--out", required=True, type=output_dir, help="output directory")
     parser.add_argument("--format", default=",".join(TableFormat), help="comma-separated: md, csv, latex")

@@ -111,13 +111,13 @@ def clean_stale(out: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _commit(tmp: Path, out: Path) -> None:
+def _commit(tmp: Path, out: Path, keep_foreign: bool = True) -> None:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file; expected a run directory (or nothing) there. Remove the file "
                                  "or choose another --out.")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
-        for entry in out.iterdir():
+        for entry in out.iterdir() if keep_foreign else ():
             if entry.name not in RUN_ENTRIES and not (tmp / entry.name).exists():
                 if entry.is_dir():
                     shutil.copytree(entry, tmp / entry.name, symlinks=True)
@@ -129,8 +129,10 @@ def _commit(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_run(out: str | os.PathLike) -> Iterator[Path]:
+def staged_run(out: str | os.PathLike, *, keep_foreign: bool = True) -> Iterator[Path]:
     """Yield a fresh staging folder for the run ``out``; on normal exit swap it in, on an exception remove it.
+    ``keep_foreign``: carry files of the old ``out`` that a trainer does not write (a ``.gitignore``, say) into
+    the new one; False where everything in ``out`` is the writer's (a probe's folder of per-layer runs).
 
     Raises:
         NotADirectoryError: ``out`` (or a folder above it) is an existing file; checked before any work.
@@ -147,7 +149,7 @@ def staged_run(out: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _commit(tmp, out)
+        _commit(tmp, out, keep_foreign)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -211,7 +213,17 @@ def write_run(out: str | os.PathLike, *, labels: list[str], predictions: pd.Data
 
     Returns:
         The metrics written.
+
+    Raises:
+        ValueError: a probability that is not finite (nothing is written).
     """
+    proba = predictions[list(labels)].to_numpy(dtype=float)
+    bad = ~np.isfinite(proba).all(axis=1)
+    if bad.any():  # refused before anything is written: the staged run is dropped, an earlier run stays
+        folds = sorted(set(predictions.loc[bad, "fold"].tolist()))
+        raise ValueError(f"{int(bad.sum())} test rows (folds {folds}) got probabilities that are not finite; "
+                         "expected finite outputs: the training diverged, or features hold NaN/inf. Lower the "
+                         "learning rate (--lr) or check the features; the previous run, if any, is kept.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = fold_metrics(predictions, labels, speakers)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from baselines.probe import main as probe_main
 from baselines.probe import probe_layers
@@ -60,3 +61,32 @@ def test_a_failed_probe_leaves_the_earlier_one(baseline_experiment, tmp_path, ca
     before = sorted(p.name for p in out.iterdir())
     assert probe_main([*args, "--label-set", "no_such_set"]) == 2
     assert "error:" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_probe_interrupted_midway_leaves_the_earlier_one_and_nothing_for_compare(baseline_experiment, tmp_path,
+                                                                                   monkeypatch):
+    import baselines.probe
+    from pipeline.compare import expand_run_dirs
+
+    manifest, split, _ = baseline_experiment
+    store = _layered_store(tmp_path / "store", manifest, informative=1)
+    out = tmp_path / "probes" / "tiny"
+    args = ["--features", str(store), "--manifest", str(manifest), "--split", str(split), "--out", str(out),
+            "--label-set", "four"]
+    assert probe_main(args) == 0
+    before = {p.name: (p / "metrics.json").read_bytes() for p in out.iterdir()}
+    real, calls = baselines.probe.train_sklearn, []
+
+    def interrupted_at_the_second_layer(**kw):
+        calls.append(kw["out"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(**kw)
+
+    monkeypatch.setattr(baselines.probe, "train_sklearn", interrupted_at_the_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        baselines.probe.probe_layers(features=str(store), manifests=[str(manifest)], split=str(split),
+                                     label_set="four", out=str(out))
+    assert {p.name: (p / "metrics.json").read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no half probe beside it
+    assert expand_run_dirs([out.parent]) == sorted(out / name for name in before)

@@ -270,3 +270,22 @@ def test_missing_or_malformed_run_directories_are_refused(make_run, tmp_path):
         compare([rf], tmp_path / "out")
     with pytest.raises(ValueError, match="more than once"):
         compare([make_run("x"), make_run("x")], tmp_path / "out")
+
+
+def test_staging_folders_and_broken_runs_are_skipped_and_reported_not_averaged_in(tmp_path, capsys):
+    import shutil
+
+    from pipeline.compare import expand_run_dirs
+
+    runs = tmp_path / "runs"
+    rf, conv = synthetic_run(runs, "rf_0"), synthetic_run(runs, "conv_0", model="conv")
+    shutil.copytree(rf, runs / ".rf_0.old-999999")  # what a kill between a trainer's two renames leaves
+    shutil.copytree(conv, runs / ".conv_0.tmp-999998")  # a staging folder of a run being written
+    shutil.copytree(rf, tmp_path / "runs" / "enc.tmp" / "layer_00")  # a probe's unfinished output
+    broken = shutil.copytree(rf, runs / "svm_0")
+    (broken / "metrics.json").unlink()  # damaged or cut short
+    assert expand_run_dirs([runs]) == sorted([rf, conv])
+    said = capsys.readouterr().err
+    for folder in (".rf_0.old-999999", ".conv_0.tmp-999998", "enc.tmp/layer_00"):
+        assert f"skipped {runs / folder}: a run being written or replaced" in said
+    assert f"skipped {broken}: a run directory without metrics.json" in said

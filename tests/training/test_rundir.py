@@ -149,3 +149,27 @@ def test_a_missing_run_directory_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     assert exit_.value.code == 2 and "expected an existing folder" in capsys.readouterr().err
+
+
+def test_a_diverged_training_is_refused_and_the_earlier_run_kept(tmp_path):
+    import numpy as np
+
+    from training.rundir import prediction_frame, write_run
+
+    out = tmp_path / "run"
+    _write(out, "old")
+    labels = ["angry", "happy"]
+    proba = np.array([[0.2, 0.8], [np.nan, np.nan], [0.6, 0.4]])
+    frame = prediction_frame(["a", "b", "c"], 1, np.array([1, 0, 0]), proba, labels)
+    speakers = pd.Series(["s1", "s1", "s2"], index=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"1 test rows \(folds \[1\]\) got probabilities that are not finite"), \
+            staged_run(out) as tmp:
+        write_run(tmp, labels=labels, predictions=frame, speakers=speakers, protocol={})
+    assert (out / "metrics.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_compare_puts_back_a_named_run_a_killed_trainer_left_half_swapped(tmp_path):
+    run = synthetic_run(tmp_path / "runs", "rf_0")
+    run.rename(run.with_name(f".{run.name}.old-{_dead_pid()}"))  # killed between "old -> .old-<pid>" and the swap
+    assert main([str(run), "--out", str(tmp_path / "cmp"), "--resamples", "50"]) == 0
+    assert (run / "metrics.json").is_file() and (tmp_path / "cmp" / "table.md").is_file()
