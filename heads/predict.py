@@ -36,7 +36,15 @@ from inference.formats import OutputFormat, to_csv, to_json, to_table
 from inference.inputs import RunInputs, run_inputs
 from inference.model import Predictor
 from inference.timeline import cut_windows, plan_segments, plot_timelines, weighted_mean
-from pipeline.audio import MIN_SECONDS, AudioError, audio_info, check_samples, load_audio, stream_audio
+from pipeline.audio import (
+    MIN_SECONDS,
+    AudioError,
+    audio_info,
+    check_complete,
+    check_samples,
+    load_audio,
+    stream_audio,
+)
 from pipeline.cli import existing_dir, output_file, positive_float, positive_int, run_main
 from pipeline.normalisation import Normalisation
 from training.rundir import load_run
@@ -148,8 +156,8 @@ def predict_file(path: str, *, predictor: Predictor, inputs: RunInputs, segment_
         ``"segments"`` (see :func:`timeline`) with ``segment_seconds``.
 
     Raises:
-        AudioError: ``missing``, ``empty``, ``unreadable``, ``no_samples``, ``corrupt``, ``silent``,
-            ``non_finite`` or ``too_short`` (see the module docstring).
+        AudioError: ``missing``, ``empty``, ``unreadable``, ``truncated``, ``no_samples``, ``corrupt``,
+            ``silent``, ``non_finite`` or ``too_short`` (see the module docstring).
         ValueError: the features cannot be computed for this audio.
     """
     if os.path.isdir(path):
@@ -158,6 +166,7 @@ def predict_file(path: str, *, predictor: Predictor, inputs: RunInputs, segment_
     if not os.path.isfile(path):
         raise AudioError("missing", f"{path}: no such file; expected an audio file. Check the path.")
     info = audio_info(path)
+    check_complete(info)  # a truncated copy would be classified at part of its length
     check_samples(info)
     duration = info.duration_s
     if duration < MIN_SECONDS:

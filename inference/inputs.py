@@ -91,7 +91,9 @@ def _wav2vec2(predictor: Predictor, *, encoder: str | None, device: str, dtype: 
     impl = recorded.get("feature_encoder", "library")
     if impl not in FEATURE_ENCODERS or (FEATURE_ENCODERS[impl] is not None and not on_cpu):
         impl = "library"
-    enc = load_encoder(name, device=device, dtype=dtype, revision=revision, feature_encoder=impl)
+    enc = load_encoder(name, device=device, dtype=dtype, revision=revision, feature_encoder=impl,
+                       chunk_seconds=float(settings.get("chunk_seconds") or 30.0),
+                       overlap_seconds=float(settings.get("overlap_seconds") or 2.0))  # the store's windows
     enc.use_frame_grid(int(recorded.get("frame_grid") or 1))
     if note := plugin_version_note(recorded, enc):
         print(f"warning: {note}", file=sys.stderr)
@@ -113,11 +115,22 @@ def _wav2vec2(predictor: Predictor, *, encoder: str | None, device: str, dtype: 
                          "Pass the encoder the run was trained on (--encoder).")
     pooled = predictor.kind == "sklearn"
 
+    offset, most = float(settings.get("offset_seconds") or 0.0), settings.get("max_seconds")
+    start = int(round(offset * enc.sample_rate))
+    stop = None if most is None else start + int(round(float(most) * enc.sample_rate))
+
     def compute(waves: Sequence[np.ndarray]) -> list[np.ndarray]:
-        states = [enc.hidden_states(w, layers=layers) for w in waves]
+        # each input cropped as extraction cropped each utterance ([offset, offset + max) seconds)
+        if any(len(w) <= start for w in waves):
+            raise ValueError(f"an input of {min(map(len, waves)) / enc.sample_rate:.2f} s ends before {offset:g} s, "
+                             "where the run's features start (its store skipped the first offset_seconds); "
+                             "expected longer audio.")
+        states = [enc.hidden_states(w[start:stop], layers=layers) for w in waves]
         return [mean_std(s) if pooled else s for s in states]
 
     where = f"{name}@{enc.revision}" if enc.revision else name
+    if start or stop is not None:
+        where += f", each input cropped to [{offset:g}, {'end' if most is None else f'{offset + float(most):g}'}) s"
     return RunInputs(enc.sample_rate, f"wav2vec2 {where} on {enc.device.type} ({enc.dtype}, feature encoder "
                                       f"{enc.feature_encoder}, frame grid {enc.frame_grid}), hidden states "
                                       f"{layers}" + (", mean ‖ std" if pooled else ""), compute)
@@ -154,6 +167,11 @@ def run_inputs(predictor: Predictor, *, encoder: str | None = None, device: str 
         raise ValueError(f"{predictor.path}: a scikit-learn run with speaker normalisation z-scores many utterances of "
                          "one speaker together; expected a run with global normalisation, as heads.predict "
                          "classifies recordings one at a time.")
+    if predictor.normalisation == Normalisation.SPEAKER:
+        print(f"warning: {predictor.path} was trained with speaker normalisation; here each recording is "
+              "standardised with its own statistics (in evaluation, with all of its speaker's utterances), so "
+              "probabilities differ from the run's evaluation of the same audio. Prefer a run with global "
+              "normalisation for single recordings.", file=sys.stderr)
     if predictor.kind == "mfcc_cnn":
         rate = int(predictor.feature_settings.get("sample_rate", 16000))
         return RunInputs(rate, f"log-mel frames ({kind})", lambda waves: [np.asarray(w) for w in waves])

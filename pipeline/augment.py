@@ -36,7 +36,7 @@ from tqdm import tqdm
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio, write_audio
 from pipeline.cli import boolean, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.labels import select_labels
-from pipeline.roots import read_manifest, resolve_paths
+from pipeline.roots import read_manifests, resolve_paths
 from pipeline.split import read_split
 
 EXTRA_COLUMNS = ["source_id", "augmentation"]
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chain = read_chain(*((args.chain, args.chain_key) if args.chain
                              else (DEFAULT_CHAIN[0], args.chain_key or DEFAULT_CHAIN[1])))
-        manifest = read_manifest(args.manifest)
+        manifest = read_manifests([args.manifest])  # unique ids, paths resolved
         splits, _ = read_split(args.split)
         augment(manifest, splits, out_dir=args.out, chain=chain, copies=args.copies, seed=args.seed,
                 balance=args.balance, label_set=args.label_set, merge_calm=args.merge_calm,

@@ -82,7 +82,8 @@ def speaker_groups(utterances: pd.DataFrame, n_folds: int | None) -> list[list[s
     if len(speakers) % n_folds == 0 and counts.nunique() == 1:
         size = len(speakers) // n_folds
         return [speakers[i:i + size] for i in range(0, len(speakers), size)]
-    gender = utterances.drop_duplicates("speaker").set_index("speaker")["gender"]
+    gender = utterances.drop_duplicates("speaker").set_index("speaker")["gender"] if "gender" in utterances \
+        else pd.Series(dtype=object)  # unknown genders: groups balanced by size alone
     order = sorted(speakers, key=lambda s: (-counts[s], gender.get(s, ""), s))
     groups, load = [[] for _ in range(n_folds)], np.zeros(n_folds)
     for speaker in order:
@@ -239,9 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--folds", type=positive_int, default=None, help="speaker_kfold: number of speaker groups")
     args = parser.parse_args(argv)
-    manifest = read_table(args.manifest, required=["id", "speaker"], what="manifest",
+    manifest = read_table(args.manifest, required=["id", "speaker", "corpus"], what="manifest",
                           dtype={"id": str, "speaker": str})
     try:
+        dup = manifest["id"][manifest["id"].duplicated()]
+        if len(dup):
+            raise ValueError(f"{args.manifest}: expected unique ids, found {len(dup)} repeated (e.g. "
+                             f"{dup.head(3).tolist()}). Rebuild the manifest (python -m pipeline.manifest).")
         splits = make_split(manifest, scheme=args.scheme, seed=args.seed, n_folds=args.folds)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -134,6 +134,21 @@ def test_prediction_equals_run_on_extracted_features(wav2vec2_run, tiny_encoder_
     np.testing.assert_allclose([got[k] for k in LABELS], expected, atol=1e-5)
 
 
+def test_prediction_crops_as_the_runs_store_cropped(wav2vec2_run, tiny_encoder_dir, write_audio, tmp_path, capsys):
+    run = shutil.copytree(wav2vec2_run, tmp_path / "run")
+    for config in (run / "models").glob("fold_*.json"):  # as if extracted with --offset-seconds 0.5 --max-seconds 1
+        cfg = json.loads(config.read_text())
+        cfg["feature_settings"].update(offset_seconds=0.5, max_seconds=1.0)
+        config.write_text(json.dumps(cfg))
+    path = write_audio(tmp_path / "clip.wav", seconds=3.0)
+    status, out, _ = run_cli(capsys, path, "--model", run)
+    wave = sf.read(str(path), dtype="float32")[0]
+    frames = load_encoder(tiny_encoder_dir, device="cpu", dtype="float32").hidden_states(wave[8000:24000])
+    expected = Predictor.from_run(load_run(run)).predict_proba([frames])[0]
+    got = json.loads(out)[0]["probabilities"]
+    np.testing.assert_allclose([got[k] for k in LABELS], expected, atol=1e-5)
+
+
 def test_features_are_computed_as_the_store_recorded_them_without_a_new_timing(wav2vec2_run, tmp_path,
                                                                             monkeypatch):
     import features.encoder
@@ -265,12 +280,15 @@ def test_bad_inputs_are_per_file_errors(wav2vec2_run, write_audio, tmp_path, cap
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     missing = tmp_path / "missing.wav"
-    status, out, _ = run_cli(capsys, missing, good, garbage, silent, tiny, empty, "--model", wav2vec2_run,
+    cut = write_audio(tmp_path / "cut.wav", seconds=3.0)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a truncated copy: its header says 3 s
+    status, out, _ = run_cli(capsys, missing, good, garbage, silent, tiny, empty, cut, "--model", wav2vec2_run,
                              "--segment-seconds", 3)
     assert status == 1
     entries = json.loads(out)
-    assert [e["file"] for e in entries] == [str(p) for p in (missing, good, garbage, silent, tiny, empty)]
-    assert [e.get("reason") for e in entries] == ["missing", None, "unreadable", "silent", "too_short", "empty"]
+    assert [e["file"] for e in entries] == [str(p) for p in (missing, good, garbage, silent, tiny, empty, cut)]
+    assert [e.get("reason") for e in entries] == ["missing", None, "unreadable", "silent", "too_short", "empty",
+                                                  "truncated"]
     for e in entries:
         assert set(e) == {"file", "error", "reason"} or "error" not in e
     check_probabilities(entries[1])
@@ -338,3 +356,18 @@ def test_egemaps_random_forest_run(egemaps_run, write_audio, tmp_path, capsys):
     for seg in entry["segments"]:
         check_probabilities(seg)
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_head_run_with_speaker_normalisation_warns_that_answers_differ(wav2vec2_run, tmp_path, capsys):
+    from inference.inputs import run_inputs
+
+    run = shutil.copytree(wav2vec2_run, tmp_path / "run")
+    run_inputs(Predictor.from_run(load_run(run)), device="cpu")
+    assert "speaker normalisation" not in capsys.readouterr().err
+    for config in (run / "models").glob("fold_*.json"):
+        cfg = json.loads(config.read_text())
+        cfg["normalisation"]["mode"] = "speaker"
+        config.write_text(json.dumps(cfg))
+    run_inputs(Predictor.from_run(load_run(run)), device="cpu")
+    assert "was trained with speaker normalisation; here each recording is standardised with its own" \
+        in capsys.readouterr().err

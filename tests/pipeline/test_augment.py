@@ -285,3 +285,12 @@ def test_copies_of_sources_outside_the_split_are_refused():
     copies = pd.DataFrame({"id": ["c/b_aug0"], "source_id": ["c/b"]})
     with pytest.raises(ValueError, match="absent from the split"):
         place_augmented(splits, copies)
+
+
+def test_a_manifest_with_a_repeated_row_is_a_clear_error(corpus, tmp_path, capsys):
+    manifest = corpus({"s1": ["neutral", "happy"], "s2": ["sad"]})
+    pd.concat([manifest, manifest.iloc[:1]]).to_csv(tmp_path / "manifest.csv", index=False)
+    split_of(manifest, [{"s1": "train", "s2": "test"}]).to_csv(tmp_path / "splits.csv", index=False)
+    assert main(["--manifest", str(tmp_path / "manifest.csv"), "--split", str(tmp_path / "splits.csv"),
+                 "--out", str(tmp_path / "aug"), "--copies", "1", "--workers", "1", "--balance", "false"]) == 2
+    assert "expected unique ids across the manifests, found 1 repeated" in capsys.readouterr().err

@@ -145,3 +145,18 @@ def test_random_split_keeps_a_test_utterance_of_small_classes():
     splits = make_split(small, scheme="random")
     test = splits[splits.partition == "test"].merge(small, on="id")
     assert sorted(test.emotion.value_counts().to_dict().items()) == [(e, 1) for e in ("angry", "happy", "neutral", "sad")]
+
+
+def test_cli_refuses_a_repeated_row_and_a_manifest_without_corpus(tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    pd.concat([RAVDESS, RAVDESS.iloc[:1]]).to_csv(path, index=False)
+    assert main(["--manifest", str(path), "--scheme", "actor_holdout", "--out", str(tmp_path / "s.csv")]) == 2
+    assert "expected unique ids, found 1 repeated" in capsys.readouterr().err
+    RAVDESS.drop(columns=["corpus"]).to_csv(path, index=False)
+    assert main(["--manifest", str(path), "--scheme", "speaker_kfold", "--out", str(tmp_path / "s.csv")]) == 1
+    assert "the manifest lacks columns ['corpus']" in capsys.readouterr().err
+
+
+def test_speaker_kfold_without_genders_balances_by_size():
+    groups = speaker_groups(RAVDESS.drop(columns=["gender"]), n_folds=5)
+    assert sorted(s for g in groups for s in g) == sorted(RAVDESS["speaker"].unique()) and len(groups) == 5
