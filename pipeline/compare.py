@@ -83,6 +83,9 @@ def score_system(system: System, *, resamples: int, seed: int, speaker_of: Calla
     figures.update({f"{key}_std": float(folds[key].std(ddof=0)) for key in SCORES})
     if not low <= figures["ua"] <= high:
         notes.append(f"the bootstrap interval [{low:.4f}, {high:.4f}] misses ua = {figures['ua']:.4f}.")
+    if len({frozenset(_assignment(run)[1]) for run in system.runs}) > 1:
+        notes.append(f"{system.name}: its runs differ in their split (the assignment of utterances to folds), not "
+                     "only in their seed; its figures average over splits.")
     p = system.protocol
     row = {"system": system.name, **figures, "ua_ci_low": low, "ua_ci_high": high,
            "n_test": len(structure.ids), "n_speakers": _speakers(system, structure.ids, speaker_of),
@@ -95,6 +98,26 @@ def score_system(system: System, *, resamples: int, seed: int, speaker_of: Calla
            "runs": " ".join(str(run.path) for run in system.runs), "encoder": _text(p.get("encoder")),
            "probe_layer": p.get("probe_layer", np.nan)}
     return Result(system, row, structure, folds, notes)
+
+
+def _assignment(run: Run) -> tuple[dict, set]:
+    """A run's ground truth per test utterance and its (utterance, fold) pairs (a cross-corpus scheme may test one
+    utterance in several folds)."""
+    p = run.predictions
+    return dict(zip(p["id"], p["true"], strict=True)), set(zip(p["id"], p["fold"], strict=True))
+
+
+def _mismatch(a: System, b: System) -> str | None:
+    """Why a paired test of ``a`` against ``b`` would compare unlike things, or None: another ground truth for
+    some utterance (other manifests or label mapping), or another assignment of utterances to folds (another
+    split, e.g. a random split of another seed)."""
+    (truth_a, folds_a), (truth_b, folds_b) = _assignment(a.runs[0]), _assignment(b.runs[0])
+    differ = sum(truth_b.get(uid, label) != label for uid, label in truth_a.items())
+    if differ:
+        return f"another ground truth for {differ} test utterances (other manifests or labels)"
+    if folds_a != folds_b:
+        return "another assignment of utterances to folds (another split)"
+    return None
 
 
 def add_p_values(results: list[Result], *, resamples: int, seed: int, baseline: str | None = None) -> None:
@@ -128,8 +151,13 @@ def add_p_values(results: list[Result], *, resamples: int, seed: int, baseline: 
             result.row["note"] = (f"no baseline under the {result.row['split_scheme']} split (only "
                                   f"{', '.join(r.system.name for r in same)}); not tested")
             continue
-        same = sorted(split, key=lambda r: (augmented(r.system.protocol) != augmented(s.protocol),
-                                            augmented(r.system.protocol)))
+        aligned = [r for r in split if _mismatch(result.system, r.system) is None]
+        if not aligned:
+            result.row["note"] = (f"{_mismatch(result.system, split[0].system)} than {split[0].system.name}; "
+                                  "not tested")
+            continue
+        same = sorted(aligned, key=lambda r: (augmented(r.system.protocol) != augmented(s.protocol),
+                                              augmented(r.system.protocol)))
         ref = same[0]
         result.row["baseline"] = ref.system.name
         result.row["p_value"] = 1.0 if ref is result else stats.paired_permutation_test(

@@ -289,3 +289,27 @@ def test_staging_folders_and_broken_runs_are_skipped_and_reported_not_averaged_i
     for folder in (".rf_0.old-999999", ".conv_0.tmp-999998", "enc.tmp/layer_00"):
         assert f"skipped {runs / folder}: a run being written or replaced" in said
     assert f"skipped {broken}: a run directory without metrics.json" in said
+
+
+def test_no_paired_test_against_a_baseline_of_other_labels_or_another_split(tmp_path):
+    rf = synthetic_run(tmp_path / "runs", "rf_0")
+    relabelled = utterances()
+    relabelled.loc[:5, "true"] = relabelled.loc[:5, "true"].map({"angry": "happy", "happy": "angry",
+                                                                "neutral": "sad", "sad": "neutral"})
+    svm = synthetic_run(tmp_path / "runs", "svm_0", model="svm", data=relabelled)
+    conv = synthetic_run(tmp_path / "runs", "conv_0", model="conv", folds=2)
+    lin = synthetic_run(tmp_path / "runs", "linear_0", model="linear")
+    table = compare([rf, svm, conv, lin], tmp_path / "out", resamples=100).set_index("model")
+    assert np.isnan(table.loc["svm", "p_value"])
+    assert table.loc["svm", "note"].startswith("another ground truth for 6 test utterances")
+    assert np.isnan(table.loc["conv", "p_value"])
+    assert table.loc["conv", "note"].startswith("another assignment of utterances to folds (another split)")
+    assert 0 <= table.loc["linear", "p_value"] <= 1 and table.loc["linear", "note"] == ""  # alike: tested
+
+
+def test_a_system_whose_runs_differ_in_split_says_so(tmp_path):
+    first = synthetic_run(tmp_path / "runs", "rf_0", scheme="random")
+    second = synthetic_run(tmp_path / "other", "rf_1", scheme="random")  # same seed, another random split
+    compare([first, second], tmp_path / "out", resamples=100)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "its runs differ in their split (the assignment of utterances to folds), not only in their seed" in report
