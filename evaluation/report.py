@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,8 +122,10 @@ def write_all(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd
             parts.append(PROBE_CAPTION + "\n\n" + probe_markdown(probes))
         (out / "table.md").write_text("\n".join(parts))
     if "latex" in formats:
-        (out / "table.tex").write_text("\n".join(latex_table(table[table.label_set == g],
-                                                             caption(g, labels[g], resamples)) for g in groups))
+        parts = [latex_table(table[table.label_set == g], caption(g, labels[g], resamples)) for g in groups]
+        if len(probes):
+            parts.append(probe_latex(probes))
+        (out / "table.tex").write_text("\n".join(parts))
     metrics = {_key(r["system"]): {k: _num(r[k]) for k in METRICS} for _, r in full.iterrows()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     leakage.to_csv(out / "leakage.csv", index=False)
@@ -230,16 +232,36 @@ def probe_table(table: pd.DataFrame) -> pd.DataFrame:
     return probes.sort_values(["label_set", "encoder", "probe_layer"], kind="stable")
 
 
+PROBE_HEADER = ["Encoder", "Layer", "Label set", "UA", "UA 95 % CI", "Test utt.", "p vs. baseline"]
+
+
+def _probe_cells(probes: pd.DataFrame, *, bold: Callable[[str], str], escape: Callable[[str], str]) -> list[list[str]]:
+    """The probe rows' cells: one row per (label set, encoder, layer), the best layer's UA in ``bold``."""
+    best = probes.groupby(["label_set", "encoder"])["ua"].transform("max")
+    rows = []
+    for (_, r), top in zip(probes.iterrows(), probes["ua"] == best, strict=True):
+        rows.append([escape(str(r["encoder"] or r["features"])), str(int(r["probe_layer"])), escape(str(r["label_set"])),
+                     bold(fmt(r["ua"])) if top else fmt(r["ua"]), f"[{fmt(r['ua_ci_low'])}, {fmt(r['ua_ci_high'])}]",
+                     str(int(r["n_test"])), fmt_p(r["p_value"])])
+    return rows
+
+
 def probe_markdown(probes: pd.DataFrame) -> str:
     """The probe rows as a Markdown table: one row per (label set, encoder, layer), the best layer in bold."""
-    lines = ["| Encoder | Layer | Label set | UA | UA 95 % CI | Test utt. | p vs. baseline |",
-             "|---|---:|---|---:|---|---:|---:|"]
-    best = probes.groupby(["label_set", "encoder"])["ua"].transform("max")
-    for (_, r), top in zip(probes.iterrows(), probes["ua"] == best, strict=True):
-        ua = f"**{fmt(r['ua'])}**" if top else fmt(r["ua"])
-        lines.append(f"| {r['encoder'] or r['features']} | {int(r['probe_layer'])} | {r['label_set']} | {ua} | "
-                     f"[{fmt(r['ua_ci_low'])}, {fmt(r['ua_ci_high'])}] | {int(r['n_test'])} | "
-                     f"{fmt_p(r['p_value'])} |")
+    lines = ["| " + " | ".join(PROBE_HEADER) + " |", "|---|---:|---|---:|---|---:|---:|"]
+    lines += ["| " + " | ".join(cells) + " |"
+              for cells in _probe_cells(probes, bold=lambda t: f"**{t}**", escape=lambda t: t)]
+    return "\n".join(lines) + "\n"
+
+
+def probe_latex(probes: pd.DataFrame) -> str:
+    """The probe rows as a LaTeX ``table`` (the best layer per encoder in ``\\textbf``), as in ``table.md``."""
+    lines = [r"\begin{table}[ht]", r"\centering", r"\caption{" + latex_escape(PROBE_CAPTION) + "}",
+             r"\begin{tabular}{lrlrlrr}", r"\hline", " & ".join(latex_escape(h) for h in PROBE_HEADER) + r" \\",
+             r"\hline"]
+    lines += [" & ".join(cells) + r" \\"
+              for cells in _probe_cells(probes, bold=lambda t: r"\textbf{" + t + "}", escape=latex_escape)]
+    lines += [r"\hline", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 

@@ -48,6 +48,11 @@ def test_each_layer_is_a_run_and_the_informative_one_wins(baseline_experiment, t
     assert (table["ua_ci_low"] <= table["ua"]).all() and (table["ua"] <= table["ua_ci_high"]).all()
     md = (tmp_path / "compare" / "table.md").read_text()
     assert "| tiny/test | 2 | four | **" in md  # the best layer in bold
+    tex = (tmp_path / "compare" / "table.tex").read_text()
+    for _, row in table.iterrows():  # the LaTeX export has the probe rows too, with the same figures
+        ua = f"{row['ua']:.3f}"
+        cell = rf"\textbf{{{ua}}}" if row["probe_layer"] == 2 else ua
+        assert f"tiny/test & {int(row['probe_layer'])} & four & {cell} & " in tex
     assert (tmp_path / "compare" / "figures" / "layers.png").read_bytes()[:4] == b"\x89PNG"
     assert "figures/layers.png" in (tmp_path / "compare" / "report.md").read_text()
 
