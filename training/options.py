@@ -140,8 +140,34 @@ def parse_with_settings(parser: argparse.ArgumentParser, argv: Sequence[str] | N
                 parser.error(f"{known.settings}: {known.settings_key}.{name} is not an option of {parser.prog}; "
                              f"expected one of {sorted(o for o in options if o.startswith('--'))}.")
             action.required = False
-            parser.set_defaults(**{action.dest: value})
+            parser.set_defaults(**{action.dest: _checked(parser, action, value,
+                                                         f"{known.settings}: {known.settings_key}.{name}")})
     return parser.parse_args(argv)
+
+
+def _checked(parser: argparse.ArgumentParser, action: argparse.Action, value, where: str):
+    """A settings value checked and converted as the command line's would be (argparse applies neither ``type``
+    nor ``choices`` to defaults that are not strings)."""
+    if value is None:
+        return value
+    if action.nargs == 0:  # a flag
+        if not isinstance(value, bool):
+            parser.error(f"{where} = {value!r}: expected true or false.")
+        return value
+
+    def one(item):
+        text = str(item).lower() if isinstance(item, bool) else str(item)
+        try:
+            item = action.type(text) if action.type is not None else item
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+            parser.error(f"{where} = {item!r}: {err}")
+        if action.choices is not None and item not in action.choices:
+            parser.error(f"{where} = {item!r}: expected one of {', '.join(map(str, action.choices))}.")
+        return item
+
+    if action.nargs in {"+", "*"} or isinstance(action.nargs, int):
+        return [one(v) for v in (value if isinstance(value, list) else [value])]
+    return one(value)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -250,6 +250,26 @@ def test_settings_that_name_no_block_or_no_option_are_refused(key, message, caps
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting, message", [("threads: 0", "threads = 0:"), ("seed: -1", "seed = -1:"),
+                                              ("normalisation: bogus", "normalisation = 'bogus'"),
+                                              ("balance: sideways", "balance = 'sideways'")])
+def test_settings_are_checked_as_the_command_line_is(setting, message, tmp_path, capsys, monkeypatch):
+    from training.options import parse_with_settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").touch()
+    (tmp_path / "s.csv").touch()
+    (tmp_path / "p.yaml").write_text(f"block:\n  head: linear\n  lr: 0.001\n  {setting}\n")
+    argv = ["--manifest", "m.csv", "--split", "s.csv", "--label-set", "x", "--out", "r", "--settings", "p.yaml",
+            "--settings-key", "block"]
+    with pytest.raises(SystemExit) as exit_:
+        parse_with_settings(_training_parser(), argv)
+    assert exit_.value.code == 2 and f"p.yaml: block.{message}" in capsys.readouterr().err
+    (tmp_path / "p.yaml").write_text("block:\n  head: linear\n  lr: 0.001\n  epochs: 7\n")
+    args = parse_with_settings(_training_parser(), argv)
+    assert (args.lr, args.epochs) == (0.001, 7)
+
+
 @pytest.mark.parametrize("option, value", [("--ensemble", "0"), ("--threads", "0"), ("--jobs", "-1"), ("--jobs", "two")])
 def test_counts_below_one_are_refused_with_a_clear_error(option, value, experiment, tmp_path, capsys):
     manifest, split, features = experiment
