@@ -176,9 +176,18 @@ def speaker_overlaps(splits: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFra
         raise ValueError(f"{missing.sum()} split ids are not in the manifest (e.g. {splits.loc[missing, 'id'].iloc[0]!r}); "
                          "expected a split made from this manifest. Re-run the split stage.")
     frame = splits.assign(speaker=splits["id"].map(speakers))
-    parts = frame.groupby(["fold", "speaker"])["partition"].agg(lambda p: sorted(set(p)))
-    leaked = parts[parts.map(len) > 1]
-    return leaked.rename("partitions").reset_index()
+    unknown = frame["speaker"].isna() | (frame["speaker"].astype(str).str.strip() == "")
+    if unknown.any():  # such rows would fall out of the check below
+        raise ValueError(f"{int(unknown.sum())} split ids have no speaker in the manifest (e.g. "
+                         f"{frame.loc[unknown, 'id'].iloc[0]!r}); expected a speaker for every utterance, or the "
+                         "check for speakers on both sides cannot be made. Fill the manifest's speaker column.")
+    # one person whatever the case or surrounding spaces of the id (manifests merged from several sources)
+    frame["person"] = frame["speaker"].astype(str).str.strip().str.casefold()
+    parts = frame.groupby(["fold", "person"]).agg(
+        speaker=("speaker", lambda s: "/".join(sorted(set(map(str, s))))),
+        partitions=("partition", lambda p: sorted(set(p))))
+    leaked = parts[parts["partitions"].map(len) > 1]
+    return leaked.reset_index()[["fold", "speaker", "partitions"]]
 
 
 def check_speaker_independent(splits: pd.DataFrame, manifest: pd.DataFrame) -> None:

@@ -160,3 +160,17 @@ def test_cli_refuses_a_repeated_row_and_a_manifest_without_corpus(tmp_path, caps
 def test_speaker_kfold_without_genders_balances_by_size():
     groups = speaker_groups(RAVDESS.drop(columns=["gender"]), n_folds=5)
     assert sorted(s for g in groups for s in g) == sorted(RAVDESS["speaker"].unique()) and len(groups) == 5
+
+
+def test_guard_sees_one_speaker_written_two_ways_and_refuses_utterances_without_speaker():
+    manifest = _manifest("ravdess", ["01", "02"])
+    ids = manifest["id"]
+    splits = pd.DataFrame({"fold": 0, "id": ids, "partition": ["train"] * 8 + ["test"] * 8})
+    check_speaker_independent(splits, manifest)  # two speakers, one on each side
+    merged = manifest.assign(speaker=["ravdess_01"] * 4 + ["RAVDESS_01 "] * 4 + ["ravdess_02"] * 8)
+    splits = pd.DataFrame({"fold": 0, "id": ids, "partition": ["train"] * 4 + ["test"] * 12})
+    with pytest.raises(ValueError, match=r"RAVDESS_01 /ravdess_01 in test\+train"):
+        check_speaker_independent(splits, merged)
+    unnamed = manifest.assign(speaker=[None] * 2 + list(manifest["speaker"][2:]))
+    with pytest.raises(ValueError, match="2 split ids have no speaker in the manifest"):
+        check_speaker_independent(splits, unnamed)
