@@ -112,9 +112,13 @@ def thread_environment() -> dict[str, str]:
 
 
 def encoder_facts(enc: Encoder) -> dict:
-    """What every actor's encoder must share with the driver's for the shards to be the driver's own."""
+    """What every actor's encoder must share with the driver's for the shards to be the driver's own (the
+    libraries included: another torch or transformers may round differently)."""
+    import transformers
+
     return {"revision": enc.revision, "dtype": enc.dtype, "device": enc.device.type,
-            "chunk_seconds": enc.chunk_seconds, "overlap_seconds": enc.overlap_seconds}
+            "chunk_seconds": enc.chunk_seconds, "overlap_seconds": enc.overlap_seconds,
+            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 class _Extractor:
@@ -133,8 +137,8 @@ class _Extractor:
         found = encoder_facts(self.enc)
         if found != expected:
             raise ValueError(f"actor on {os.uname().nodename}: expected an encoder with {expected}, found "
-                             f"{found}; give every node the same hardware kind and model files, or pass --device "
-                             "and --dtype.")
+                             f"{found}; give every node the same hardware kind, model files and torch/transformers "
+                             "versions, or pass --device and --dtype.")
         if self.enc.feature_encoder != feature_encoder:
             self.enc.use_feature_encoder(feature_encoder)
         self.enc.use_frame_grid(frame_grid)

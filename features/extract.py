@@ -86,7 +86,7 @@ def cpu_model() -> str:
 def provenance(enc: Encoder, procs: int) -> dict:
     """What produced a run's entries (recorded with them; not part of the store's identity): the hardware, the
     feature-encoder implementation and how it was chosen, the process layout and the library versions."""
-    record = {"device": str(enc.device), "cpu": cpu_model(), "procs": procs,
+    record = {"device": str(enc.device), "host": platform.node(), "cpu": cpu_model(), "procs": procs,
               "threads_per_proc": 1 if enc.device.type == "cpu" else torch.get_num_threads(),
               "feature_encoder": enc.feature_encoder, "feature_encoder_version": enc.feature_encoder_version,
               "frame_grid": enc.frame_grid,
@@ -442,10 +442,15 @@ def _init_worker(enc: Encoder) -> None:
 
 def _work(batches: list[list[dict]], part: str, meta: dict, job: Job) -> tuple[float, int, list[dict], Path | None]:
     """One task in a worker: encode whole passes into one part file; returns (seconds, computed, skips, the
-    published part or None)."""
+    published part or None). The shard records the machine that computed it (a Ray actor's, not the driver's)."""
+    enc = _WORKER["enc"]
+    here = {"host": platform.node(), "cpu": cpu_model(), "versions": versions()}
+    if enc.device.type == "cuda":
+        here["gpu"] = torch.cuda.get_device_name(enc.device)
+    meta = {**meta, "versions": here["versions"], "provenance": {**meta.get("provenance", {}), **here}}
     writer = PartWriter(part, meta)
     try:
-        results = list(encode_rows(_WORKER["enc"], batches, job, writer.add))
+        results = list(encode_rows(enc, batches, job, writer.add))
     except BaseException:
         writer.discard()
         raise

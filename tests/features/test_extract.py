@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -84,6 +85,7 @@ def test_cached_frames_equal_direct_forward_on_ravdess(ravdess_root, tiny_encode
         assert sorted(fs.ids()) == sorted(rows["id"]) and fs.num_layers == 4
         assert fs.attrs["storage_dtype"] == storage and fs.attrs["kind"] == "wav2vec2"
         assert fs.attrs["device"] == "cpu" and fs.attrs["provenance"]["cpu"]
+        assert fs.attrs["provenance"]["host"] == platform.node()  # the machine that computed the shard
         for row in rows.itertuples():
             want = direct_forward(load_audio(row.path, sample_rate=16000))
             assert fs.num_frames(row.id) == want.shape[1]
