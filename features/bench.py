@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from features.hardware import Device
+from features.hardware import Device, device_arg
 from pipeline.cli import positive_float, positive_int
 
 DEFAULT_CORPUS = Path("../shared/corpora/ravdess")
@@ -300,7 +300,7 @@ def bench(*, device: str = "auto", audio_seconds: float = 1200.0, dtypes: Sequen
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m features.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default=Device.AUTO, choices=list(Device))
+    p.add_argument("--device", default=Device.AUTO, type=device_arg, metavar="{auto,cpu,cuda,cuda:N}")
     p.add_argument("--audio-seconds", type=positive_float, default=1200.0)
     p.add_argument("--dtypes", default=None, help="comma-separated, e.g. float32,bfloat16")
     p.add_argument("--manifest", default=None, help="take files from this manifest")

@@ -57,7 +57,7 @@ from features.encoder import (
     plugin_version_note,
     resolve_device,
 )
-from features.hardware import Device, DType
+from features.hardware import Device, DType, device_arg
 from features.store import FeatureStore, claim_json
 from pipeline.audio import AudioError, load_audio
 from pipeline.cli import non_negative_float, positive_float, positive_int, run_main
@@ -688,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add_store_args(p)
     p.add_argument("--encoder", default=os.environ.get("SER_ENCODER") or DEFAULT_ENCODER,
                    help="hub id or local folder (default: $SER_ENCODER or %(default)s)")
-    p.add_argument("--device", default=Device.AUTO, choices=list(Device))
+    p.add_argument("--device", default=Device.AUTO, type=device_arg, metavar="{auto,cpu,cuda,cuda:N}")
     p.add_argument("--dtype", default=DType.AUTO, choices=list(DType),
                    help="compute dtype; auto: bfloat16 where this CPU or GPU runs it fast, else float32")
     p.add_argument("--storage-dtype", default=DType.FLOAT16, choices=[DType.FLOAT16, DType.FLOAT32])

@@ -3,6 +3,8 @@ and the benchmark's parent process can name them cheaply)."""
 
 from __future__ import annotations
 
+import argparse
+import re
 from enum import StrEnum
 
 
@@ -12,6 +14,13 @@ class Device(StrEnum):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
+
+
+def device_arg(text: str) -> str:
+    """``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the N-th GPU)."""
+    if text in set(Device) or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(Device)} or cuda:N (e.g. cuda:1), found {text!r}")
 
 
 class DType(StrEnum):

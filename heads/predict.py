@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from features.hardware import Device, DType
+from features.hardware import Device, DType, device_arg
 from inference.formats import OutputFormat, to_csv, to_json, to_table
 from inference.inputs import RunInputs, run_inputs
 from inference.model import Predictor
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--format", default="json", choices=list(OutputFormat))
     p.add_argument("--plot", default=None, type=output_file, help="PNG of class probabilities over time (one panel per file)")
     p.add_argument("--encoder", default=None, help="hub id or local folder (default: $SER_ENCODER, else the run's)")
-    p.add_argument("--device", default=Device.AUTO, choices=list(Device))
+    p.add_argument("--device", default=Device.AUTO, type=device_arg, metavar="{auto,cpu,cuda,cuda:N}")
     p.add_argument("--dtype", default=None, choices=[d for d in DType if d != DType.AUTO],
                    help="encoder compute dtype (default: the one used at extraction)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="segments per forward pass")

@@ -201,7 +201,8 @@ def test_empty_and_repeated_manifests_and_bad_options(tmp_path, make_manifest, s
         with pytest.raises(ValueError, match="--layers"):
             extract([twice], tmp_path / "f", encoder=str(tiny_encoder_dir), layers=layers)
     for option, value in [("--batch-seconds", "0"), ("--procs", "-1"), ("--max-seconds", "-5"),
-                          ("--offset-seconds", "-1"), ("--chunk-seconds", "x")]:
+                          ("--offset-seconds", "-1"), ("--chunk-seconds", "x"), ("--device", "gpu"),
+                          ("--device", "cuda:x")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--manifest", str(twice), "--out", str(tmp_path / "g"), option, value])
         assert exit_info.value.code == 2 and option in capsys.readouterr().err
@@ -458,3 +459,9 @@ def test_a_collection_keeps_the_dtype_auto_chose_for_it(synth_files, make_manife
     with FeatureStore(out) as fs:
         assert fs.attrs["dtype"] == "bfloat16" and fs.attrs["provenance"]["dtype_requested"] == "auto"
     assert extract([manifest], out, dtype="float32", **kw)["computed"] == 2  # asked for explicitly: its own store
+
+
+def test_device_option_names_a_gpu_by_index():
+    from features.hardware import device_arg
+
+    assert [device_arg(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
