@@ -45,8 +45,9 @@ from features.store import (
     replace_synced,
     scan_shard,
     temporary_sibling,
+    this_host,
     write_current,
-    writer_tag,
+    write_if_changed,
 )
 from pipeline.cli import existing_file, output_dir, output_file
 from pipeline.processes import pid_alive
@@ -64,25 +65,16 @@ def source_hash(path: str | os.PathLike) -> str:
 
 
 def write_skips(path: str | os.PathLike, skips: Iterable[dict]) -> Path:
-    """Write the skips report (``id, path, reason, detail``), header-only when nothing was skipped; an unchanged
-    report is left as it is (a rerun that does nothing writes nothing)."""
+    """Write the skips report (``id, path, reason, detail``), header-only when nothing was skipped, atomically (a
+    kill mid-write leaves the old report whole); an unchanged report is left as it is (a rerun that does nothing
+    writes nothing)."""
     path = Path(path)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=SKIP_COLUMNS)
     writer.writeheader()
     writer.writerows({k: s.get(k, "") for k in SKIP_COLUMNS} for s in skips)
-    try:
-        if path.read_bytes() == text.getvalue().encode():
-            return path
-    except OSError:
-        pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)  # a kill mid-write leaves the old report whole
-    try:
-        tmp.write_bytes(text.getvalue().encode())
-        replace_synced(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_if_changed(path, text.getvalue())
     return path
 
 
@@ -97,7 +89,7 @@ def remove_dead_temporaries(folder: Path) -> list[Path]:
     """Delete the ``*.tmp-<host>.<pid>`` files in ``folder`` that this host's dead processes left (a killed writer's
     debris); returns them. Other hosts' files are left alone: their pids mean nothing here, and on a shared
     filesystem such a file may be a live writer's."""
-    gone, here = [], writer_tag().rsplit(".", 1)[0]
+    gone, here = [], this_host()
     for tmp in folder.glob("*.tmp-*") if folder.is_dir() else []:
         host, _, pid = tmp.name.rsplit(".tmp-", 1)[-1].rpartition(".")
         if tmp.is_file() and host in {here, ""} and not pid_alive(pid):  # "": named by an older version, pid only

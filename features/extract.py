@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import multiprocessing
 import os
 import platform
@@ -58,7 +57,7 @@ from features.encoder import (
     resolve_device,
 )
 from features.hardware import Device, DType, device_arg
-from features.store import FeatureStore, claim_json
+from features.store import FeatureStore, claim_json, read_choice
 from pipeline.audio import AudioError, load_audio
 from pipeline.cli import non_negative_float, positive_float, positive_int, run_main
 from pipeline.processes import cpu_cores, die_with_parent
@@ -83,18 +82,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance(enc: Encoder, procs: int) -> dict:
-    """What produced a run's entries (recorded with them; not part of the store's identity): the hardware, the
-    feature-encoder implementation and how it was chosen, the process layout and the library versions."""
-    record = {"device": str(enc.device), "host": platform.node(), "cpu": cpu_model(), "procs": procs,
-              "threads_per_proc": 1 if enc.device.type == "cpu" else torch.get_num_threads(),
-              "feature_encoder": enc.feature_encoder, "feature_encoder_version": enc.feature_encoder_version,
-              "frame_grid": enc.frame_grid,
-              "feature_encoder_timing": enc.feature_encoder_timing,
-              "attention": getattr(enc.model.config, "_attn_implementation", None), "versions": versions()}
+def machine(enc: Encoder) -> dict:
+    """The machine that computes with ``enc``: host, CPU (and GPU) model, library versions."""
+    record = {"host": platform.node(), "cpu": cpu_model(), "versions": versions()}
     if enc.device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(enc.device)
     return record
+
+
+def provenance(enc: Encoder, procs: int) -> dict:
+    """What produced a run's entries (recorded with them; not part of the store's identity): the hardware, the
+    feature-encoder implementation and how it was chosen, the process layout and the library versions."""
+    return {"device": str(enc.device), **machine(enc), "procs": procs,
+            "threads_per_proc": 1 if enc.device.type == "cpu" else torch.get_num_threads(),
+            "feature_encoder": enc.feature_encoder, "feature_encoder_version": enc.feature_encoder_version,
+            "frame_grid": enc.frame_grid, "feature_encoder_timing": enc.feature_encoder_timing,
+            "attention": getattr(enc.model.config, "_attn_implementation", None)}
 
 
 #: In an identity store: the feature-encoder implementation and frame grid its first timing chose (first writer wins).
@@ -108,9 +111,8 @@ def recorded_feature_encoder(store_dir: Path) -> dict | None:
     not have."""
     record = None
     if (store_dir / FEATURE_ENCODER_CHOICE).is_file():
-        with contextlib.suppress(OSError, ValueError):  # unreadable: timed again, and the claim says why
-            record = json.loads((store_dir / FEATURE_ENCODER_CHOICE).read_text())
-        record = record if isinstance(record, dict) else None
+        with contextlib.suppress(ValueError):  # unreadable: timed again, and the claim says why
+            record = read_choice(store_dir / FEATURE_ENCODER_CHOICE)
     elif any((store_dir / "shards").glob("*.h5")):
         with contextlib.suppress(OSError, ValueError), FeatureStore(store_dir) as fs:
             record = dict(fs.attrs.get("provenance") or {})
@@ -120,6 +122,31 @@ def recorded_feature_encoder(store_dir: Path) -> dict | None:
     grid = record["frame_grid"]
     return record if record.get("feature_encoder") in FEATURE_ENCODERS and isinstance(grid, int) and grid >= 1 \
         else None
+
+
+def keep_store_choice(enc: Encoder, store_dir: Path) -> None:
+    """Set ``enc``'s feature-encoder implementation and frame grid to what the identity store ``store_dir`` is
+    computed with (:func:`recorded_feature_encoder`): a resumed or extended store is computed as it began, whatever
+    today's timing says. A store without a choice is timed now (:func:`features.encoder.choose_feature_encoder`) and
+    the choice recorded; where another run recorded one meanwhile (a ``--shard`` member starting at the same time),
+    that one is followed."""
+    earlier = recorded_feature_encoder(store_dir)
+    if earlier is None:
+        choose_feature_encoder(enc)
+        mine = {"feature_encoder": enc.feature_encoder, "frame_grid": enc.frame_grid,
+                "feature_encoder_version": enc.feature_encoder_version}
+        earlier = claim_json(store_dir / FEATURE_ENCODER_CHOICE, mine)
+        if earlier == mine:
+            return
+        kept_from = "another run's timing, recorded first (a --shard member starting at the same time)"
+    else:
+        kept_from = "the store's recorded choice"
+    enc.use_feature_encoder(earlier["feature_encoder"])
+    enc.use_frame_grid(earlier.get("frame_grid", 1))
+    enc.feature_encoder_timing = {"chosen": enc.feature_encoder, "frame_grid": enc.frame_grid,
+                                  "kept_from": kept_from}
+    if note := plugin_version_note(earlier, enc):
+        print(f"note: {note} Each shard records the version it was computed with.")
 
 
 def auto_dtype(out: str | os.PathLike, device: torch.device) -> str:
@@ -133,13 +160,14 @@ def auto_dtype(out: str | os.PathLike, device: torch.device) -> str:
     """
     out = Path(out)
     record = out / f"dtype-auto-{device.type}.json"
-    chosen = None if record.is_file() else _last_auto_dtype(out, device.type)
     if out.exists() and not out.is_dir():  # refused with a clear message where the store is opened
-        return chosen or pick_dtype(DType.AUTO, device)
-    if not record.is_file():
-        chosen = chosen or pick_dtype(DType.AUTO, device)
+        return pick_dtype(DType.AUTO, device)
+    if record.is_file():
+        held = read_choice(record).get("dtype")
+    else:
         out.mkdir(parents=True, exist_ok=True)
-    held = claim_json(record, {"dtype": chosen}).get("dtype")
+        chosen = _last_auto_dtype(out, device.type) or pick_dtype(DType.AUTO, device)
+        held = claim_json(record, {"dtype": chosen}).get("dtype")
     if held not in {DType.FLOAT32, DType.BFLOAT16, DType.FLOAT16}:
         raise ValueError(f"{record}: expected a dtype (float32, bfloat16 or float16), found {held!r}. Delete the file "
                          "to choose again.")
@@ -438,15 +466,13 @@ def _init_worker(enc: Encoder) -> None:
     torch.set_num_threads(1)
     die_with_parent()
     _WORKER["enc"] = enc
+    _WORKER["machine"] = machine(enc)  # once per worker: recorded in each of its shards
 
 
 def _work(batches: list[list[dict]], part: str, meta: dict, job: Job) -> tuple[float, int, list[dict], Path | None]:
     """One task in a worker: encode whole passes into one part file; returns (seconds, computed, skips, the
     published part or None). The shard records the machine that computed it (a Ray actor's, not the driver's)."""
-    enc = _WORKER["enc"]
-    here = {"host": platform.node(), "cpu": cpu_model(), "versions": versions()}
-    if enc.device.type == "cuda":
-        here["gpu"] = torch.cuda.get_device_name(enc.device)
+    enc, here = _WORKER["enc"], _WORKER["machine"]
     meta = {**meta, "versions": here["versions"], "provenance": {**meta.get("provenance", {}), **here}}
     writer = PartWriter(part, meta)
     try:
@@ -545,22 +571,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
         elif actors is not None:
             actors.keep(len(batches))
         if batches and timed:
-            earlier = recorded_feature_encoder(build.store_dir)
-            kept_from = "the store's recorded choice"
-            if earlier is None:
-                choose_feature_encoder(enc)
-                earlier = claim_json(build.store_dir / FEATURE_ENCODER_CHOICE, {
-                    "feature_encoder": enc.feature_encoder, "frame_grid": enc.frame_grid,
-                    "feature_encoder_version": enc.feature_encoder_version})
-                kept_from = "another run's timing, recorded first (a --shard member starting at the same time)"
-            if (earlier["feature_encoder"], earlier["frame_grid"]) != (enc.feature_encoder, enc.frame_grid) \
-                    or "chosen" not in enc.feature_encoder_timing:  # a store is computed as it began
-                enc.use_feature_encoder(earlier["feature_encoder"])
-                enc.use_frame_grid(earlier["frame_grid"])
-                enc.feature_encoder_timing = {"chosen": enc.feature_encoder, "frame_grid": enc.frame_grid,
-                                              "kept_from": kept_from}
-            if note := plugin_version_note(earlier, enc):
-                print(f"note: {note} Each shard records the version it was computed with.")
+            keep_store_choice(enc, build.store_dir)
         procs = actors.size if actors else procs
         meta["provenance"] = build.meta["provenance"] = {**provenance(enc, procs), "engine": engine,
                                                          "dtype_requested": requested}

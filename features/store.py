@@ -123,11 +123,15 @@ def identity_slug(identity: Mapping) -> str:
 # --------------------------------------------------------------------------------- files written atomically
 
 
+def this_host() -> str:
+    """This machine's name as temporary files carry it (letters, digits and ``_`` only)."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", socket.gethostname()) or "host"
+
+
 def writer_tag() -> str:
     """``<host>.<pid>``: who writes a temporary file. On a filesystem several machines share, a pid means
     something only on its own host, so only this host's files of dead processes are ever deleted as debris."""
-    host = re.sub(r"[^A-Za-z0-9_]+", "_", socket.gethostname()) or "host"
-    return f"{host}.{os.getpid()}"
+    return f"{this_host()}.{os.getpid()}"
 
 
 def temporary_sibling(path: Path) -> Path:
@@ -173,20 +177,25 @@ def replace_synced(tmp: Path, target: Path) -> None:
     _sync_dir(Path(target).parent)
 
 
-def write_json(path: str | os.PathLike, obj) -> bool:
-    """Write ``obj`` as JSON atomically, only if the file's content would change; returns whether it wrote."""
-    path = Path(path)
-    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        if path.read_text() == text:
+def write_if_changed(path: str | os.PathLike, text: str) -> bool:
+    """Write ``text`` to ``path`` atomically (aside, then renamed), only if the file's content would change;
+    returns whether it wrote."""
+    path, data = Path(path), text.encode()
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == data:  # bytes: a CSV's \r\n line ends compare as written
             return False
     tmp = temporary_sibling(path)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         replace_synced(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return True
+
+
+def write_json(path: str | os.PathLike, obj) -> bool:
+    """Write ``obj`` as JSON atomically, only if the file's content would change; returns whether it wrote."""
+    return write_if_changed(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def claim_json(path: str | os.PathLike, obj: dict) -> dict:
@@ -210,6 +219,16 @@ def claim_json(path: str | os.PathLike, obj: dict) -> dict:
         pass
     finally:
         tmp.unlink(missing_ok=True)
+    return read_choice(path)
+
+
+def read_choice(path: str | os.PathLike) -> dict:
+    """The JSON object a :func:`claim_json` file holds.
+
+    Raises:
+        ValueError: the file cannot be read or is not a JSON object.
+    """
+    path = Path(path)
     try:
         held = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

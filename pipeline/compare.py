@@ -181,22 +181,19 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if (path / "metrics.json").is_file() or not path.is_dir():
             found.append(path)  # load_run says what is missing
             continue
-        below, staged = [], []
-        for run in sorted(m.parent for m in path.rglob("metrics.json")):
-            parts = run.relative_to(path).parts
-            hidden = any(p.startswith(".") or p.endswith(".tmp") for p in parts)
-            (staged if hidden else below).append(run)
-        broken = sorted(d.parent for name in ("predictions.csv", "models") for d in path.rglob(name)
-                        if not (d.parent / "metrics.json").is_file()
-                        and not any(p.startswith(".") or p.endswith(".tmp")
-                                    for p in d.parent.relative_to(path).parts))
-        for run in staged:  # a trainer's staging folder or a replaced run an interrupted commit left
-            print(f"skipped {run}: a run being written or replaced (a trainer's staging folder); a finished "
-                  "training swaps it in, and its next run or `load_run` of the run beside it cleans it up",
-                  file=sys.stderr)
-        for run in dict.fromkeys(broken):
-            print(f"skipped {run}: a run directory without metrics.json (interrupted or damaged); re-run its "
-                  "train stage", file=sys.stderr)
+        below = []
+        for run in sorted({m.parent for name in ("metrics.json", "predictions.csv", "models") for m in path.rglob(name)}):
+            staging = any(p.startswith(".") or p.endswith(".tmp") for p in run.relative_to(path).parts)
+            complete = (run / "metrics.json").is_file()
+            if complete and not staging:
+                below.append(run)
+            elif complete:  # a trainer's staging folder or a replaced run an interrupted commit left
+                print(f"skipped {run}: a run being written or replaced (a trainer's staging folder); a finished "
+                      "training swaps it in, and its next run or `load_run` of the run beside it cleans it up",
+                      file=sys.stderr)
+            elif not staging:
+                print(f"skipped {run}: a run directory without metrics.json (interrupted or damaged); re-run its "
+                      "train stage", file=sys.stderr)
         if not below:
             raise FileNotFoundError(f"{path} holds no run directory (no metrics.json at any depth); expected "
                                     "a run directory of heads.train / baselines.train or a folder of them.")
