@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -109,32 +110,44 @@ def _epoch_order(ids: Sequence[str], y: np.ndarray, balance: str, rng: np.random
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: FoldData, ids: Sequence[str], config: TrainConfig,
-             loss_fn: nn.Module | None = None) -> tuple[np.ndarray, float]:
-    """Class probabilities ``[N, C]`` of ``ids`` and the mean loss (NaN without ``loss_fn``)."""
+             class_weight: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+    """Class probabilities ``[N, C]`` of ``ids`` and their loss (NaN without ``class_weight``).
+
+    The loss is the cross-entropy weighted by ``class_weight`` over all of ``ids`` at once
+    (``sum w_y * loss / sum w_y``), so it does not depend on how the ids fall into batches, and a batch whose
+    classes all have weight 0 (absent from training) adds nothing instead of 0/0. NaN when no id has weight.
+    """
     model.eval()
     probs, total, weight = [], 0.0, 0.0
     for x, lengths, y in data.batches(ids, batch_size=config.batch_size, max_frames=config.max_frames):
         logits = model(x, lengths)
         probs.append(torch.softmax(logits, dim=-1).numpy())
-        if loss_fn is not None:
-            total += float(loss_fn(logits, y)) * len(y)
-            weight += len(y)
-    return np.concatenate(probs), (total / weight if weight else float("nan"))
+        if class_weight is not None:
+            total += float(nn.functional.cross_entropy(logits, y, weight=class_weight, reduction="sum"))
+            weight += float(class_weight[y].sum())
+    return np.concatenate(probs), (total / weight if weight > 0 else float("nan"))
 
 
 def fit(model: nn.Module, data: FoldData, train_ids: Sequence[str], val_ids: Sequence[str],
         config: TrainConfig, rng: np.random.Generator, *, num_classes: int,
         desc: str = "train") -> tuple[pd.DataFrame, int]:
-    """Train ``model`` in place; restore the epoch of lowest validation loss (the last one without val ids).
+    """Train ``model`` in place; restore the epoch of lowest validation loss (the last epoch when there are no
+    validation ids, or none of a class that training has).
 
     Returns:
         History rows ``epoch, train_loss, val_loss, val_acc`` (epochs from 1), and the best epoch.
     """
     y_train = np.array([data.labels[i] for i in train_ids], dtype=np.int64)
     weight = class_weights(y_train, num_classes) if config.balance == Balance.WEIGHTS else np.ones(num_classes)
-    loss_fn = nn.CrossEntropyLoss(weight=torch.as_tensor(weight, dtype=torch.float32))
+    class_weight = torch.as_tensor(weight, dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     y_val = np.array([data.labels[i] for i in val_ids], dtype=np.int64)
+    scored = bool(len(val_ids)) and bool(weight[y_val].sum() > 0)
+    if len(val_ids) and not scored:
+        print(f"warning: {desc}: every validation utterance is of a class absent from training (labels "
+              f"{sorted(set(y_val.tolist()))}), so the validation loss is undefined; early stopping is off and the "
+              "last epoch is kept.", file=sys.stderr)
     rows, best_loss, best_epoch, best_state = [], float("inf"), 0, None
     progress = tqdm(range(1, config.epochs + 1), desc=desc, unit="epoch", leave=False)
     for epoch in progress:
@@ -150,16 +163,16 @@ def fit(model: nn.Module, data: FoldData, train_ids: Sequence[str], val_ids: Seq
             total, count = total + loss.item() * len(y), count + len(y)
         val_loss, val_acc = float("nan"), float("nan")
         if len(val_ids):
-            proba, val_loss = evaluate(model, data, val_ids, config, loss_fn)
+            proba, val_loss = evaluate(model, data, val_ids, config, class_weight)
             val_acc = float(np.mean(proba.argmax(axis=1) == y_val))
         rows.append({"epoch": epoch, "train_loss": total / count, "val_loss": val_loss, "val_acc": val_acc})
         progress.set_postfix(train_loss=f"{total / count:.3f}", val_loss=f"{val_loss:.3f}",
                              val_acc=f"{val_acc:.3f}")
-        if not len(val_ids) or val_loss < best_loss:
+        if not scored or val_loss < best_loss:
             best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(model.state_dict())
         elif config.patience and epoch - best_epoch >= config.patience:
             break
     progress.close()
-    if best_state is not None:  # None only when every validation loss was NaN
+    if best_state is not None:  # None only when a validation loss was NaN every epoch (diverged training)
         model.load_state_dict(best_state)
     return pd.DataFrame(rows), best_epoch
