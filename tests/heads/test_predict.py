@@ -297,17 +297,27 @@ def test_bad_inputs_are_per_file_errors(wav2vec2_run, write_audio, tmp_path, cap
 
 def test_csv_and_table_formats(wav2vec2_run, write_audio, tmp_path, capsys):
     good = write_audio(tmp_path / "good.wav", seconds=7.0)
-    status, out, _ = run_cli(capsys, good, tmp_path / "nope.wav", "--model", wav2vec2_run,
+    x = tone(9.0, 180.0, seed=1)
+    x[3 * 16000:6 * 16000] = 0.0  # the middle segment is digital silence
+    gap = tmp_path / "gap.wav"
+    sf.write(str(gap), x, 16000, subtype="PCM_16")
+    status, out, _ = run_cli(capsys, good, tmp_path / "nope.wav", gap, "--model", wav2vec2_run,
                              "--segment-seconds", 3, "--format", "csv")
     assert status == 1
-    rows = pd.read_csv(__import__("io").StringIO(out), keep_default_na=False)
-    assert list(rows.columns) == ["file", "segment", "start", "end", "label", *LABELS, "error"]
-    assert rows["segment"].tolist() == ["", "0", "1", ""]  # file row, two segments, the failing file
-    ok = rows.iloc[:3]
+    rows = pd.read_csv(__import__("io").StringIO(out), keep_default_na=False, dtype=str)
+    assert list(rows.columns) == ["file", "segment", "start", "end", "label", *LABELS, "error", "reason",
+                                  "label_from", "silent"]
+    assert rows["segment"].tolist() == ["", "0", "1", "", "", "0", "1", "2"]  # good + 2 segments, failing, gap + 3
+    ok = rows.iloc[[0, 1, 2, 4, 5, 7]]
     np.testing.assert_allclose(ok[LABELS].astype(float).sum(axis=1), 1.0, atol=1e-5)
-    assert rows.iloc[3]["error"] and rows.iloc[3]["label"] == ""
+    assert rows.iloc[3]["error"] and rows.iloc[3]["reason"] == "missing" and rows.iloc[3]["label"] == ""
+    assert rows["label_from"].tolist() == ["whole", "", "", "", "whole", "", "", ""]
+    assert rows["silent"].tolist() == ["False", "False", "False", "", "False", "False", "True", "False"]
+    assert rows.iloc[6]["label"] == "" and (rows.iloc[6][LABELS] == "").all()
     status, out, _ = run_cli(capsys, good, "--model", wav2vec2_run, "--segment-seconds", 3, "--format", "table")
     assert status == 0 and "whole file" in out and out.count("\n") == 5  # header, file, whole, 2 segments
+    status, out, _ = run_cli(capsys, tmp_path / "nope.wav", "--model", wav2vec2_run, "--format", "table")
+    assert status == 1 and "error (missing)" in out
 
 
 def test_encoder_location_follows_override_and_env(wav2vec2_run, tiny_encoder_dir, write_audio, tmp_path,
