@@ -12,7 +12,9 @@ share a forward pass:
 - The transformer runs on the padded batch with an attention mask. The wav2vec2, HuBERT and WavLM encoders zero
   the padded frames before their one positional convolution, which then sees what a single pass sees. The
   data2vec-audio positional embedding stacks five convolutions, so padding would leak into real frames: its
-  passes only ever hold utterances of the same frame count (see :attr:`Architecture.mixed_lengths`).
+  passes only ever hold utterances of the same frame count (see :attr:`Architecture.mixed_lengths`); so do a
+  HuBERT's whose positional embedding starts with a BatchNorm (``conv_pos_batch_norm``), which turns the zeroed
+  padded frames into non-zero values before its convolution (:func:`architecture_of`).
 
 The hidden states are collected as transformers collects them (the first layer's input, then every layer's
 output), through forward hooks on the encoder's layers. Architectures outside :data:`ARCHITECTURES` are refused
@@ -42,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import multiprocessing
@@ -50,7 +53,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +67,15 @@ DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FL
 DEFAULT_ENCODER = "facebook/wav2vec2-base"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Architecture:
     """How utterances of different lengths may share a forward pass of one model type.
 
     Attributes:
         model_type: the transformers ``config.model_type``.
         mixed_lengths: utterances of different frame counts may share a pass (the transformer is exact under an
-            attention mask); False where padding reaches real frames (data2vec-audio's stacked positional convs).
+            attention mask); False where padding reaches real frames (data2vec-audio's stacked positional convs,
+            a positional BatchNorm).
         sdpa: the model has an SDPA attention implementation (else its eager attention is used).
     """
 
@@ -88,6 +91,17 @@ ARCHITECTURES = {a.model_type: a for a in (
     Architecture("wavlm", sdpa=False),
     Architecture("data2vec-audio", mixed_lengths=False),
 )}
+
+
+def architecture_of(config) -> Architecture:
+    """The :class:`Architecture` of a transformers config: its model type's, with ``mixed_lengths`` off where a
+    flag lets padding reach real frames (``conv_pos_batch_norm``: an eval-mode BatchNorm before the positional
+    convolution maps the zeroed padded frames to ``beta - gamma * mean / std``, which the convolution then carries
+    into the neighbouring real frames of a shorter utterance)."""
+    arch = ARCHITECTURES[config.model_type]
+    if getattr(config, "conv_pos_batch_norm", False):
+        arch = dataclasses.replace(arch, mixed_lengths=False)
+    return arch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -320,7 +334,7 @@ class Encoder:
         cfg = model.config
         self.model, self.feature_extractor = model, feature_extractor
         self.name, self.revision, self.device, self.dtype = name, revision, device, dtype
-        self.architecture = ARCHITECTURES[cfg.model_type]
+        self.architecture = architecture_of(cfg)
         self.sample_rate = int(feature_extractor.sampling_rate)
         self.num_layers = int(cfg.num_hidden_layers) + 1
         self.hidden_size = int(cfg.hidden_size)
@@ -617,7 +631,8 @@ def _refuse_unsupported(name: str, config) -> None:
     if model_type not in ARCHITECTURES:
         raise ValueError(f"{name}: model_type {model_type!r} is not supported; expected one of "
                          f"{', '.join(sorted(ARCHITECTURES))} (a raw-waveform encoder whose batches this tool can "
-                         "keep exact). Pass such a checkpoint to --encoder.")
+                         "keep exact). Pass a checkpoint of one of these model types to --encoder (or features.encoders in "
+                         "params.yaml).")
 
 
 def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",

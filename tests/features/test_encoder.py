@@ -91,6 +91,35 @@ def test_data2vec_never_mixes_frame_counts_because_padding_would_reach_real_fram
     assert _worst_relative_error(enc.forward(waves)[1], _direct(model_dir, waves[1])) > 1e-2
 
 
+def test_hubert_with_a_positional_batch_norm_never_mixes_frame_counts(tiny_model_dir, tmp_path):
+    """``conv_pos_batch_norm``: the eval-mode BatchNorm maps zeroed padding to non-zero values, which the positional
+    convolution carries into real frames; such a model is planned like data2vec-audio, one frame count per pass."""
+    import transformers
+
+    model = AutoModel.from_pretrained(tiny_model_dir("hubert-base", conv_pos_batch_norm=True))
+    bn = model.encoder.pos_conv_embed.batch_norm
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # trained statistics: padding no longer stays zero
+        for tensor in (bn.running_mean, bn.bias):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=generator) + 0.5)
+    model_dir = tmp_path / "hubert-posbn"
+    model.save_pretrained(model_dir)
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(model_dir)
+    enc = load_encoder(model_dir, device="cpu", dtype="float32", feature_encoder="library")
+    assert not enc.architecture.mixed_lengths and enc.frame_grid == 1
+    enc.use_frame_grid(8)
+    assert enc.frame_grid == 1
+    waves = _waves(enc, [16000, 16010, 16030])
+    for wave, got in zip(waves, enc.forward(waves), strict=True):
+        assert _worst_relative_error(got, _direct(model_dir, wave)) < 1e-5
+    mixed = _waves(enc, [16000, 9000])
+    with pytest.raises(ValueError, match="one frame count per pass"):
+        enc.forward(mixed)
+    enc.architecture = encoder_mod.Architecture("hubert", mixed_lengths=True)  # why it is refused
+    assert _worst_relative_error(enc.forward(mixed)[1], _direct(model_dir, mixed[1])) > 1e-2
+
+
 def test_layer_selection_and_shapes(tiny_model_dir):
     enc = load_encoder(tiny_model_dir("wav2vec2-base"), device="cpu", dtype="float32")
     wave = _waves(enc, [8000])[0]
