@@ -52,7 +52,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from features.hardware import Device, DType
-from pipeline.processes import cpu_cores
+from pipeline.processes import cpu_cores, worker_pool
 
 #: Compute (and storage) dtypes to their torch dtypes.
 DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
@@ -592,7 +592,7 @@ def choose_feature_encoder(enc: Encoder, *, probe_seconds: float = 4.0, repeats:
         procs = min(repeats, cpu_cores()) if cpu and forkable else 1
         if procs > 1:  # the repeats on every core at once, as extraction's processes run (forked: warm, shared)
             _PROBING["enc"] = enc
-            with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+            with worker_pool(procs, mp_context=multiprocessing.get_context("fork")) as pool:
                 timings = list(pool.map(_timed_round, rounds))
         else:
             timings = [[_timed_pass(enc, *item) for item in passes] for passes in rounds]

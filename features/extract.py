@@ -26,7 +26,7 @@ import shutil
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
@@ -60,7 +60,7 @@ from features.hardware import Device, DType, device_arg
 from features.store import FeatureStore, claim_json, read_choice
 from pipeline.audio import AudioError, load_audio
 from pipeline.cli import non_negative_float, positive_float, positive_int, run_main
-from pipeline.processes import cpu_cores, die_with_parent
+from pipeline.processes import cpu_cores, worker_pool
 from pipeline.roots import read_manifests
 
 
@@ -462,9 +462,8 @@ _FORK = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_
 
 
 def _init_worker(enc: Encoder) -> None:
-    """Worker process (forked, so the model is shared copy-on-write): one thread, dies with its parent."""
+    """Worker process (forked, so the model is shared copy-on-write; dies with its parent): one thread."""
     torch.set_num_threads(1)
-    die_with_parent()
     _WORKER["enc"] = enc
     _WORKER["machine"] = machine(enc)  # once per worker: recorded in each of its shards
 
@@ -590,8 +589,8 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                     advance(bar, seconds)
             elif procs > 1 and sum(map(len, batches)) > 1:
                 tasks = split_tasks(batches, procs, part_entries)
-                with ProcessPoolExecutor(min(procs, len(tasks)), mp_context=_FORK,
-                                         initializer=_init_worker, initargs=(enc,)) as pool:
+                with worker_pool(min(procs, len(tasks)), mp_context=_FORK, initializer=_init_worker,
+                                 initargs=(enc,)) as pool:
                     futures = [pool.submit(_work, t, str(build.reserve_part()), meta, job) for t in tasks]
                     for future in as_completed(futures):
                         try:

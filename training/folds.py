@@ -17,7 +17,6 @@ import dataclasses
 import multiprocessing
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from pipeline.experiment import Experiment
 from pipeline.metrics import scores
 from pipeline.normalisation import Normalisation, Normaliser, Reader
-from pipeline.processes import cpu_cores, die_with_parent
+from pipeline.processes import cpu_cores, worker_pool
 from training.data import preload
 from training.fit import FoldData, TrainConfig, evaluate, fit, seed_everything
 from training.rundir import prediction_frame, save_torch_fold, staged_run, write_run
@@ -146,8 +145,7 @@ def _run_folds(job: FoldJob, *, protocol: dict, jobs: int) -> dict:
     if jobs <= 1 or len(tasks) == 1:
         results = list(map(train_member, *args))
     else:  # spawn: a forked torch (OpenMP pool, open HDF5 handles) is not safe to train in
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=die_with_parent) as pool:
+        with worker_pool(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(train_member, *args))
     predictions, weights, extras = [], [], {}
     for i, fold in enumerate(job.exp.folds):
