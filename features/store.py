@@ -426,8 +426,7 @@ class IdentityStore:
             index = json.loads((self.path / INDEX).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
-        ok = isinstance(index, dict) and all(
-            isinstance(r, dict) and {"size", "mtime_ns", "entries"} <= set(r) for r in index.values())
+        ok = isinstance(index, dict) and all(_valid_record(r) for r in index.values())
         return index if ok else None
 
     def load(self, *, verify: bool = False) -> tuple[dict, dict[str, dict[str, str]]]:
@@ -470,6 +469,20 @@ class IdentityStore:
 
     def write_index(self, index: Mapping) -> bool:
         return write_json(self.path / INDEX, dict(index))
+
+
+def _valid_record(record) -> bool:
+    """An index record as :func:`_record` writes it (a hand-edited or foreign one is rebuilt, never trusted)."""
+    def str_map(value) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+    return isinstance(record, dict) and {"size", "mtime_ns", "entries"} <= set(record) \
+        and all(isinstance(record[k], int) and not isinstance(record[k], bool) for k in ("size", "mtime_ns")) \
+        and str_map(record["entries"]) and str_map(record.get("corrupt", {}))
+
+
+class IndexMismatch(LookupError):
+    """The index lists an entry in a shard that does not hold it (an edited or foreign ``index.json``)."""
 
 
 def entries_by_uid(index: Mapping[str, Mapping]) -> dict[str, dict[str, str]]:
@@ -650,7 +663,17 @@ class FeatureStore:
         except KeyError:
             raise KeyError(f"{uid!r} is not in {self.path} ({len(self)} utterances); expected an id of the "
                            "manifest it was extracted from. Re-run extraction on that manifest.") from None
-        return self._guard(uid, shard, what, lambda f: read(f["utterances"][escape_id(uid)]))
+        def entry(f: h5py.File):
+            name = escape_id(uid)
+            if name not in f["utterances"]:  # the file reads, but the index is wrong about it: not damage
+                raise IndexMismatch(
+                    f"{uid}: {self.store.path / INDEX} lists it in shard {self._shard_path(shard)}, which holds no such "
+                    "entry: the index was edited or copied from another store; the shards are intact. Delete that "
+                    "index.json: it is derived data, read again from the shards by readers and rewritten by the "
+                    "next extraction with the same --out.")
+            return read(f["utterances"][name])
+
+        return self._guard(uid, shard, what, entry)
 
     def num_frames(self, uid: str) -> int:
         """Number of frames ``T`` of one utterance."""

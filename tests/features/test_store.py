@@ -182,6 +182,36 @@ def test_readers_rebuild_what_the_index_lacks(tmp_path, entries):
     assert not index.exists()  # readers write nothing
 
 
+@pytest.mark.parametrize("edit", [{"entries": "oops"}, {"entries": [1, 2]}, {"entries": {"u": 3}},
+                                  {"size": "12"}, {"corrupt": []}])
+def test_an_index_of_the_wrong_shape_is_rebuilt_not_trusted(tmp_path, entries, edit):
+    path = write_store(tmp_path / "f.h5", entries, {})
+    (index,) = path.glob("*/index.json")
+    records = json.loads(index.read_text())
+    for record in records.values():
+        record.update(edit)
+    index.write_text(json.dumps(records))
+    with FeatureStore(path) as fs:
+        assert fs.ids() == sorted(entries)
+        np.testing.assert_array_equal(fs.all_frames("c/Actor_02/b"), entries["c/Actor_02/b"][0])
+
+
+def test_an_index_claiming_an_entry_its_shard_lacks_is_blamed_not_the_shard(tmp_path, entries):
+    write_store(tmp_path / "f.h5", {"c/Actor_01/a": entries["c/Actor_01/a"]}, {})
+    path = write_store(tmp_path / "f.h5", entries, {})
+    (index,) = path.glob("*/index.json")
+    records = json.loads(index.read_text())
+    first, second = sorted(records)
+    source = records[second]["entries"].pop("c/Actor_02/b")
+    records[first]["entries"]["c/Actor_02/b"] = source  # an edit: the first shard never held it
+    index.write_text(json.dumps(records))
+    with FeatureStore(path) as fs, pytest.raises(store_module.IndexMismatch, match=r"index\.json.*intact.*Delete"):
+        fs.all_frames("c/Actor_02/b")
+    index.unlink()
+    with FeatureStore(path) as fs:
+        np.testing.assert_array_equal(fs.all_frames("c/Actor_02/b"), entries["c/Actor_02/b"][0])
+
+
 def test_shard_files_are_opened_lazily_and_boundedly(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "MAX_OPEN_SHARDS", 2)
     for i in range(5):
