@@ -21,6 +21,7 @@ back and forth find their identity store again.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import os
@@ -74,6 +75,7 @@ def write_skips(path: str | os.PathLike, skips: Iterable[dict]) -> Path:
     writer.writeheader()
     writer.writerows({k: s.get(k, "") for k in SKIP_COLUMNS} for s in skips)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(path.parent, path.name)  # a killed run's half-written report (it sits outside the store)
     write_if_changed(path, text.getvalue())
     return path
 
@@ -85,12 +87,12 @@ def advance(bar, seconds: float) -> None:
     bar.update(seconds)
 
 
-def remove_dead_temporaries(folder: Path) -> list[Path]:
-    """Delete the ``*.tmp-<host>.<pid>`` files in ``folder`` that this host's dead processes left (a killed writer's
-    debris); returns them. Other hosts' files are left alone: their pids mean nothing here, and on a shared
-    filesystem such a file may be a live writer's."""
+def remove_dead_temporaries(folder: Path, name: str = "*") -> list[Path]:
+    """Delete the ``<name>.tmp-<host>.<pid>`` files in ``folder`` (``name``: a glob, every file's by default) that
+    this host's dead processes left (a killed writer's debris); returns them. Other hosts' files are left alone:
+    their pids mean nothing here, and on a shared filesystem such a file may be a live writer's."""
     gone, here = [], this_host()
-    for tmp in folder.glob("*.tmp-*") if folder.is_dir() else []:
+    for tmp in folder.glob(f"{glob.escape(name) if name != '*' else name}.tmp-*") if folder.is_dir() else []:
         host, _, pid = tmp.name.rsplit(".tmp-", 1)[-1].rpartition(".")
         if tmp.is_file() and host in {here, ""} and not pid_alive(pid):  # "": named by an older version, pid only
             tmp.unlink(missing_ok=True)
@@ -285,6 +287,11 @@ class StoreBuild:
             self._lock.close()
             self._lock = None
 
+    def view_entries(self) -> dict[str, str]:
+        """``{uid: source}`` the view would hold if the build finished now: the wanted rows the store holds."""
+        held = entries_by_uid(dict(sorted(self._index.items())))
+        return {u: s for u, s in self._wanted.items() if s in held.get(u, {})}
+
     def finish(self, *, view: bool = True) -> dict:
         """Publish the last shard, then update ``index.json`` and ``current.json`` where they change.
 
@@ -301,8 +308,7 @@ class StoreBuild:
         if not view:
             self._release()
             return {"stored": None, "removed": 0, "corrupt": self.corrupt}
-        held = entries_by_uid(dict(sorted(self._index.items())))
-        entries = {u: s for u, s in self._wanted.items() if s in held.get(u, {})}
+        entries = self.view_entries()
         removed = len(set(self._previous["entries"]) - set(entries)) if self._previous else 0
         IdentityStore(self.store_dir).write_index(dict(sorted(self._index.items())))
         write_current(self.out, self.store_dir.name, entries)
@@ -313,7 +319,20 @@ class StoreBuild:
 def publish(stage: str, build: StoreBuild, *, out, skips, skipped: list[dict], computed: int,
            audio_seconds: float) -> dict:
     """Publish the build, write the skips file and print and return the run's summary (``computed, reused,
-    skipped, stored, removed, corrupt, audio_seconds``)."""
+    skipped, stored, removed, corrupt, audio_seconds``).
+
+    Raises:
+        ValueError: every manifest row was skipped (audio missing or unusable: a disk not mounted, a manifest of
+            another machine): the view is left as it was instead of being emptied; what was computed is kept.
+    """
+    if skipped and not build.view_entries():
+        build.finish(view=False)
+        report = write_skips(skips or f"{out}.skips.csv", skipped)
+        reasons = pd.Series([s["reason"] for s in skipped]).value_counts().to_dict()
+        raise ValueError(f"{stage}: expected at least one usable manifest row, found all {len(skipped)} skipped "
+                         f"({', '.join(f'{n} {r}' for r, n in reasons.items())}; e.g. {skipped[0].get('path')}: "
+                         f"{skipped[0].get('detail')}). The view of {out} was left as it was; see {report}. Check that "
+                         "the audio is where the manifest says (a disk not mounted?), then rerun.")
     counts = build.finish()
     skips = write_skips(skips or f"{out}.skips.csv", skipped)
     print(f"{stage}: {computed} computed ({audio_seconds:.1f} s of audio), {build.reused} reused, {len(skipped)} "

@@ -641,7 +641,8 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
     """Load a frozen Hugging Face speech encoder and its feature extractor.
 
     Args:
-        name_or_dir: hub id (e.g. ``facebook/wav2vec2-base``) or a local folder saved with ``save_pretrained``.
+        name_or_dir: hub id (e.g. ``facebook/wav2vec2-base``) or a local folder saved with ``save_pretrained`` (kept
+            as its absolute path, so that every spelling of it names one store).
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16`` (CUDA only); see :func:`pick_dtype`.
         revision: hub branch, tag or commit (default ``main``).
@@ -665,6 +666,8 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
     if feature_encoder != "auto" and feature_encoder not in FEATURE_ENCODERS:
         raise ValueError(f"feature encoder {feature_encoder!r}: expected auto or one of {', '.join(FEATURE_ENCODERS)}.")
     name = str(name_or_dir)
+    if Path(name).is_dir():  # one spelling per folder (relative, ./, trailing slash, symlink): one store identity,
+        name = str(Path(name).resolve())  # and a path that predict finds again from any working directory
     kw = {"revision": revision or "main", "trust_remote_code": False}
     # A local folder or the hub cache first (no network); the hub only when neither has it and we may go online.
     attempts = [True] if Path(name).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in {"", "0"} \

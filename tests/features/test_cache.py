@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from features.cache import PartWriter, StoreBuild, publish, source_hash
+from features.cache import PartWriter, StoreBuild, publish, source_hash, write_skips
 from features.store import FeatureStore, identity_of, identity_slug, mean_std, writer_tag
 from pipeline.roots import read_manifests
 
@@ -244,6 +244,18 @@ def test_a_dead_writers_temporary_shard_is_deleted_by_the_next_build(audio, make
     elsewhere.write_bytes(b"being written")  # its pid means nothing here
     assert run_build(out, manifest)["computed"] == 0
     assert not debris.exists() and not older.exists() and live.exists() and elsewhere.exists()
+
+def test_the_skips_report_clears_a_dead_writers_half_report_and_nothing_else(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, pid = writer_tag().rsplit(".", 1)[0], dead.stdout.strip()
+    report = tmp_path / "feats.skips.csv"
+    debris = tmp_path / f"feats.skips.csv.tmp-{host}.{pid}"  # a run killed while writing its report
+    debris.write_text("id,pa")
+    other = tmp_path / f"notes.csv.tmp-{host}.{pid}"  # beside it, not the report's: left alone
+    other.write_text("x")
+    write_skips(report, [{"id": "a", "path": "a.wav", "reason": "missing", "detail": "gone"}])
+    assert not debris.exists() and other.exists() and "missing" in report.read_text()
+
 
 def test_an_unreadable_shard_no_index_describes_is_reported_and_its_rows_recomputed(audio, make_manifest, tmp_path,
                                                                                    capsys):

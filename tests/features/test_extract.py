@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -157,6 +158,14 @@ def test_switching_settings_back_and_forth_recomputes_nothing(synth_files, make_
         assert fs.attrs["model_type"] == "hubert"
     third = extract([manifest], out, encoder=a, **kw)
     assert (third["computed"], third["reused"]) == (0, 3)
+    link = tmp_path / "models" / "link"  # the same folder spelt otherwise: relative, trailing slash, a symlink
+    link.parent.mkdir()
+    link.symlink_to(a)
+    for spelling in (os.path.relpath(a) + "/", str(link)):
+        again = extract([manifest], out, encoder=spelling, **kw)
+        assert (again["computed"], again["reused"]) == (0, 3)
+    with FeatureStore(out) as fs:
+        assert fs.attrs["encoder"] == str(Path(a).resolve())
     for change in [{"max_seconds": 0.5}, {"layers": "0,2"}, {"dtype": "bfloat16"}]:
         summary = extract([manifest], out, encoder=a, **{**kw, **change})
         assert summary["computed"] == 3 and summary["reused"] == 0
@@ -180,6 +189,20 @@ def test_bad_audio_is_reported_not_dropped(synth_files, make_manifest, tiny_enco
     report = pd.read_csv(skips).set_index("id")["reason"].to_dict()
     assert report == {"synth/bad/empty": "empty", "synth/bad/garbage": "unreadable", "synth/bad/short": "too_short",
                       "synth/bad/nan": "non_finite", "synth/bad/missing": "missing"}
+
+
+def test_a_manifest_whose_every_row_is_skipped_leaves_the_view_as_it_was(synth_files, make_manifest,
+                                                                         tiny_encoder_dir, tmp_path):
+    out, kw = tmp_path / "f", {"encoder": str(tiny_encoder_dir), "device": "cpu"}
+    assert extract([make_manifest(synth_files[:2])], out, **kw)["stored"] == 2
+    before = (out / "current.json").read_bytes()
+    unmounted = make_manifest([tmp_path / "not-mounted" / p.name for p in synth_files[:2]], name="gone.csv")
+    with pytest.raises(ValueError, match=r"all 2 skipped \(2 missing.*left as it was.*mounted"):
+        extract([unmounted], out, **kw)
+    assert (out / "current.json").read_bytes() == before
+    assert pd.read_csv(f"{out}.skips.csv")["reason"].tolist() == ["missing", "missing"]
+    with FeatureStore(out) as fs:
+        assert len(fs) == 2
 
 
 def test_empty_and_repeated_manifests_and_bad_options(tmp_path, make_manifest, synth_files, tiny_encoder_dir,
