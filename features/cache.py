@@ -287,8 +287,14 @@ class StoreBuild:
             self._lock.close()
             self._lock = None
 
+    def flush(self) -> None:
+        """Publish the shard being written, if any."""
+        if self._part is not None:
+            self._publish()
+
     def view_entries(self) -> dict[str, str]:
-        """``{uid: source}`` the view would hold if the build finished now: the wanted rows the store holds."""
+        """``{uid: source}`` the view would hold if the build finished now: the wanted rows the published shards
+        hold (:meth:`flush` first to count the shard being written)."""
         held = entries_by_uid(dict(sorted(self._index.items())))
         return {u: s for u, s in self._wanted.items() if s in held.get(u, {})}
 
@@ -303,8 +309,7 @@ class StoreBuild:
             ``{"stored", "removed", "corrupt"}``: entries in the new view, entries of the previous view no
             longer wanted, damaged entries recomputed.
         """
-        if self._part is not None:
-            self._publish()
+        self.flush()
         if not view:
             self._release()
             return {"stored": None, "removed": 0, "corrupt": self.corrupt}
@@ -325,6 +330,7 @@ def publish(stage: str, build: StoreBuild, *, out, skips, skipped: list[dict], c
         ValueError: every manifest row was skipped (audio missing or unusable: a disk not mounted, a manifest of
             another machine): the view is left as it was instead of being emptied; what was computed is kept.
     """
+    build.flush()
     if skipped and not build.view_entries():
         build.finish(view=False)
         report = write_skips(skips or f"{out}.skips.csv", skipped)
