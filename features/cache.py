@@ -66,14 +66,14 @@ def source_hash(path: str | os.PathLike) -> str:
 
 
 def write_skips(path: str | os.PathLike, skips: Iterable[dict]) -> Path:
-    """Write the skips report (``id, path, reason, detail``), header-only when nothing was skipped, atomically (a
-    kill mid-write leaves the old report whole); an unchanged report is left as it is (a rerun that does nothing
-    writes nothing)."""
+    """Write the skips report (``id, path, reason, detail``, sorted by id: rows are skipped in the order tasks
+    finish), header-only when nothing was skipped, atomically (a kill mid-write leaves the old report whole); an
+    unchanged report is left as it is (a rerun that does nothing writes nothing)."""
     path = Path(path)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=SKIP_COLUMNS)
     writer.writeheader()
-    writer.writerows({k: s.get(k, "") for k in SKIP_COLUMNS} for s in skips)
+    writer.writerows(sorted(({k: s.get(k, "") for k in SKIP_COLUMNS} for s in skips), key=lambda s: str(s["id"])))
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temporaries(path.parent, path.name)  # a killed run's half-written report (it sits outside the store)
     write_if_changed(path, text.getvalue())

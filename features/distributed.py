@@ -24,8 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from enum import StrEnum
@@ -51,18 +53,22 @@ class Engine(StrEnum):
     RAY = "ray"      # actors on a Ray cluster
 
 
+class ShardError(ValueError, argparse.ArgumentTypeError):
+    """A ``--shard`` value that is not ``K/N``: a ValueError whose message argparse prints as it is."""
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"K/N"`` (1 <= K <= N) -> ``(K, N)``.
 
     Raises:
-        ValueError: not two integers ``K/N`` with 1 <= K <= N.
+        ShardError: not two integers ``K/N`` with 1 <= K <= N.
     """
     try:
         k, n = (int(s) for s in text.split("/"))
     except ValueError:
         k = n = 0
     if not 1 <= k <= n:
-        raise ValueError(f"--shard {text!r}: expected K/N with 1 <= K <= N (e.g. 2/8 for the second of eight; "
+        raise ShardError(f"--shard {text!r}: expected K/N with 1 <= K <= N (e.g. 2/8 for the second of eight; "
                          "a SLURM array job passes $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT).")
     return k, n
 
@@ -87,6 +93,26 @@ def require_ray() -> None:
     if ray is None:
         raise RayMissing("--engine ray: expected the Ray library, found it not installed. Install the extra: "
                           "pip install -e \".[ray]\" (or pip install \"ray>=2.9\").")
+
+
+def check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """Refuse a ``HOST:PORT`` address where nothing answers (Ray's own connection attempt retries for ever there);
+    ``auto``, ``ray://`` client addresses and None are left to Ray, which fails fast on them.
+
+    Raises:
+        ConnectionError: nothing accepts a connection at ``HOST:PORT`` within ``timeout`` seconds.
+    """
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # Ray explains a malformed address itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(f"--address {address}: expected the Ray head's address (HOST:PORT, as `ray start "
+                              f"--head` prints it), found nothing answering there ({err}). Start the head, check "
+                              "the host and port, or leave --address out to start a local cluster.") from err
 
 
 def by_reference(fn: Callable) -> Callable:
@@ -163,9 +189,11 @@ class RayActors:
         require_ray()
         self._started = not ray.is_initialized()
         if self._started:
+            check_reachable(address)
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         resources = ray.cluster_resources()
         self.size = int(resources.get("GPU" if gpu else "CPU", 0))
+        self.max_restarts = max_restarts
         self._actors: list = []
         if self.size < 1:
             self.close()
@@ -199,7 +227,7 @@ class RayActors:
         whose actor dies is run again on the restarted actor.
 
         Raises:
-            ray.exceptions.RayActorError: an actor died more than ``max_restarts`` times.
+            OSError: an actor died more than ``max_restarts`` times (its task's shard was never published).
         """
         expected, name, grid = encoder_facts(enc), enc.feature_encoder, enc.frame_grid
         try:
@@ -211,6 +239,10 @@ class RayActors:
             if isinstance(err.cause, OSError):  # as the local path raises it: errno kept (a full disk is explained)
                 raise err.cause from err
             raise
+        except ray.exceptions.RayActorError as err:  # as the local path says it of a dead worker process
+            raise OSError(f"a Ray actor died more often than it may be restarted ({self.max_restarts} times): "
+                          f"{str(err).splitlines()[0].rstrip('.')}. Finished shards are kept: rerun to resume once the cause "
+                          "(memory, a lost node, a signal) is gone.") from err
         finally:
             self.close()
 

@@ -257,6 +257,18 @@ def test_the_skips_report_clears_a_dead_writers_half_report_and_nothing_else(tmp
     assert not debris.exists() and other.exists() and "missing" in report.read_text()
 
 
+def test_the_skips_report_of_a_rerun_skipping_the_same_rows_in_another_order_is_not_rewritten(tmp_path):
+    """Rows are skipped in the order tasks finish; the report is sorted, so a rerun that does nothing writes nothing."""
+    report = tmp_path / "feats.skips.csv"
+    rows = [{"id": f"c/{name}", "path": f"{name}.wav", "reason": "unreadable", "detail": "?"} for name in "bca"]
+    write_skips(report, rows)
+    before = report.stat()
+    write_skips(report, rows[::-1])
+    after = report.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert [line.split(",")[0] for line in report.read_text().splitlines()[1:]] == ["c/a", "c/b", "c/c"]
+
+
 def test_an_unreadable_shard_no_index_describes_is_reported_and_its_rows_recomputed(audio, make_manifest, tmp_path,
                                                                                    capsys):
     out, manifest = tmp_path / "feats", make_manifest(audio[:4])

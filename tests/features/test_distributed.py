@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -237,11 +238,20 @@ def test_shard_members_agree_on_dtype_auto_and_on_who_computes_a_file_some_canno
         assert fs.attrs["dtype"] == "bfloat16" and len(fs) == 12
 
 
-def test_shard_and_engine_errors(monkeypatch, clips, tmp_path, tiny_encoder_dir):
+def test_shard_and_engine_errors(monkeypatch, clips, tmp_path, tiny_encoder_dir, capsys):
     for bad in ["0/2", "3/2", "1/0", "a/b", "1"]:
         with pytest.raises(ValueError, match="expected K/N with 1 <= K <= N"):
             distributed.parse_shard(bad)
     assert distributed.parse_shard("2/8") == (2, 8)
+    for bad in ["0/2", "abc"]:  # the command line prints the same explanation, not argparse's generic one
+        with pytest.raises(SystemExit):
+            main(["--manifest", str(clips), "--out", str(tmp_path / "f"), "--shard", bad])
+        assert "expected K/N with 1 <= K <= N" in capsys.readouterr().err
+    with socket.socket() as listener:  # a port nothing listens on: refused at once, where Ray retries for ever
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+    with pytest.raises(ConnectionError, match=f"--address 127.0.0.1:{port}: expected the Ray head"):
+        distributed.check_reachable(f"127.0.0.1:{port}")
     monkeypatch.setattr(distributed, "ray", None)
     with pytest.raises(ImportError, match=r'pip install -e "\.\[ray\]"'):
         extract([clips], tmp_path / "f", encoder=str(tiny_encoder_dir), engine="ray", **SETTINGS)
