@@ -40,7 +40,7 @@ def die_with_parent(parent: int | None = None) -> None:
         os._exit(1)
 
 
-def _init_pool_worker(parent: int, initializer: Callable | None, initargs: tuple) -> None:
+def _init_pool_worker(parent: int | None, initializer: Callable | None, initargs: tuple) -> None:
     die_with_parent(parent)
     if initializer is not None:
         initializer(*initargs)
@@ -54,8 +54,9 @@ def worker_pool(max_workers: int, *, mp_context, initializer: Callable | None = 
     ``with`` would wait for every queued task (its workers turn their own KeyboardInterrupt into a task's result
     and take the next task). What the stopped workers were writing is left to their callers' clean-up (the
     feature store deletes a dead writer's temporary files)."""
+    direct = mp_context.get_start_method() in {"fork", "spawn"}  # a forkserver's workers are its children, not ours
     pool = ProcessPoolExecutor(max_workers, mp_context=mp_context, initializer=_init_pool_worker,
-                               initargs=(os.getpid(), initializer, initargs))
+                               initargs=(os.getpid() if direct else None, initializer, initargs))
     try:
         yield pool
     except BaseException:
