@@ -47,6 +47,7 @@ import soundfile as sf
 
 from features.hardware import Device, device_arg
 from pipeline.cli import positive_float, positive_int
+from pipeline.processes import worker_pool
 
 DEFAULT_CORPUS = Path("../shared/corpora/ravdess")
 
@@ -156,7 +157,7 @@ def matmul_flops_per_s(dtype: str, device: str, *, procs: int = 1, size: int = 2
     ``procs`` single-thread processes at once (summed), as extraction uses the cores either way."""
     rate = _matmul_rate(dtype, device, size, repeats)
     if device == "cpu" and procs > 1:
-        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+        with worker_pool(procs, mp_context=multiprocessing.get_context("fork")) as pool:
             rate = max(rate, sum(f.result() for f in [pool.submit(_matmul_rate, dtype, device, size, repeats, 1)
                                                       for _ in range(procs)]))
     return rate

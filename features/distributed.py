@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -171,6 +172,16 @@ class _Extractor:
         return self._work(batches, part, meta, job)
 
 
+def remote_error(message: str) -> str:
+    """The exception at the end of a remote traceback that Ray's message carries (``OSError: ...`` and the lines
+    after it), or the whole message where there is none."""
+    lines = message.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"^(\w+\.)*\w*(Error|Exception)(\(|:)", lines[i]):
+            return "\n".join(lines[i:]).strip()
+    return message.strip()
+
+
 class RayActors:
     """Connects to a Ray cluster (``address``: ``auto``, ``HOST:PORT``, or None to start a local one unless this
     process is already connected) and starts one actor per GPU (``gpu``) or per CPU, each running
@@ -240,9 +251,13 @@ class RayActors:
                 raise err.cause from err
             raise
         except ray.exceptions.RayActorError as err:  # as the local path says it of a dead worker process
+            if err.actor_init_failed:  # its constructor raised (e.g. no model folder on its node): say what
+                raise OSError(f"a Ray actor could not load the encoder: {remote_error(str(err))}\nExpected every "
+                              "node to have the same code, environment and model files at the same paths "
+                              "(docs/scale.md). Finished shards are kept: rerun to resume.") from err
             raise OSError(f"a Ray actor died more often than it may be restarted ({self.max_restarts} times): "
-                          f"{str(err).splitlines()[0].rstrip('.')}. Finished shards are kept: rerun to resume once the cause "
-                          "(memory, a lost node, a signal) is gone.") from err
+                          f"{str(err).splitlines()[0].rstrip('.')}. Finished shards are kept: rerun to resume once "
+                          "the cause (memory, a lost node, a signal) is gone.") from err
         finally:
             self.close()
 

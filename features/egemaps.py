@@ -18,7 +18,6 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from features.cache import StoreBuild, add_store_args, advance, publish
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 from pipeline.cli import positive_int, run_main
+from pipeline.processes import worker_pool
 from pipeline.roots import read_manifests
 
 
@@ -110,7 +110,7 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
     todo, skipped = build.plan(rows)
     total = float(todo["duration_s"].astype(float).sum()) if "duration_s" in todo else None
     done_s, computed = 0.0, 0
-    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool, \
+    with worker_pool(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool, \
             tqdm(total=total, unit="s", unit_scale=True, desc="egemaps", disable=todo.empty) as bar:
         for row, result in zip(todo.itertuples(index=False), pool.map(_work, todo["path"], chunksize=4),
                                strict=True):

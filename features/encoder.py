@@ -77,11 +77,14 @@ class Architecture:
             attention mask); False where padding reaches real frames (data2vec-audio's stacked positional convs,
             a positional BatchNorm).
         sdpa: the model has an SDPA attention implementation (else its eager attention is used).
+        pass_plan: set where a config flag, not the model type, keeps frame counts apart (recorded in the store's
+            identity, so that entries computed before this was known are not reused).
     """
 
     model_type: str
     mixed_lengths: bool = True
     sdpa: bool = True
+    pass_plan: str | None = None
 
 
 #: Every architecture the encoder accepts, with what makes its batches exact.
@@ -100,7 +103,7 @@ def architecture_of(config) -> Architecture:
     into the neighbouring real frames of a shorter utterance)."""
     arch = ARCHITECTURES[config.model_type]
     if getattr(config, "conv_pos_batch_norm", False):
-        arch = dataclasses.replace(arch, mixed_lengths=False)
+        arch = dataclasses.replace(arch, mixed_lengths=False, pass_plan="one frame count (conv_pos_batch_norm)")
     return arch
 
 
@@ -641,8 +644,8 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
     """Load a frozen Hugging Face speech encoder and its feature extractor.
 
     Args:
-        name_or_dir: hub id (e.g. ``facebook/wav2vec2-base``) or a local folder saved with ``save_pretrained`` (kept
-            as its absolute path, so that every spelling of it names one store).
+        name_or_dir: hub id (e.g. ``facebook/wav2vec2-base``) or a local folder saved with ``save_pretrained``
+            (its path normalised: ``./m/`` is ``m``).
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16`` (CUDA only); see :func:`pick_dtype`.
         revision: hub branch, tag or commit (default ``main``).
@@ -666,8 +669,8 @@ def load_encoder(name_or_dir: str | os.PathLike, *, device: str = "auto", dtype:
     if feature_encoder != "auto" and feature_encoder not in FEATURE_ENCODERS:
         raise ValueError(f"feature encoder {feature_encoder!r}: expected auto or one of {', '.join(FEATURE_ENCODERS)}.")
     name = str(name_or_dir)
-    if Path(name).is_dir():  # one spelling per folder (relative, ./, trailing slash, symlink): one store identity,
-        name = str(Path(name).resolve())  # and a path that predict finds again from any working directory
+    if Path(name).is_dir():  # "./m/", "m//" and "m" are one folder: one store identity (kept relative, as given,
+        name = os.path.normpath(name)  # so that a moved or cloned project finds its stores again)
     kw = {"revision": revision or "main", "trust_remote_code": False}
     # A local folder or the hub cache first (no network); the hub only when neither has it and we may go online.
     attempts = [True] if Path(name).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in {"", "0"} \

@@ -554,6 +554,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                 "layers": job.layers, "dtype": enc.dtype, "storage_dtype": storage_dtype, "device": enc.device.type,
                 "max_seconds": max_seconds, "offset_seconds": offset_seconds, "chunk_seconds": enc.chunk_seconds,
                 "overlap_seconds": enc.overlap_seconds, "frame_stride": enc.stride,
+                **({"pass_plan": enc.architecture.pass_plan} if enc.architecture.pass_plan else {}),
                 "versions": versions()}
         build = StoreBuild(out, meta, part_entries=part_entries)
         todo, skipped = build.plan(rows, clean=shard is None)

@@ -481,7 +481,7 @@ def _valid_record(record) -> bool:
         and str_map(record["entries"]) and str_map(record.get("corrupt", {}))
 
 
-class IndexMismatch(LookupError):
+class IndexMismatch(ValueError):
     """The index lists an entry in a shard that does not hold it (an edited or foreign ``index.json``)."""
 
 
@@ -619,6 +619,8 @@ class FeatureStore:
         """Run ``read(h5 file)``; any HDF5 failure (a checksum mismatch, a damaged header) becomes a clear error."""
         try:
             return read(self._file(shard))
+        except IndexMismatch:
+            raise
         except DAMAGE_ERRORS as err:
             whose = f"{uid}: cannot read its {what}" if uid else f"cannot read the {what}"
             raise OSError(f"{whose} from {self._shard_path(shard)} ({err}); the shard was damaged after it was "

@@ -138,7 +138,8 @@ def fit(model: nn.Module, data: FoldData, train_ids: Sequence[str], val_ids: Seq
         History rows ``epoch, train_loss, val_loss, val_acc`` (epochs from 1), and the best epoch.
     """
     y_train = np.array([data.labels[i] for i in train_ids], dtype=np.int64)
-    weight = class_weights(y_train, num_classes) if config.balance == Balance.WEIGHTS else np.ones(num_classes)
+    trained = np.bincount(y_train, minlength=num_classes) > 0  # classes never trained weigh 0 in the validation loss
+    weight = class_weights(y_train, num_classes) if config.balance == Balance.WEIGHTS else trained.astype(np.float64)
     class_weight = torch.as_tensor(weight, dtype=torch.float32)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

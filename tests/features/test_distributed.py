@@ -130,6 +130,19 @@ def test_an_actors_os_error_reaches_the_driver_as_itself(ray_cluster, clips, tmp
     assert not isinstance(raised.value, ray_cluster.exceptions.RayTaskError)
 
 
+def test_an_actor_that_cannot_load_the_encoder_says_why(ray_cluster, tmp_path, tiny_encoder_dir):
+    """A node without the model folder: its actor's constructor fails; the driver says so, with the node's error."""
+    from features.encoder import load_encoder
+
+    enc = load_encoder(tiny_encoder_dir, device="cpu", dtype="float32", feature_encoder="library")
+    load = {"name_or_dir": str(tmp_path / "not-on-this-node"), "device": "cpu", "dtype": "float32"}
+    actors = distributed.RayActors(None, load=load, gpu=False, init=extract_module._init_worker,
+                                   work=extract_module._work, max_restarts=1)
+    with pytest.raises(OSError, match=r"could not load the encoder: OSError: cannot load encoder .*not-on-this-node"
+                                      r"(.|\n)*same paths"):
+        list(actors.run([[]], [str(tmp_path / "part.h5")], {}, None, enc=enc))
+
+
 def test_a_killed_actor_loses_only_its_shard_which_is_recomputed(ray_cluster, tmp_path, write_audio, make_manifest,
                                                                 tiny_encoder_dir):
     files = [write_audio(tmp_path / "audio" / f"u{i:02d}.wav", seconds=6.0 + 0.1 * i, seed=i) for i in range(12)]

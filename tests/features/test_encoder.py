@@ -91,7 +91,8 @@ def test_data2vec_never_mixes_frame_counts_because_padding_would_reach_real_fram
     assert _worst_relative_error(enc.forward(waves)[1], _direct(model_dir, waves[1])) > 1e-2
 
 
-def test_hubert_with_a_positional_batch_norm_never_mixes_frame_counts(tiny_model_dir, tmp_path):
+def test_hubert_with_a_positional_batch_norm_never_mixes_frame_counts(tiny_model_dir, tmp_path, make_manifest,
+                                                                     synth_files):
     """``conv_pos_batch_norm``: the eval-mode BatchNorm maps zeroed padding to non-zero values, which the positional
     convolution carries into real frames; such a model is planned like data2vec-audio, one frame count per pass."""
     import transformers
@@ -108,6 +109,7 @@ def test_hubert_with_a_positional_batch_norm_never_mixes_frame_counts(tiny_model
     transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(model_dir)
     enc = load_encoder(model_dir, device="cpu", dtype="float32", feature_encoder="library")
     assert not enc.architecture.mixed_lengths and enc.frame_grid == 1
+    assert enc.architecture.pass_plan  # in the store's identity: entries planned before this fix are not reused
     enc.use_frame_grid(8)
     assert enc.frame_grid == 1
     waves = _waves(enc, [16000, 16010, 16030])
@@ -118,6 +120,12 @@ def test_hubert_with_a_positional_batch_norm_never_mixes_frame_counts(tiny_model
         enc.forward(mixed)
     enc.architecture = encoder_mod.Architecture("hubert", mixed_lengths=True)  # why it is refused
     assert _worst_relative_error(enc.forward(mixed)[1], _direct(model_dir, mixed[1])) > 1e-2
+    from features.extract import extract
+    from features.store import FeatureStore
+    out = tmp_path / "f"  # in the store's identity: entries planned before the fix (mixed passes) are not reused
+    extract([make_manifest(synth_files[:2])], out, encoder=str(model_dir), device="cpu", dtype="float32")
+    with FeatureStore(out) as fs:
+        assert "conv_pos_batch_norm" in fs.attrs["pass_plan"]
 
 
 def test_layer_selection_and_shapes(tiny_model_dir):

@@ -158,14 +158,12 @@ def test_switching_settings_back_and_forth_recomputes_nothing(synth_files, make_
         assert fs.attrs["model_type"] == "hubert"
     third = extract([manifest], out, encoder=a, **kw)
     assert (third["computed"], third["reused"]) == (0, 3)
-    link = tmp_path / "models" / "link"  # the same folder spelt otherwise: relative, trailing slash, a symlink
-    link.parent.mkdir()
-    link.symlink_to(a)
-    for spelling in (os.path.relpath(a) + "/", str(link)):
+    parent = Path(a).parent  # the same folder spelt otherwise: one store (a path is kept as given, normalised)
+    for spelling in (a + "/", a + "/.", f"{parent}/../{parent.name}/{Path(a).name}"):
         again = extract([manifest], out, encoder=spelling, **kw)
         assert (again["computed"], again["reused"]) == (0, 3)
     with FeatureStore(out) as fs:
-        assert fs.attrs["encoder"] == str(Path(a).resolve())
+        assert fs.attrs["encoder"] == a
     for change in [{"max_seconds": 0.5}, {"layers": "0,2"}, {"dtype": "bfloat16"}]:
         summary = extract([manifest], out, encoder=a, **{**kw, **change})
         assert summary["computed"] == 3 and summary["reused"] == 0

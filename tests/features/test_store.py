@@ -205,8 +205,10 @@ def test_an_index_claiming_an_entry_its_shard_lacks_is_blamed_not_the_shard(tmp_
     source = records[second]["entries"].pop("c/Actor_02/b")
     records[first]["entries"]["c/Actor_02/b"] = source  # an edit: the first shard never held it
     index.write_text(json.dumps(records))
-    with FeatureStore(path) as fs, pytest.raises(store_module.IndexMismatch, match=r"index\.json.*intact.*Delete"):
+    with FeatureStore(path) as fs, pytest.raises(store_module.IndexMismatch, match=r"index\.json.*intact.*Delete") \
+            as raised:
         fs.all_frames("c/Actor_02/b")
+    assert isinstance(raised.value, ValueError)  # the command lines print it as one "error:" line
     index.unlink()
     with FeatureStore(path) as fs:
         np.testing.assert_array_equal(fs.all_frames("c/Actor_02/b"), entries["c/Actor_02/b"][0])

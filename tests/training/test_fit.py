@@ -60,13 +60,14 @@ def test_validation_loss_is_one_weighted_mean_whatever_the_batches():
     assert losses == pytest.approx([expected] * 3, rel=1e-5)
 
 
-def test_validation_of_untrained_classes_only_keeps_training(capsys):
+@pytest.mark.parametrize("balance", ["weights", "sampler", "none"])
+def test_validation_of_untrained_classes_only_keeps_training(capsys, balance):
     """No validation utterance of a trained class: the loss is undefined, so no early stop and the last epoch."""
     data, _ = _three_class_data()
     train_ids, val_ids = [f"u{i}" for i in range(36)], [f"u{i}" for i in range(36, 42)]
     torch.manual_seed(0)
     model = build_head("linear", num_layers=1, input_dim=4, num_classes=3, dropout=0.0)
-    config = TrainConfig(epochs=6, patience=2, lr=1e-2, batch_size=8)
+    config = TrainConfig(epochs=6, patience=2, lr=1e-2, batch_size=8, balance=balance)
     history, best = fit(model, data, train_ids, val_ids, config, np.random.default_rng(0), num_classes=3)
     assert len(history) == 6 and best == 6
     assert "absent from training" in capsys.readouterr().err
