@@ -54,7 +54,7 @@ def probe_layers(*, features: str, manifests: Sequence[str], split: str, label_s
     name = encoder_name or Path(features).name
     final = Path(out)
     results = []
-    with staged_run(final, keep_foreign=False) as work:  # an earlier probe is replaced only by a complete one
+    with staged_run(final, keep_foreign=False, owned=r"layer_\d+") as work:  # an earlier probe is replaced only by a complete one
         for position, layer in enumerate(hidden_states):
             metrics = train_sklearn(
                 features=features, manifests=manifests, split=split, model="logreg", label_set=label_set,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -129,19 +130,28 @@ def _commit(tmp: Path, out: Path, keep_foreign: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def staged_run(out: str | os.PathLike, *, keep_foreign: bool = True) -> Iterator[Path]:
+def staged_run(out: str | os.PathLike, *, keep_foreign: bool = True, owned: str | None = None) -> Iterator[Path]:
     """Yield a fresh staging folder for the run ``out``; on normal exit swap it in, on an exception remove it.
     ``keep_foreign``: carry files of the old ``out`` that a trainer does not write (a ``.gitignore``, say) into
-    the new one; False where everything in ``out`` is the writer's (a probe's folder of per-layer runs).
+    the new one; False where everything in ``out`` is the writer's (a probe's folder of per-layer runs): then
+    ``owned``, a regular expression, names what the writer writes there, and an ``out`` holding anything else is
+    refused, not replaced (a mistyped ``--out`` would otherwise delete another folder's contents).
 
     Raises:
         NotADirectoryError: ``out`` (or a folder above it) is an existing file; checked before any work.
+        ValueError: ``out`` holds entries ``owned`` does not match; checked before any work.
     """
     out = Path(out)
     for candidate in (out, *out.parents):
         if candidate.exists() and not candidate.is_dir():
             raise NotADirectoryError(f"{candidate} is a file; expected a run directory {out} (or nothing) "
                                      "there. Remove the file or choose another --out.")
+    if not keep_foreign and owned is not None and out.is_dir():
+        foreign = sorted(e.name for e in out.iterdir() if not re.fullmatch(owned, e.name))
+        if foreign:
+            raise ValueError(f"--out {out}: expected a folder this stage wrote (entries matching {owned!r}) or "
+                             f"nothing, found {len(foreign)} other entries (e.g. {foreign[:3]}), which replacing it "
+                             "would delete. Choose another --out, or move them away.")
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -95,3 +95,17 @@ def test_a_probe_interrupted_midway_leaves_the_earlier_one_and_nothing_for_compa
     assert {p.name: (p / "metrics.json").read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no half probe beside it
     assert expand_run_dirs([out.parent]) == sorted(out / name for name in before)
+
+
+def test_a_probe_refuses_an_out_folder_holding_what_it_did_not_write(baseline_experiment, tmp_path, capsys):
+    """--out data/probes instead of data/probes/<encoder>: replacing it would delete another encoder's probe."""
+    manifest, split, _ = baseline_experiment
+    store = _layered_store(tmp_path / "store", manifest, informative=1)
+    probes = tmp_path / "probes"
+    args = ["--features", str(store), "--manifest", str(manifest), "--split", str(split), "--label-set", "four"]
+    assert probe_main([*args, "--out", str(probes / "tiny")]) == 0
+    (probes / "NOTES.txt").write_text("mine")
+    before = sorted(str(p.relative_to(probes)) for p in probes.rglob("*"))
+    assert probe_main([*args, "--out", str(probes)]) != 0
+    assert "other entries" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(probes)) for p in probes.rglob("*")) == before
