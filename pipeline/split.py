@@ -223,13 +223,21 @@ def read_split(path: str | Path) -> tuple[pd.DataFrame, dict]:
     """Read ``splits.csv`` and its sidecar; a CSV without sidecar gets ``scheme: unknown``.
 
     Raises:
-        ValueError: the CSV lacks the ``fold, id, partition`` columns or has an unknown partition.
+        ValueError: the CSV lacks the ``fold, id, partition`` columns, has an unknown partition, or an id twice in
+            one fold.
     """
     path = Path(path)
     splits = read_table(path, required=["fold", "id", "partition"], what="split", dtype={"id": str})
     bad = ~splits["partition"].isin(PARTITIONS)
     if bad.any():
         raise ValueError(f"{path}: partition must be one of {PARTITIONS}; found {sorted(splits.loc[bad, 'partition'].unique())}.")
+    repeated = splits[splits.duplicated(["fold", "id"], keep=False)]
+    if len(repeated):
+        first = repeated.iloc[0]
+        raise ValueError(f"{path}: expected each id once per fold, found {repeated[['fold', 'id']].drop_duplicates().shape[0]} "
+                         f"repeated (e.g. id {first['id']!r} in fold {first['fold']}, partitions "
+                         f"{sorted(repeated.loc[(repeated['fold'] == first['fold']) & (repeated['id'] == first['id']), 'partition'])}"
+                         "). Re-run the split stage (python -m pipeline.split) rather than editing its CSV.")
     sidecar = _sidecar(path)
     try:
         info = json.loads(sidecar.read_text()) if sidecar.exists() else {"scheme": "unknown",

@@ -30,6 +30,14 @@ def test_damaged_split_sidecar_is_named(tmp_path):
         read_split(tmp_path / "s.csv")
 
 
+def test_a_split_with_an_id_twice_in_one_fold_is_refused(tmp_path):
+    """Trainers would fit on the repeats, and the run would then be refused by compare as damaged."""
+    (tmp_path / "s.csv").write_text("fold,id,partition\n0,a,train\n0,b,test\n0,a,test\n1,a,train\n")
+    with pytest.raises(ValueError, match=r"once per fold, found 1 repeated \(e.g. id 'a' in fold 0, partitions "
+                                         r"\['test', 'train'\]\)"):
+        read_split(tmp_path / "s.csv")
+
+
 def test_split_command_line_ends_in_one_error_line(tmp_path, capsys):
     (tmp_path / "m.csv").write_bytes(b"\xff\xfe\x00garbage")
     assert split_main(["--manifest", str(tmp_path / "m.csv"), "--scheme", "speaker_kfold",
