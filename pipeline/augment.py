@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import multiprocessing
 import os
 import random
 import sys
 from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -36,6 +36,8 @@ from tqdm import tqdm
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio, write_audio
 from pipeline.cli import boolean, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.labels import select_labels
+from pipeline.outputs import replaced_whole
+from pipeline.processes import worker_pool
 from pipeline.roots import read_manifests, resolve_paths
 from pipeline.split import read_split
 
@@ -170,6 +172,9 @@ def _augment_source(task: tuple) -> tuple[list[tuple[str, str, int]], tuple[str,
         x = load_audio(path, sample_rate=SAMPLE_RATE)
     except AudioError as err:
         return [], (err.reason, str(err))
+    except OSError as err:  # gone since the manifest was made (a disk not mounted, a file moved): counted, reported
+        return [], ("missing" if isinstance(err, FileNotFoundError) else "unreadable",
+                    f"{path}: {err}; expected the audio the manifest lists. Rebuild the manifest or restore the file.")
     transforms, results = build_chain(chain), []
     for k in indices:
         y, description = augment_one(x, transforms, seed=copy_seed(seed, source_id, k))
@@ -211,8 +216,14 @@ def _mapper(workers: int):
     if workers <= 1:
         yield map
         return
-    with ProcessPoolExecutor(workers) as executor:
+    with worker_pool(workers, mp_context=multiprocessing.get_context()) as executor:
         yield partial(executor.map, chunksize=4)
+
+
+def _carried(entry: Path) -> bool:
+    """What a new output keeps of the old one: a file of its own (notes, a ``.gitignore``), not this stage's
+    (copies, their folders, the manifest, the rejects)."""
+    return entry.is_file() and entry.suffix != ".flac" and entry.name not in {"manifest.csv", "rejects.csv"}
 
 
 def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.PathLike,
@@ -263,12 +274,15 @@ def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.P
         classes = train.set_index("id")["emotion"].replace({"calm": "neutral"} if merge_calm else {})
     plan = plan_copies(classes, copies=int(copies), balance=balance, seed=seed)
     sources = train.set_index("id").loc[plan.index[plan > 0]]
-    tasks = [(row.path, row.Index, range(plan[row.Index]), dict(chain), seed, str(out_dir))
-             for row in sources.itertuples()]
     rows, rejects = [], []
     total = float((sources["duration_s"] * plan[sources.index]).sum())
-    with (_mapper(workers or len(os.sched_getaffinity(0))) as run,
+    out_dir = Path(out_dir)
+    # written aside and swapped in whole: a killed or failed run leaves the previous copies and manifest as they were
+    with (replaced_whole(out_dir, carry=_carried) as staging,
+          _mapper(workers or len(os.sched_getaffinity(0))) as run,
           tqdm(total=total, unit="s", unit_scale=True, desc="augment", disable=not progress) as bar):
+        tasks = [(row.path, row.Index, range(plan[row.Index]), dict(chain), seed, str(staging))
+                 for row in sources.itertuples()]
         for (path, uid, *_), (results, error) in zip(tasks, run(_augment_source, tasks), strict=True):
             if error:
                 rejects.append({"path": path, "reason": error[0], "detail": error[1]})
@@ -278,11 +292,9 @@ def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.P
                              "duration_s": frames / SAMPLE_RATE, "sample_rate": SAMPLE_RATE,
                              "channels": 1, "augmentation": description})
                 bar.update(sources.at[uid, "duration_s"])
-    out = pd.DataFrame(rows, columns=[*manifest.columns, *EXTRA_COLUMNS])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out.to_csv(out_dir / "manifest.csv", index=False)
-    pd.DataFrame(rejects, columns=["path", "reason", "detail"]).to_csv(out_dir / "rejects.csv", index=False)
+        out = pd.DataFrame(rows, columns=[*manifest.columns, *EXTRA_COLUMNS])
+        out.to_csv(staging / "manifest.csv", index=False)
+        pd.DataFrame(rejects, columns=["path", "reason", "detail"]).to_csv(staging / "rejects.csv", index=False)
     final = pd.concat([classes, classes.loc[out["source_id"]]]).value_counts().sort_index()
     print(f"augment: {len(out)} copies of {len(tasks) - len(rejects)} training utterances; {len(rejects)} "
           f"sources unreadable, skipped (listed in {out_dir / 'rejects.csv'}); utterances per class with "
@@ -331,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"dotted key of the chain in it (default with the default file: {DEFAULT_CHAIN[1]})")
     parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: every core)")
     args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    inside = [str(p) for p in (args.manifest, args.split) if out in Path(p).resolve().parents]
+    if inside:
+        print(f"error: --out {args.out}: expected a folder of its own, found the input {inside[0]} inside it, which "
+              "the new output (which replaces the folder whole) would delete. Choose another --out "
+              "(e.g. data/augmented).", file=sys.stderr)
+        return 2
     try:
         chain = read_chain(*((args.chain, args.chain_key) if args.chain
                              else (DEFAULT_CHAIN[0], args.chain_key or DEFAULT_CHAIN[1])))

@@ -33,6 +33,7 @@ from evaluation.results import Result
 from evaluation.systems import System, augmented, group_systems
 from pipeline.cli import existing_dir, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.metrics import SCORES, scores
+from pipeline.outputs import replaced_whole
 from training.rundir import Run, load_run, recover_run
 
 TABLE_COLUMNS = ["system", "ua", "wa", "macro_f1", "ua_std", "wa_std", "macro_f1_std", "ua_ci_low", "ua_ci_high",
@@ -227,15 +228,28 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
         raise ValueError(f"expected run directories and formats among {[str(f) for f in TableFormat]}, found "
                          f"{len(run_dirs)} directories and formats {list(formats)}; pass e.g. "
                          "`data/runs/rf_egemaps --format md,csv`.")
+    target = Path(out).resolve()
+    held = [str(d) for d in run_dirs if Path(d).resolve() == target or target in Path(d).resolve().parents]
+    if held:
+        raise ValueError(f"--out {out}: expected a folder of its own, found the run directory {held[0]} inside it, "
+                         "which the new output (replacing the folder whole) would delete. Choose another --out "
+                         "(e.g. data/compare).")
     corpus_of, speaker_of = _manifest_lookups(manifests)
     runs: list[Run] = [load_run(d) for d in expand_run_dirs(run_dirs)]
     systems = group_systems(runs)
     results = [score_system(s, resamples=resamples, seed=seed, speaker_of=speaker_of) for s in systems]
     add_p_values(results, resamples=resamples, seed=seed, baseline=baseline)
     table = pd.DataFrame([r.row for r in results], columns=TABLE_COLUMNS + EXTRA_COLUMNS)
-    report.write_all(Path(out), results, table, leakage(results), cross_corpus(results, corpus_of),
-                     formats=list(formats), resamples=resamples, seed=seed)
+    # written aside and swapped in whole: a killed or failed comparison leaves the previous one as it was
+    with replaced_whole(out, carry=lambda entry: entry.name not in OUTPUTS) as staging:
+        report.write_all(staging, results, table, leakage(results), cross_corpus(results, corpus_of),
+                         formats=list(formats), resamples=resamples, seed=seed)
     return table
+
+
+#: What a comparison writes into its --out (anything else there is carried into each new output).
+OUTPUTS = frozenset({"table.csv", "table.md", "table.tex", "metrics.json", "leakage.csv", "cross_corpus.csv",
+                     "report.md", "figures", "plots"})
 
 
 @run_main

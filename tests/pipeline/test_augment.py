@@ -221,6 +221,53 @@ def test_unreadable_sources_are_counted_in_rejects(corpus, tmp_path, capsys):
     assert "1 sources unreadable, skipped" in capsys.readouterr().out
 
 
+def test_a_missing_source_is_a_counted_reject_not_the_end_of_the_stage(corpus, tmp_path):
+    manifest = corpus({"s1": ["neutral", "happy", "sad"], "s2": ["sad"]})
+    Path(manifest.loc[2, "path"]).unlink()  # gone since the manifest was made
+    splits = split_of(manifest, [{"s1": "train", "s2": "test"}])
+    out = augment(manifest, splits, out_dir=tmp_path / "aug", chain=CHAIN, copies=1, workers=1, progress=False)
+    assert sorted(out["source_id"]) == ["synth/s1/u0", "synth/s1/u1"]
+    rejects = pd.read_csv(tmp_path / "aug" / "rejects.csv")
+    assert rejects["reason"].tolist() == ["missing"] and "expected the audio" in rejects["detail"][0]
+
+
+def test_a_failed_rerun_leaves_the_earlier_output_as_it_was(corpus, tmp_path, monkeypatch):
+    import pipeline.augment as augment_module
+
+    manifest = corpus()
+    splits = split_of(manifest, KFOLD)
+    out = tmp_path / "aug"
+    (tmp_path / "aug").mkdir()
+    (out / "NOTES.txt").write_text("mine")  # not the stage's: carried into every new output
+    augment(manifest, splits, out_dir=out, chain=CHAIN, copies=1, seed=0, workers=1, progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real, calls = augment_module._augment_source, []
+
+    def failing_midway(task):
+        calls.append(task)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a Ctrl-C or a kill midway
+        return real(task)
+
+    monkeypatch.setattr(augment_module, "_augment_source", failing_midway)
+    with pytest.raises(KeyboardInterrupt):
+        augment(manifest, splits, out_dir=out, chain=CHAIN, copies=1, seed=1, workers=1, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # no seed-1 copy over a seed-0 one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aug", "corpus"]  # no staging folder left
+    monkeypatch.undo()
+    augment(manifest, splits, out_dir=out, chain=CHAIN, copies=1, seed=1, workers=1, progress=False)
+    assert (out / "NOTES.txt").read_text() == "mine"
+
+
+def test_an_out_folder_holding_the_inputs_is_refused(corpus, tmp_path, capsys):
+    manifest = corpus()
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    split_of(manifest, KFOLD).to_csv(tmp_path / "splits.csv", index=False)
+    assert main(["--manifest", str(tmp_path / "manifest.csv"), "--split", str(tmp_path / "splits.csv"),
+                 "--out", str(tmp_path)]) == 2
+    assert "would delete" in capsys.readouterr().err and (tmp_path / "manifest.csv").is_file()
+
+
 def test_split_ids_missing_from_the_manifest_are_refused(corpus, tmp_path):
     manifest = corpus({"s1": ["neutral"], "s2": ["sad"]})
     splits = split_of(manifest, [{"s1": "train", "s2": "test"}])

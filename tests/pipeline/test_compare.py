@@ -252,6 +252,30 @@ def test_cli_writes_the_chosen_formats_and_clears_stale_figures(make_run, tmp_pa
     assert "rf_egemaps@speaker_kfold" in capsys.readouterr().out
 
 
+def test_a_failed_comparison_leaves_the_previous_one_and_keeps_the_users_files(make_run, tmp_path, monkeypatch):
+    import evaluation.report
+
+    out = tmp_path / "out"
+    compare([make_run("rf")], out, resamples=50)
+    (out / "NOTES.md").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = evaluation.report.write_report
+
+    def killed_after_the_tables(*args, **kw):  # table.csv and the figures are written by now, report.md not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation.report, "write_report", killed_after_the_tables)
+    with pytest.raises(KeyboardInterrupt):
+        compare([make_run("rf"), make_run("svm", model="svm")], out, resamples=50)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == []
+    monkeypatch.setattr(evaluation.report, "write_report", real)
+    compare([make_run("rf"), make_run("svm", model="svm")], out, resamples=50)
+    assert (out / "NOTES.md").read_text() == "mine" and "svm_egemaps" in (out / "table.csv").read_text()
+    with pytest.raises(ValueError, match="would delete"):  # --out data/runs for the runs in it
+        compare([make_run("rf")], tmp_path / "runs", resamples=50)
+
+
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"formats": ["html"]}, ValueError, "formats among"),
     ({"baseline": "nope"}, ValueError, "names no system"),
