@@ -68,11 +68,16 @@ def egemaps_features(wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np
 
 
 def _work(path: str) -> tuple:
-    """One file in a worker process: ``("ok", functionals, llds, seconds)`` or ``("skip", reason, detail)``."""
+    """One file in a worker process: ``("ok", functionals, llds, seconds, clipped samples)`` or ``("skip", reason,
+    detail)``. openSMILE reads 16-bit samples: float audio beyond [-1, 1] would wrap around, so it is clipped
+    (as any 16-bit export clips it) and counted; NaN or infinite samples are a ``non_finite`` skip."""
     try:
         wave = load_audio(path, sample_rate=SAMPLE_RATE)
-        f, lld = egemaps_features(wave, SAMPLE_RATE)
-        return "ok", f, lld, len(wave) / SAMPLE_RATE
+        if not np.isfinite(wave).all():
+            return "skip", "non_finite", f"{path}: contains NaN or infinite samples; expected finite audio."
+        clipped = int(np.count_nonzero(np.abs(wave) > 1.0))
+        f, lld = egemaps_features(np.clip(wave, -1.0, 1.0) if clipped else wave, SAMPLE_RATE)
+        return "ok", f, lld, len(wave) / SAMPLE_RATE, clipped
     except AudioError as err:  # plain tuples: AudioError does not survive pickling between processes
         return "skip", err.reason, str(err)
     except ValueError as err:
@@ -109,7 +114,7 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
     build = StoreBuild(out, meta, part_entries=part_entries)
     todo, skipped = build.plan(rows)
     total = float(todo["duration_s"].astype(float).sum()) if "duration_s" in todo else None
-    done_s, computed = 0.0, 0
+    done_s, computed, beyond = 0.0, 0, []
     with worker_pool(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool, \
             tqdm(total=total, unit="s", unit_scale=True, desc="egemaps", disable=todo.empty) as bar:
         for row, result in zip(todo.itertuples(index=False), pool.map(_work, todo["path"], chunksize=4),
@@ -117,11 +122,17 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
             if result[0] == "skip":
                 skipped.append({"id": row.id, "path": row.path, "reason": result[1], "detail": result[2]})
                 continue
-            _, f, lld, seconds = result
+            _, f, lld, seconds, clipped = result
+            if clipped:
+                beyond.append(f"{row.path} ({clipped} samples)")
             build.add(row.id, source=row.source, frames=lld[None], pooled=f[None], path=row.path,
                       duration_s=seconds)
             computed, done_s = computed + 1, done_s + seconds
             advance(bar, seconds)
+    if beyond:
+        print(f"warning: egemaps: {len(beyond)} files have float samples beyond [-1, 1], clipped there because "
+              f"openSMILE reads 16-bit audio (e.g. {beyond[0]}); their features describe the clipped signal. "
+              "Rescale such files at the source for features of the whole signal.", file=sys.stderr)
     return publish("egemaps", build, out=out, skips=skips, skipped=skipped, computed=computed,
                   audio_seconds=done_s)
 

@@ -44,3 +44,23 @@ def test_store_on_ravdess_incremental_with_skips(ravdess_root, make_manifest, tm
     assert (again["computed"], again["reused"], again["stored"], again["corrupt"]) == (0, 3, 3, 0)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files  # an append-only store: nothing rewritten
     assert len(list(out.glob("*/shards/*.h5"))) == 1  # one shard of whole utterances
+
+
+def test_float_audio_beyond_full_scale_is_clipped_and_said_and_nan_audio_skipped(ravdess_root, make_manifest,
+                                                                                 tmp_path, capsys):
+    """openSMILE reads 16-bit samples: float samples beyond [-1, 1] would wrap into garbage features."""
+    wave, rate = sf.read(sorted((ravdess_root / "Actor_03").glob("*.flac"))[0], dtype="float32")
+    loud, clipped = tmp_path / "loud.wav", tmp_path / "clipped.wav"
+    sf.write(loud, wave * (2.2 / np.abs(wave).max()), rate, subtype="FLOAT")
+    sf.write(clipped, np.clip(wave * (2.2 / np.abs(wave).max()), -1, 1), rate, subtype="FLOAT")
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.where(np.arange(len(wave)) % 100 == 0, np.nan, wave).astype(np.float32), rate, subtype="FLOAT")
+    out = tmp_path / "e"
+    summary = extract_egemaps([make_manifest([loud, clipped, nan])], out, workers=1)
+    assert (summary["computed"], summary["skipped"]) == (2, 1)
+    assert "1 files have float samples beyond [-1, 1], clipped" in capsys.readouterr().err
+    assert pd.read_csv(f"{out}.skips.csv")["reason"].tolist() == ["non_finite"]
+    with FeatureStore(out) as fs:
+        (loud_id,) = [i for i in fs.ids() if i.endswith("/loud")]
+        (clipped_id,) = [i for i in fs.ids() if i.endswith("/clipped")]
+        np.testing.assert_array_equal(fs.pooled(loud_id), fs.pooled(clipped_id))  # as its clipped copy
