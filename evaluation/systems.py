@@ -80,8 +80,13 @@ def label_key(run: Run) -> tuple:
     return (run.protocol.get("label_set"), bool(run.protocol.get("merge_calm")), tuple(run.labels))
 
 
+#: Settings that change how fast a run computes, not what (a RandomForest's ``n_jobs``): runs differing only in
+#: them are one system.
+COMPUTE_ONLY = frozenset({"n_jobs"})
+
+
 def group_systems(runs: list[Run]) -> list[System]:
-    """Group runs that differ only in ``seed`` into systems and give each a unique name.
+    """Group runs that differ only in ``seed`` (and :data:`COMPUTE_ONLY` settings) into systems and give each a unique name.
 
     Args:
         runs: loaded runs; the order of first appearance is kept.
@@ -100,6 +105,8 @@ def group_systems(runs: list[Run]) -> list[System]:
     groups: dict[str, list[Run]] = {}
     for run in runs:
         config = {k: v for k, v in run.protocol.items() if k != "seed"}
+        if isinstance(config.get("settings"), dict):  # how many cores computed it is not part of the system
+            config["settings"] = {k: v for k, v in config["settings"].items() if k not in COMPUTE_ONLY}
         key = json.dumps([config, list(label_key(run))], sort_keys=True, default=str)
         groups.setdefault(key, []).append(run)
     systems = []

@@ -22,9 +22,11 @@ from pathlib import Path
 import yaml
 
 from pipeline.cli import (
+    LayerList,
     UsageError,
     boolean,
     existing_file,
+    layer_positions,
     non_negative_float,
     non_negative_int,
     output_dir,
@@ -154,6 +156,11 @@ def _checked(parser: argparse.ArgumentParser, action: argparse.Action, value, wh
         if not isinstance(value, bool):
             parser.error(f"{where} = {value!r}: expected true or false.")
         return value
+    if isinstance(action, LayerList):  # converted by the action itself on the command line
+        try:
+            return layer_positions(value if isinstance(value, list) else [value]) or None
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"{where} = {value!r}: {err}.")
 
     def one(item):
         text = str(item).lower() if isinstance(item, bool) else str(item)

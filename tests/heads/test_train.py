@@ -209,12 +209,14 @@ def test_augmented_copies_train_only_where_their_source_trains(experiment, tmp_p
 def _training_parser():
     import argparse
 
+    from pipeline.cli import LayerList
     from training.options import add_training_args
 
     parser = argparse.ArgumentParser(prog="python -m heads.train")
     parser.add_argument("--head", required=True)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--pooling", default=None)
+    parser.add_argument("--layers", action=LayerList, default=None)  # as heads.train has it
     add_training_args(parser)
     return parser
 
@@ -252,7 +254,9 @@ def test_settings_that_name_no_block_or_no_option_are_refused(key, message, caps
 
 @pytest.mark.parametrize("setting, message", [("threads: 0", "threads = 0:"), ("seed: -1", "seed = -1:"),
                                               ("normalisation: bogus", "normalisation = 'bogus'"),
-                                              ("balance: sideways", "balance = 'sideways'")])
+                                              ("balance: sideways", "balance = 'sideways'"),
+                                              ('layers: "0,0"', "layers = '0,0': expected each layer once"),
+                                              ("layers: [1, x]", "layers = [1, 'x']: expected")])
 def test_settings_are_checked_as_the_command_line_is(setting, message, tmp_path, capsys, monkeypatch):
     from training.options import parse_with_settings
 
@@ -265,9 +269,9 @@ def test_settings_are_checked_as_the_command_line_is(setting, message, tmp_path,
     with pytest.raises(SystemExit) as exit_:
         parse_with_settings(_training_parser(), argv)
     assert exit_.value.code == 2 and f"p.yaml: block.{message}" in capsys.readouterr().err
-    (tmp_path / "p.yaml").write_text("block:\n  head: linear\n  lr: 0.001\n  epochs: 7\n")
+    (tmp_path / "p.yaml").write_text("block:\n  head: linear\n  lr: 0.001\n  epochs: 7\n  layers: \"0,3\"\n")
     args = parse_with_settings(_training_parser(), argv)
-    assert (args.lr, args.epochs) == (0.001, 7)
+    assert (args.lr, args.epochs, args.layers) == (0.001, 7, [0, 3])
 
 
 @pytest.mark.parametrize("option, value", [("--ensemble", "0"), ("--threads", "0"), ("--jobs", "-1"), ("--jobs", "two")])

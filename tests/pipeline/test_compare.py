@@ -148,6 +148,15 @@ def test_seeds_of_one_system_are_one_row_over_all_folds(make_run, tmp_path):
     assert not (tmp_path / "out" / "table.md").exists()
 
 
+def test_runs_differing_only_in_cores_used_are_one_system(make_run, tmp_path):
+    runs = [make_run("rf_a", seed=0, settings={"n_estimators": 500, "n_jobs": 1}),
+            make_run("rf_b", seed=1, settings={"n_estimators": 500, "n_jobs": -1})]
+    table = compare(runs, tmp_path / "out", resamples=50)
+    assert len(table) == 1
+    other = make_run("rf_c", seed=2, settings={"n_estimators": 50, "n_jobs": 1})
+    assert len(compare([*runs, other], tmp_path / "out", resamples=50)) == 2
+
+
 def test_identical_predictions_give_p_one(make_run, tmp_path):
     rf = make_run("rf")
     twin = tmp_path / "twin"
