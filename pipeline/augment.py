@@ -36,7 +36,7 @@ from tqdm import tqdm
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio, write_audio
 from pipeline.cli import boolean, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.labels import select_labels
-from pipeline.outputs import replaced_whole
+from pipeline.outputs import check_replaceable, replaced_whole
 from pipeline.processes import worker_pool
 from pipeline.roots import read_manifests, resolve_paths
 from pipeline.split import read_split
@@ -226,6 +226,28 @@ def _carried(entry: Path) -> bool:
     return entry.is_file() and entry.suffix != ".flac" and entry.name not in {"manifest.csv", "rejects.csv"}
 
 
+def _own_folder(out_dir: str | os.PathLike, sources: pd.Series) -> Path:
+    """``out_dir``, checked before any work to be a folder the stage may replace whole: new, empty, or an earlier
+    output of this stage (it holds ``manifest.csv``), and holding none of the source audio.
+
+    Raises:
+        ValueError: ``out_dir`` holds other things, or source audio.
+        NotADirectoryError: as :func:`pipeline.outputs.check_replaceable`.
+    """
+    out = check_replaceable(out_dir)
+    inside = [p for p in sources.astype(str) if out in Path(os.path.abspath(p)).parents]
+    if inside:
+        raise ValueError(f"--out {out_dir}: expected a folder of its own, found source audio inside it (e.g. "
+                         f"{inside[0]}), which the new output (replacing the folder whole) would delete. Choose "
+                         "another --out (e.g. data/augmented).")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.csv").is_file():
+        found = sorted(p.name for p in out.iterdir())
+        raise ValueError(f"--out {out_dir}: expected an earlier output of this stage (with manifest.csv) or an empty "
+                         f"folder, found {len(found)} other entries (e.g. {found[:3]}), which replacing it would "
+                         "delete. Choose another --out, or move them away.")
+    return out
+
+
 def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.PathLike,
             chain: Mapping[str, Mapping], copies: int = 1, seed: int = 0, balance: bool = False,
             label_set: str | None = None, merge_calm: bool = False, workers: int | None = None,
@@ -276,7 +298,7 @@ def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.P
     sources = train.set_index("id").loc[plan.index[plan > 0]]
     rows, rejects = [], []
     total = float((sources["duration_s"] * plan[sources.index]).sum())
-    out_dir = Path(out_dir)
+    out_dir = _own_folder(out_dir, manifest["path"])
     # written aside and swapped in whole: a killed or failed run leaves the previous copies and manifest as they were
     with (replaced_whole(out_dir, carry=_carried) as staging,
           _mapper(workers or len(os.sched_getaffinity(0))) as run,
@@ -292,6 +314,12 @@ def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.P
                              "duration_s": frames / SAMPLE_RATE, "sample_rate": SAMPLE_RATE,
                              "channels": 1, "augmentation": description})
                 bar.update(sources.at[uid, "duration_s"])
+        if len(tasks) and len(rejects) == len(tasks):  # the audio is not there (a disk not mounted?): keep the old
+            counts = pd.Series([r["reason"] for r in rejects]).value_counts().to_dict()
+            raise ValueError(f"expected readable training audio, found all {len(tasks)} sources rejected "
+                             f"({', '.join(f'{n} {r}' for r, n in counts.items())}; e.g. {rejects[0]['detail']}). "
+                             f"The output in {out_dir} was left as it was. Check that the audio is where the "
+                             "manifest says, then rerun.")
         out = pd.DataFrame(rows, columns=[*manifest.columns, *EXTRA_COLUMNS])
         out.to_csv(staging / "manifest.csv", index=False)
         pd.DataFrame(rejects, columns=["path", "reason", "detail"]).to_csv(staging / "rejects.csv", index=False)

@@ -33,7 +33,7 @@ from evaluation.results import Result
 from evaluation.systems import System, augmented, group_systems
 from pipeline.cli import existing_dir, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.metrics import SCORES, scores
-from pipeline.outputs import replaced_whole
+from pipeline.outputs import check_replaceable, replaced_whole
 from training.rundir import Run, load_run, recover_run
 
 TABLE_COLUMNS = ["system", "ua", "wa", "macro_f1", "ua_std", "wa_std", "macro_f1_std", "ua_ci_low", "ua_ci_high",
@@ -228,6 +228,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
         raise ValueError(f"expected run directories and formats among {[str(f) for f in TableFormat]}, found "
                          f"{len(run_dirs)} directories and formats {list(formats)}; pass e.g. "
                          "`data/runs/rf_egemaps --format md,csv`.")
+    check_replaceable(out)  # before the work: a file, a symbolic link, a mount point cannot be replaced whole
     target = Path(out).resolve()
     held = [str(d) for d in run_dirs if Path(d).resolve() == target or target in Path(d).resolve().parents]
     if held:

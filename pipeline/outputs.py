@@ -4,6 +4,7 @@ when it has finished, so a killed or failed run leaves the previous output exact
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -12,12 +13,46 @@ from pathlib import Path
 from pipeline.processes import pid_alive
 
 
-def _leftovers(out: Path) -> Iterator[Path]:
-    """Staging and replaced folders beside ``out`` whose writer no longer runs."""
-    for path in out.parent.glob(f".{out.name}.*-*"):
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """Staging and replaced folders beside ``out`` whose writer no longer runs (this process's own pid included:
+    a pid a killed run had is reused, in containers often), oldest first."""
+    found = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         tag, _, pid = path.name[len(out.name) + 2:].rpartition("-")
-        if tag in {"tmp", "old"} and pid.isdigit() and not pid_alive(pid):
-            yield path
+        if tag in {"tmp", "old"} and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(pid)):
+            with contextlib.suppress(OSError):
+                found.append((path.lstat().st_mtime, path))
+    return [path for _, path in sorted(found)]
+
+
+def check_replaceable(out: str | os.PathLike) -> Path:
+    """``out`` as an absolute path that :func:`replaced_whole` can replace; call it before any work.
+
+    Raises:
+        NotADirectoryError: ``out`` is a file, a symbolic link (replacing it would leave its target stale), the
+            working directory or one above it, or a mount point or the root (which cannot be renamed).
+    """
+    given, out = str(out), Path(os.path.abspath(out))
+    if out.is_symlink():
+        raise NotADirectoryError(f"--out {given}: expected a folder, found a symbolic link to "
+                                 f"{os.readlink(out)}; pass the folder it points to.")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {given} is a file; expected an output folder (or nothing) there. Remove "
+                                 "the file or choose another --out.")
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise NotADirectoryError(f"--out {given}: expected a folder of its own, found the working directory (or one "
+                                 "above it), which the new output would replace. Pass a folder inside it.")
+    if out == out.parent or os.path.ismount(out):
+        raise NotADirectoryError(f"--out {given}: expected a folder that can be replaced whole, found a mount point; "
+                                 "pass a folder inside it.")
+    return out
 
 
 @contextlib.contextmanager
@@ -28,21 +63,17 @@ def replaced_whole(out: str | os.PathLike, *, carry: Callable[[Path], bool] = la
     previous output a run was killed while swapping out is put back.
 
     Raises:
-        NotADirectoryError: ``out`` is an existing file (checked before any work).
+        NotADirectoryError: as :func:`check_replaceable` (checked before any work).
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} is a file; expected an output folder (or nothing) there. Remove the file "
-                                 "or choose another --out.")
+    out = check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stale = sorted(_leftovers(out), key=lambda p: p.stat().st_mtime)
-    olds = [p for p in stale if p.name.startswith(f".{out.name}.old-")]
+    stale = _leftovers(out)
+    olds = [p for p in stale if p.name.startswith(f".{out.name}.old-") and p.is_dir() and not p.is_symlink()]
     if not out.exists() and olds:  # killed between its two renames: the previous output goes back first
         os.replace(olds[-1], out)
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
@@ -56,7 +87,7 @@ def replaced_whole(out: str | os.PathLike, *, carry: Callable[[Path], bool] = la
                         shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
             os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise

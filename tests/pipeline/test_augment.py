@@ -237,9 +237,8 @@ def test_a_failed_rerun_leaves_the_earlier_output_as_it_was(corpus, tmp_path, mo
     manifest = corpus()
     splits = split_of(manifest, KFOLD)
     out = tmp_path / "aug"
-    (tmp_path / "aug").mkdir()
-    (out / "NOTES.txt").write_text("mine")  # not the stage's: carried into every new output
     augment(manifest, splits, out_dir=out, chain=CHAIN, copies=1, seed=0, workers=1, progress=False)
+    (out / "NOTES.txt").write_text("mine")  # not the stage's: carried into every new output
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     real, calls = augment_module._augment_source, []
 
@@ -257,6 +256,24 @@ def test_a_failed_rerun_leaves_the_earlier_output_as_it_was(corpus, tmp_path, mo
     monkeypatch.undo()
     augment(manifest, splits, out_dir=out, chain=CHAIN, copies=1, seed=1, workers=1, progress=False)
     assert (out / "NOTES.txt").read_text() == "mine"
+
+
+def test_an_out_folder_holding_other_things_is_refused_and_all_sources_missing_keeps_the_output(corpus, tmp_path):
+    manifest = corpus()
+    splits = split_of(manifest, KFOLD)
+    with pytest.raises(ValueError, match="found source audio inside it"):  # --out the corpus folder
+        augment(manifest, splits, out_dir=tmp_path / "corpus", chain=CHAIN, copies=1, progress=False)
+    (tmp_path / "other" / "store").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"expected an earlier output of this stage.*\['store'\]"):
+        augment(manifest, splits, out_dir=tmp_path / "other", chain=CHAIN, copies=1, progress=False)
+    assert (tmp_path / "other" / "store").is_dir()
+    out = tmp_path / "aug"
+    augment(manifest, splits, out_dir=out, chain=CHAIN, copies=1, workers=1, progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    gone = manifest.assign(path=[str(tmp_path / "unmounted" / Path(p).name) for p in manifest["path"]])
+    with pytest.raises(ValueError, match=r"all 9 sources rejected \(9 missing.*left as it was"):
+        augment(gone, splits, out_dir=out, chain=CHAIN, copies=1, workers=1, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_an_out_folder_holding_the_inputs_is_refused(corpus, tmp_path, capsys):
