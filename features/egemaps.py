@@ -42,8 +42,20 @@ def feature_names() -> tuple[list[str], list[str]]:
     return list(functionals.feature_names), list(llds.feature_names)
 
 
+#: openSMILE turns float samples into 16-bit ones by truncation, so anything at or beyond full scale wraps around
+#: (+1.0 becomes -1.0): samples are clipped to the 16-bit range first, as any 16-bit export clips them.
+FULL_SCALE = (-1.0, 32767 / 32768)
+
+
+def beyond_full_scale(wave: np.ndarray) -> int:
+    """How many samples of ``wave`` :func:`egemaps_features` clips (float audio beyond 16-bit full scale, or
+    resampling overshoot of near-full-scale audio)."""
+    x = np.asarray(wave)
+    return int(np.count_nonzero((x < FULL_SCALE[0]) | (x > FULL_SCALE[1])))
+
+
 def egemaps_features(wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
-    """eGeMAPSv02 of one waveform.
+    """eGeMAPSv02 of one waveform (samples beyond 16-bit full scale clipped: see :data:`FULL_SCALE`).
 
     Args:
         wave: ``[N]`` float mono samples.
@@ -53,10 +65,15 @@ def egemaps_features(wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np
         ``(functionals [88], llds [T, 25])`` float32, ``T`` = one frame per 10 ms.
 
     Raises:
-        ValueError: the clip is too short for openSMILE (it returns NaN), or the features are not finite.
+        ValueError: NaN or infinite samples, a clip too short for openSMILE (it returns NaN), or features that are
+            not finite.
     """
     functionals, llds = _smiles()
     x = np.asarray(wave, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("expected finite audio samples, found NaN or infinite ones.")
+    if beyond_full_scale(x):
+        x = np.clip(x, *FULL_SCALE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Segment too short": turned into the error below
         f = functionals.process_signal(x, sample_rate).to_numpy(np.float32)[0]
@@ -69,15 +86,14 @@ def egemaps_features(wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np
 
 def _work(path: str) -> tuple:
     """One file in a worker process: ``("ok", functionals, llds, seconds, clipped samples)`` or ``("skip", reason,
-    detail)``. openSMILE reads 16-bit samples: float audio beyond [-1, 1] would wrap around, so it is clipped
-    (as any 16-bit export clips it) and counted; NaN or infinite samples are a ``non_finite`` skip."""
+    detail)``; samples beyond full scale are clipped by :func:`egemaps_features` and counted here; NaN or infinite
+    samples are a ``non_finite`` skip."""
     try:
         wave = load_audio(path, sample_rate=SAMPLE_RATE)
         if not np.isfinite(wave).all():
             return "skip", "non_finite", f"{path}: contains NaN or infinite samples; expected finite audio."
-        clipped = int(np.count_nonzero(np.abs(wave) > 1.0))
-        f, lld = egemaps_features(np.clip(wave, -1.0, 1.0) if clipped else wave, SAMPLE_RATE)
-        return "ok", f, lld, len(wave) / SAMPLE_RATE, clipped
+        f, lld = egemaps_features(wave, SAMPLE_RATE)
+        return "ok", f, lld, len(wave) / SAMPLE_RATE, beyond_full_scale(wave)
     except AudioError as err:  # plain tuples: AudioError does not survive pickling between processes
         return "skip", err.reason, str(err)
     except ValueError as err:
@@ -110,6 +126,7 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
             "sample_rate": SAMPLE_RATE, "layers": [0], "dtype": "float32", "storage_dtype": "float32",
             "max_seconds": None, "offset_seconds": 0.0, "frame_stride_s": 0.01,
             "functional_names": functional_names, "lld_names": lld_names,
+            "input": "clipped to 16-bit full scale",  # entries from before the clip (wrapped samples) are not reused
             "versions": {"opensmile": opensmile.__version__, "numpy": np.__version__}}
     build = StoreBuild(out, meta, part_entries=part_entries)
     todo, skipped = build.plan(rows)
@@ -130,9 +147,10 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
             computed, done_s = computed + 1, done_s + seconds
             advance(bar, seconds)
     if beyond:
-        print(f"warning: egemaps: {len(beyond)} files have float samples beyond [-1, 1], clipped there because "
-              f"openSMILE reads 16-bit audio (e.g. {beyond[0]}); their features describe the clipped signal. "
-              "Rescale such files at the source for features of the whole signal.", file=sys.stderr)
+        print(f"warning: egemaps: {len(beyond)} files have samples beyond 16-bit full scale (float audio above 1.0, "
+              f"or a resampler's overshoot of near-full-scale audio), clipped there because openSMILE reads 16-bit "
+              f"audio (e.g. {beyond[0]}); their features describe the clipped signal. Lower the level at the source "
+              "for features of the whole signal.", file=sys.stderr)
     return publish("egemaps", build, out=out, skips=skips, skipped=skipped, computed=computed,
                   audio_seconds=done_s)
 

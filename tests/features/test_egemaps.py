@@ -52,15 +52,20 @@ def test_float_audio_beyond_full_scale_is_clipped_and_said_and_nan_audio_skipped
     wave, rate = sf.read(sorted((ravdess_root / "Actor_03").glob("*.flac"))[0], dtype="float32")
     loud, clipped = tmp_path / "loud.wav", tmp_path / "clipped.wav"
     sf.write(loud, wave * (2.2 / np.abs(wave).max()), rate, subtype="FLOAT")
-    sf.write(clipped, np.clip(wave * (2.2 / np.abs(wave).max()), -1, 1), rate, subtype="FLOAT")
+    sf.write(clipped, np.clip(wave * (2.2 / np.abs(wave).max()), -1, 32767 / 32768), rate, subtype="FLOAT")
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.where(np.arange(len(wave)) % 100 == 0, np.nan, wave).astype(np.float32), rate, subtype="FLOAT")
     out = tmp_path / "e"
     summary = extract_egemaps([make_manifest([loud, clipped, nan])], out, workers=1)
     assert (summary["computed"], summary["skipped"]) == (2, 1)
-    assert "1 files have float samples beyond [-1, 1], clipped" in capsys.readouterr().err
+    assert "1 files have samples beyond 16-bit full scale" in capsys.readouterr().err
     assert pd.read_csv(f"{out}.skips.csv")["reason"].tolist() == ["non_finite"]
     with FeatureStore(out) as fs:
         (loud_id,) = [i for i in fs.ids() if i.endswith("/loud")]
         (clipped_id,) = [i for i in fs.ids() if i.endswith("/clipped")]
         np.testing.assert_array_equal(fs.pooled(loud_id), fs.pooled(clipped_id))  # as its clipped copy
+    peak = wave * (1.0 / np.abs(wave).max())  # exactly full scale: openSMILE's truncation would wrap +1.0 to -1.0
+    f_peak, _ = egemaps_features(peak, rate)
+    np.testing.assert_array_equal(f_peak, egemaps_features(np.clip(peak, -1, 32767 / 32768), rate)[0])
+    with pytest.raises(ValueError, match="finite"):  # prediction calls it directly: the same refusal
+        egemaps_features(np.where(np.arange(len(wave)) == 5, np.nan, wave), rate)
