@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -73,7 +74,7 @@ RUN_ENTRIES = frozenset({"metrics.json", "predictions.csv", "history.csv", "laye
 
 def _siblings(out: Path, tag: str) -> list[Path]:
     found = []
-    for path in out.parent.glob(f".{out.name}.{tag}-*"):
+    for path in out.parent.glob(f".{glob.escape(out.name)}.{tag}-*"):
         suffix = path.name.rsplit("-", 1)[-1]
         if suffix.isdigit():
             found.append(path)
