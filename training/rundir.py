@@ -84,13 +84,14 @@ def _siblings(out: Path, tag: str) -> list[Path]:
 def recover_run(out: str | os.PathLike) -> Path:
     """Put back a run left half-swapped by a killed trainer; return the run directory's path.
 
-    When ``out`` is missing and a ``.<name>.old-<pid>`` sibling holds a previous run (a kill between the two
-    renames of a commit), that run is renamed back to ``out``. Nothing else is touched.
+    When ``out`` is missing and a ``.<name>.old-<pid>`` sibling holds a previous run, or a probe's folder of
+    runs (a kill between the two renames of a commit), it is renamed back to ``out``. Nothing else is touched.
     """
     out = Path(out)
     if not out.exists():
-        olds = [p for p in _siblings(out, "old")
-                if (p / "metrics.json").is_file() and not pid_alive(p.name.rsplit("-", 1)[-1])]
+        olds = [p for p in _siblings(out, "old")  # a run, or a probe's folder of per-layer runs
+                if ((p / "metrics.json").is_file() or any(p.glob("*/metrics.json")))
+                and not pid_alive(p.name.rsplit("-", 1)[-1])]
         if olds:
             os.replace(olds[-1], out)
     return out

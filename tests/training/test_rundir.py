@@ -56,6 +56,10 @@ def test_kill_between_the_renames_is_recovered(tmp_path):
     old = tmp_path / f".run.old-{_dead_pid()}"  # what a kill after "old run -> .old-<pid>" leaves
     _write(old, "old")
     assert recover_run(out) == out and (out / "metrics.json").read_text() == "old" and not old.exists()
+    probes = tmp_path / "probe"  # a probe's folder of per-layer runs, killed the same way
+    old = tmp_path / f".probe.old-{_dead_pid()}"
+    _write(old / "layer_00", "old")
+    assert recover_run(probes) == probes and (probes / "layer_00" / "metrics.json").read_text() == "old"
 
 
 def test_stale_staging_and_old_runs_are_removed_by_the_next_run(tmp_path):
