@@ -240,11 +240,17 @@ def _own_folder(out_dir: str | os.PathLike, sources: pd.Series) -> Path:
         raise ValueError(f"--out {out_dir}: expected a folder of its own, found source audio inside it (e.g. "
                          f"{inside[0]}), which the new output (replacing the folder whole) would delete. Choose "
                          "another --out (e.g. data/augmented).")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.csv").is_file():
-        found = sorted(p.name for p in out.iterdir())
-        raise ValueError(f"--out {out_dir}: expected an earlier output of this stage (with manifest.csv) or an empty "
-                         f"folder, found {len(found)} other entries (e.g. {found[:3]}), which replacing it would "
-                         "delete. Choose another --out, or move them away.")
+    if out.is_dir() and any(out.iterdir()):
+        manifest_csv = out / "manifest.csv"
+        header = manifest_csv.open().readline() if manifest_csv.is_file() else ""
+        foreign = [str(p.relative_to(out)) for p in out.rglob("*")
+                   if p.parent != out and p.is_file() and p.suffix != ".flac"]  # copies' folders hold copies only
+        if not {"source_id", "augmentation"} <= set(header.strip().split(",")) or foreign:
+            found = foreign or sorted(p.name for p in out.iterdir())
+            raise ValueError(f"--out {out_dir}: expected an earlier output of this stage (its manifest.csv with "
+                             f"source_id and augmentation, folders of .flac copies) or an empty folder, found "
+                             f"{len(found)} other entries (e.g. {found[:3]}), which replacing it would delete. "
+                             "Choose another --out, or move them away.")
     return out
 
 
@@ -318,8 +324,8 @@ def augment(manifest: pd.DataFrame, splits: pd.DataFrame, *, out_dir: str | os.P
             counts = pd.Series([r["reason"] for r in rejects]).value_counts().to_dict()
             raise ValueError(f"expected readable training audio, found all {len(tasks)} sources rejected "
                              f"({', '.join(f'{n} {r}' for r, n in counts.items())}; e.g. {rejects[0]['detail']}). "
-                             f"The output in {out_dir} was left as it was. Check that the audio is where the "
-                             "manifest says, then rerun.")
+                             f"Nothing was written: {out_dir} holds what it held before. Check that the audio is "
+                             "where the manifest says, then rerun.")
         out = pd.DataFrame(rows, columns=[*manifest.columns, *EXTRA_COLUMNS])
         out.to_csv(staging / "manifest.csv", index=False)
         pd.DataFrame(rejects, columns=["path", "reason", "detail"]).to_csv(staging / "rejects.csv", index=False)

@@ -46,10 +46,11 @@ def check_replaceable(out: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {given} is a file; expected an output folder (or nothing) there. Remove "
                                  "the file or choose another --out.")
-    if out == Path.cwd() or out in Path.cwd().parents:
+    real, cwd = Path(os.path.realpath(out)), Path(os.path.realpath(Path.cwd()))  # through symbolic links too
+    if real == cwd or real in cwd.parents:
         raise NotADirectoryError(f"--out {given}: expected a folder of its own, found the working directory (or one "
                                  "above it), which the new output would replace. Pass a folder inside it.")
-    if out == out.parent or os.path.ismount(out):
+    if real == real.parent or os.path.ismount(real):
         raise NotADirectoryError(f"--out {given}: expected a folder that can be replaced whole, found a mount point; "
                                  "pass a folder inside it.")
     return out

@@ -267,11 +267,18 @@ def test_an_out_folder_holding_other_things_is_refused_and_all_sources_missing_k
     with pytest.raises(ValueError, match=r"expected an earlier output of this stage.*\['store'\]"):
         augment(manifest, splits, out_dir=tmp_path / "other", chain=CHAIN, copies=1, progress=False)
     assert (tmp_path / "other" / "store").is_dir()
+    backup = tmp_path / "backup"  # a manifest.csv alone does not make a folder this stage's output
+    (backup / "runs" / "rf").mkdir(parents=True)
+    manifest.to_csv(backup / "manifest.csv", index=False)
+    (backup / "runs" / "rf" / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="expected an earlier output of this stage"):
+        augment(manifest, splits, out_dir=backup, chain=CHAIN, copies=1, progress=False)
+    assert (backup / "runs" / "rf" / "metrics.json").is_file()
     out = tmp_path / "aug"
     augment(manifest, splits, out_dir=out, chain=CHAIN, copies=1, workers=1, progress=False)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     gone = manifest.assign(path=[str(tmp_path / "unmounted" / Path(p).name) for p in manifest["path"]])
-    with pytest.raises(ValueError, match=r"all 9 sources rejected \(9 missing.*left as it was"):
+    with pytest.raises(ValueError, match=r"all 9 sources rejected \(9 missing.*holds what it held before"):
         augment(gone, splits, out_dir=out, chain=CHAIN, copies=1, workers=1, progress=False)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 

@@ -52,6 +52,7 @@ def test_a_relative_out_works_and_the_working_directory_is_refused(tmp_path, mon
     with replaced_whole("out/") as staging:
         (staging / "a.txt").write_text("x")
     assert (tmp_path / "here" / "out" / "a.txt").read_text() == "x"
-    for out in (".", ".."):
+    (tmp_path / "alias").symlink_to(tmp_path)  # the working directory reached through a symbolic link
+    for out in (".", "..", str(tmp_path / "alias" / "here")):
         with pytest.raises(NotADirectoryError, match="working directory"), replaced_whole(out):
             pytest.fail("the block ran")
