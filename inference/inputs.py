@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from features.egemaps import egemaps_features
+from features.egemaps import beyond_full_scale, egemaps_features
 from features.store import mean_std
 from inference.model import Predictor
 from pipeline.normalisation import Normalisation
@@ -141,6 +142,10 @@ def _egemaps(predictor: Predictor) -> RunInputs:
     pick = 0 if predictor.kind == "sklearn" else 1  # functionals [88] or LLDs [T, 25]
 
     def compute(waves: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if any(beyond_full_scale(w) for w in waves):  # said once per process (Python's default warning filter)
+            warnings.warn("eGeMAPS: samples beyond 16-bit full scale were clipped there, as extraction clips them "
+                          "(openSMILE reads 16-bit audio); lower the level at the source for features of the whole "
+                          "signal.", UserWarning, stacklevel=2)
         return [egemaps_features(w, rate)[pick][None] for w in waves]
 
     return RunInputs(rate, "eGeMAPSv02 " + ("functionals" if pick == 0 else "low-level descriptors"), compute)

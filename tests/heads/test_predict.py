@@ -368,6 +368,20 @@ def test_egemaps_random_forest_run(egemaps_run, write_audio, tmp_path, capsys):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_egemaps_prediction_clips_loud_float_audio_as_extraction_does_and_says_so(egemaps_run, tmp_path):
+    from features.egemaps import egemaps_features
+    from inference.inputs import run_inputs
+    from inference.model import Predictor
+    from training.rundir import load_run
+
+    quiet = tone(3.0, 180.0, seed=2)
+    loud = (quiet * (2.5 / np.abs(quiet).max())).astype(np.float32)  # float audio beyond full scale
+    inputs = run_inputs(Predictor.from_run(load_run(egemaps_run)), device="cpu")
+    with pytest.warns(UserWarning, match="beyond 16-bit full scale were clipped"):
+        (got,) = inputs.compute([loud])
+    np.testing.assert_array_equal(got[0], egemaps_features(np.clip(loud, -1, 32767 / 32768), 16000)[0])
+
+
 def test_a_head_run_with_speaker_normalisation_warns_that_answers_differ(wav2vec2_run, tmp_path, capsys):
     from inference.inputs import run_inputs
 
