@@ -37,6 +37,7 @@ from tqdm import tqdm
 from pipeline.audio import MIN_SECONDS, AudioError, audio_info, check_complete, check_samples
 from pipeline.cli import existing_file, non_negative_float, output_file, positive_int, run_main
 from pipeline.corpora import CORPORA, NameRejected
+from pipeline.outputs import write_files
 from pipeline.roots import write_manifest
 
 COLUMNS = ["id", "path", "corpus", "speaker", "gender", "emotion", "duration_s", "sample_rate", "channels"]
@@ -239,9 +240,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.corpus) != len(args.root):
         parser.error("give one --root per --corpus")
+    named = list(args.corpus)
+    if args.sources:
+        try:
+            pulled = {name: entry["root"] for name, entry in json.loads(Path(args.sources).read_text()).items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            parser.error(f"--sources {args.sources}: expected the JSON pipeline.pull writes ({{corpus: {{\"root\": "
+                         f"DIR, ...}}}}), found what cannot be read as one ({type(err).__name__}: {err}).")
+        named += list(pulled)
+    twice = sorted({name for name in named if named.count(name) > 1})
+    if twice:
+        parser.error(f"corpus {twice} named more than once (by --corpus or --sources); expected each corpus once, "
+                     "with one --root. Merge the folders or drop the repeat.")
     sources = dict(zip(args.corpus, args.root, strict=True))
     if args.sources:
-        sources.update({name: entry["root"] for name, entry in json.loads(Path(args.sources).read_text()).items()})
+        sources.update(pulled)
     if not sources:
         parser.error("name a corpus (--corpus NAME --root DIR) or --sources FILE")
     try:
@@ -253,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rejects_path = Path(args.rejects) if args.rejects else out.with_name(f"{out.stem}_rejects.csv")
     rejects_path.parent.mkdir(parents=True, exist_ok=True)
+    write_files({rejects_path: rejects.to_csv(index=False)})  # each written whole (a kill keeps the earlier one)
     write_manifest(manifest, out, sources)
-    rejects.to_csv(rejects_path, index=False)
     print(summary(manifest, rejects), file=sys.stderr)
     print(f"wrote {out} ({len(manifest)} rows) and {rejects_path} ({len(rejects)} rows)", file=sys.stderr)
     return 0

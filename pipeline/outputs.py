@@ -92,3 +92,25 @@ def replaced_whole(out: str | os.PathLike, *, carry: Callable[[Path], bool] = la
     except BaseException:
         _remove(tmp)
         raise
+
+
+def write_files(files: dict[str | os.PathLike, str]) -> None:
+    """Write text files that belong together (a CSV and its sidecar): each is written whole beside its place and
+    synced first, then all are renamed into place, so a failure or a kill while writing leaves the earlier files
+    as they were (only a kill between the renames, a moment, can leave a new one beside an old one)."""
+    staged = []
+    try:
+        for path, text in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with open(tmp, "w", newline="") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            staged.append((tmp, path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.outputs import write_files
 from pipeline.tables import read_table
 
 
@@ -50,8 +51,7 @@ def write_manifest(frame: pd.DataFrame, out: str | os.PathLike, roots: dict[str,
     for corpus, root in sorted(roots.items()):
         root = Path(root).resolve()
         recorded[corpus] = root.relative_to(here).as_posix() if root.is_relative_to(here) else str(root)
-    frame.to_csv(out, index=False)
-    roots_path(out).write_text(json.dumps(recorded, indent=2) + "\n")
+    write_files({out: frame.to_csv(index=False), roots_path(out): json.dumps(recorded, indent=2) + "\n"})
     return out
 
 

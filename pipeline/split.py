@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.cli import existing_file, non_negative_int, output_file, positive_int, run_main
+from pipeline.outputs import write_files
 from pipeline.tables import read_table
 
 
@@ -148,7 +149,26 @@ def make_split(manifest: pd.DataFrame, *, scheme: str, seed: int = 0, n_folds: i
     if scheme not in list(SplitScheme):
         raise ValueError(f"unknown split scheme {scheme!r}; expected one of {[str(s) for s in SplitScheme]}.")
     scheme = SplitScheme(scheme)
+    for column in ("corpus", "speaker"):
+        empty = manifest[column].isna() | (manifest[column].astype(str).str.strip() == "")
+        if empty.any():
+            raise ValueError(f"expected a {column} on every manifest row, found {int(empty.sum())} without one (e.g. "
+                             f"id {manifest.loc[empty, 'id'].iloc[0]!r}). Rebuild the manifest (python -m "
+                             "pipeline.manifest).")
     corpora = sorted(manifest["corpus"].unique())
+    if n_folds is not None and scheme != SplitScheme.SPEAKER_KFOLD:
+        raise ValueError(f"--folds {n_folds}: only speaker_kfold has a fold count; found scheme {scheme}. Drop "
+                         "--folds.")
+    if scheme == SplitScheme.SPEAKER_KFOLD:
+        speakers = manifest.groupby("corpus")["speaker"].nunique()
+        few = speakers[speakers < 2]
+        if len(few):
+            raise ValueError(f"speaker_kfold: expected at least 2 speakers in every corpus, found {few.to_dict()}; "
+                             "a fold would have nothing to train on. Leave such a corpus out, or use cross_corpus.")
+        if n_folds is not None and n_folds > speakers.min():
+            raise ValueError(f"--folds {n_folds}: expected at most {int(speakers.min())} (the fewest speakers of a "
+                             f"corpus: {speakers.idxmin()}), found more. Pass a smaller --folds, or none for the "
+                             "corpora's own protocols.")
     if scheme == SplitScheme.SPEAKER_KFOLD and n_folds is None and len(corpora) > 1:
         counts = [PROTOCOL_FOLDS.get(c) or manifest.loc[manifest.corpus == c, "speaker"].nunique() for c in corpora]
         n_folds = min(counts)  # every utterance is tested exactly once across the joined folds
@@ -257,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--folds", type=positive_int, default=None, help="speaker_kfold: number of speaker groups")
     args = parser.parse_args(argv)
-    manifest = read_table(args.manifest, required=["id", "speaker", "corpus"], what="manifest",
+    manifest = read_table(args.manifest, required=["id", "speaker", "corpus", "emotion"], what="manifest",
                           dtype={"id": str, "speaker": str})
     try:
         dup = manifest["id"][manifest["id"].duplicated()]
@@ -269,10 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    splits.to_csv(out, index=False)
-    info = describe(splits, manifest, scheme=args.scheme, seed=args.seed)
-    _sidecar(out).write_text(json.dumps(info, indent=2) + "\n")
+    info = describe(splits, manifest, scheme=args.scheme, seed=args.seed)  # all computed before anything is written
+    write_files({out: splits.to_csv(index=False), _sidecar(out): json.dumps(info, indent=2) + "\n"})
     for fold in info["folds"]:
         sizes = ", ".join(f"{p} {fold[p]['utterances']} ({len(fold[p]['speakers'])} spk)" for p in PARTITIONS)
         print(f"fold {fold['fold']}: {sizes}", file=sys.stderr)

@@ -220,3 +220,15 @@ def test_clip_under_the_minimum_duration_is_rejected_as_too_short(two_actors, wr
     assert len(pd.read_csv(out)) == 2 and rejects["reason"].tolist() == ["too_short"]
     assert main(["--corpus", "ravdess", "--root", str(two_actors), "--out", str(out), "--min-seconds", "0.01"]) == 0
     assert len(pd.read_csv(out)) == 3
+
+
+def test_a_corpus_named_twice_or_a_bad_sources_file_is_refused(tmp_path, capsys):
+    args = ["--corpus", "ravdess", "--root", str(tmp_path / "a"), "--corpus", "ravdess", "--root", str(tmp_path / "b")]
+    with pytest.raises(SystemExit):  # a dict of roots used to keep the second silently
+        main([*args, "--out", str(tmp_path / "m.csv")])
+    assert "named more than once" in capsys.readouterr().err
+    (tmp_path / "sources.json").write_text('{"ravdess": {"url": "x"}}')
+    with pytest.raises(SystemExit):
+        main(["--sources", str(tmp_path / "sources.json"), "--out", str(tmp_path / "m.csv")])
+    assert "expected the JSON pipeline.pull writes" in capsys.readouterr().err
+    assert not (tmp_path / "m.csv").exists()

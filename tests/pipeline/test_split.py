@@ -174,3 +174,34 @@ def test_guard_sees_one_speaker_written_two_ways_and_refuses_utterances_without_
     unnamed = manifest.assign(speaker=[None] * 2 + list(manifest["speaker"][2:]))
     with pytest.raises(ValueError, match="2 split ids have no speaker in the manifest"):
         check_speaker_independent(splits, unnamed)
+
+
+def test_fold_counts_a_scheme_cannot_honour_are_refused():
+    one = _manifest("savee", ["DC"])
+    with pytest.raises(ValueError, match=r"at least 2 speakers in every corpus, found \{'savee': 1\}"):
+        make_split(pd.concat([RAVDESS, one], ignore_index=True), scheme="speaker_kfold")
+    with pytest.raises(ValueError, match="--folds 30: expected at most 24"):
+        make_split(RAVDESS, scheme="speaker_kfold", n_folds=30)
+    with pytest.raises(ValueError, match="only speaker_kfold has a fold count"):
+        make_split(RAVDESS, scheme="actor_holdout", n_folds=3)
+    blank = RAVDESS.copy()
+    blank.loc[3, "speaker"] = None
+    with pytest.raises(ValueError, match="expected a speaker on every manifest row, found 1"):
+        make_split(blank, scheme="random")
+
+
+def test_a_failed_split_run_leaves_the_earlier_split_and_sidecar(tmp_path, monkeypatch):
+    import pipeline.split as split_module
+
+    path, out = tmp_path / "m.csv", tmp_path / "s.csv"
+    RAVDESS.to_csv(path, index=False)
+    assert main(["--manifest", str(path), "--scheme", "actor_holdout", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("describe failed")
+
+    monkeypatch.setattr(split_module, "describe", broken)
+    with pytest.raises(RuntimeError):
+        main(["--manifest", str(path), "--scheme", "random", "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no new CSV beside the old sidecar
