@@ -67,11 +67,19 @@ def select_labels(manifest: pd.DataFrame, label_set: str, *, merge_calm: bool = 
         merge_calm: map ``calm`` to ``neutral`` first (always done for ``ravdess7``).
 
     Raises:
-        ValueError: unknown label set, or no row left.
+        ValueError: unknown label set, an emotion that is missing or not a harmonised label, or no row left.
     """
     if label_set not in label_set_names():
         raise ValueError(f"unknown label set {label_set!r}; expected one of {label_set_names()}.")
     merge_calm = merge_calm or label_set in _MERGES_CALM
+    unknown = manifest["emotion"].isna() | ~manifest["emotion"].isin(EMOTIONS)
+    if unknown.any():  # left out silently, they would shrink every label set without a word
+        found = sorted(set(manifest.loc[unknown, "emotion"].astype(object).where(manifest["emotion"].notna(),
+                                                                                 "(missing)").astype(str)))
+        where = f" (e.g. id {manifest.loc[unknown, 'id'].iloc[0]!r})" if "id" in manifest else ""
+        raise ValueError(f"expected every emotion to be a harmonised label {list(EMOTIONS)}, found "
+                         f"{int(unknown.sum())} rows with {found[:5]}{where}. Rebuild the manifest with python -m "
+                         "pipeline.manifest, which harmonises each corpus's codes.")
     frame = manifest.copy()
     if merge_calm:
         frame["emotion"] = frame["emotion"].replace({"calm": "neutral"})

@@ -33,3 +33,9 @@ def test_unknown_or_empty_label_set():
         select_labels(FRAME, "eight")
     with pytest.raises(ValueError, match="keeps no utterance"):
         select_labels(FRAME[FRAME.emotion == "boredom"], "four")
+
+
+def test_a_missing_or_unharmonised_emotion_is_refused_not_left_out_silently():
+    frame = pd.DataFrame({"id": ["a", "b", "c"], "corpus": "x", "emotion": ["happy", None, "Happy"]})
+    with pytest.raises(ValueError, match=r"found 2 rows with \['\(missing\)', 'Happy'\] \(e.g. id 'b'\)"):
+        select_labels(frame, "four")
