@@ -178,16 +178,20 @@ def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8, progr
             rel = path.relative_to(root).with_suffix("").as_posix()
             rows.append({"id": f"{corpus}/{rel}", "path": _relative(path, root), "corpus": corpus,
                          "speaker": parsed.speaker, "gender": parsed.gender, "emotion": parsed.emotion,
-                         **audio, **parsed.extra, "_key": parsed.key,
-                         "_rank": (_PREFERRED.get(path.suffix.lower(), 1), len(rel), rel)})
-    manifest = pd.DataFrame(rows, columns=[*COLUMNS, "text", "intensity", "_key", "_rank"])
+                         **audio, **parsed.extra, "_key": parsed.key, "_file": os.path.realpath(path),
+                         "_rank": (path.is_symlink(), _PREFERRED.get(path.suffix.lower(), 1), len(rel), rel)})
+    manifest = pd.DataFrame(rows, columns=[*COLUMNS, "text", "intensity", "_key", "_file", "_rank"])
     manifest = manifest.sort_values("_rank", kind="stable")
-    duplicate = manifest.duplicated("_key", keep="first")
-    first = manifest.drop_duplicates("_key").set_index("_key")["path"]
-    for _, row in manifest[duplicate].iterrows():
-        rejects.append({"path": row["path"], "corpus": corpus, "reason": "duplicate",
-                        "detail": f"same utterance as {first[row['_key']]}"})
-    manifest = manifest[~duplicate].drop(columns=["_key", "_rank"]).sort_values("id").reset_index(drop=True)
+    # one utterance named twice (two formats, a nested copy), or one file reached under two names (a link, which
+    # could carry another label): the first by rank is kept, the others are counted
+    for column, what in (("_key", "same utterance as"), ("_file", "the same file (a link) as")):
+        duplicate = manifest.duplicated(column, keep="first")
+        first = manifest.drop_duplicates(column).set_index(column)["path"]
+        for _, row in manifest[duplicate].iterrows():
+            rejects.append({"path": row["path"], "corpus": corpus, "reason": "duplicate",
+                            "detail": f"{what} {first[row[column]]}"})
+        manifest = manifest[~duplicate]
+    manifest = manifest.drop(columns=["_key", "_file", "_rank"]).sort_values("id").reset_index(drop=True)
     rejects = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("path").reset_index(drop=True)
     if manifest.empty:
         reasons = rejects["reason"].value_counts().to_dict()

@@ -232,3 +232,15 @@ def test_a_corpus_named_twice_or_a_bad_sources_file_is_refused(tmp_path, capsys)
         main(["--sources", str(tmp_path / "sources.json"), "--out", str(tmp_path / "m.csv")])
     assert "expected the JSON pipeline.pull writes" in capsys.readouterr().err
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_one_file_under_two_names_is_a_counted_duplicate_not_two_labels(two_actors):
+    first = sorted((two_actors / "Actor_01").glob("*.wav"))[0]
+    parts = first.stem.split("-")
+    parts[2] = "04" if parts[2] != "04" else "03"  # another emotion code
+    (first.parent / f"{'-'.join(parts)}.wav").symlink_to(first)
+    manifest, rejects = scan_corpus("ravdess", two_actors, progress=False)
+    row = rejects[rejects["reason"] == "duplicate"]
+    assert len(row) == 1 and "the same file (a link) as" in row["detail"].iloc[0]
+    assert manifest["path"].map(lambda p: (two_actors / p).resolve()).is_unique
+    assert first.relative_to(two_actors).as_posix() in manifest["path"].tolist()  # the file itself, its own label
