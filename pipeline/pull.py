@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from pipeline.cli import output_dir, output_file, run_main
 from pipeline.corpora import CORPORA
+from pipeline.manifest import walk_files
 
 
 @dataclass(frozen=True)
@@ -254,14 +255,18 @@ def locate(name: str, *, source: str | None, corpora_dir: str | None, data_dir: 
 
 
 def fingerprint(root: Path) -> dict:
-    """Count, size and a digest of ``(relative path, size, mtime)`` of every file under ``root``."""
+    """Count, size and a digest of ``(relative path, size, mtime)`` of every file under ``root``, walked as the
+    manifest walks it (:func:`pipeline.manifest.walk_files`: folder links followed, each folder once), and of what
+    that walk cannot list (a dangling link, an unreadable folder): the manifest stage reruns whenever what it would
+    read changes, and a damaged entry is the manifest's counted reject, not the end of this stage."""
     digest, count, total = hashlib.sha256(), 0, 0
-    for folder, dirs, names in os.walk(root):
-        dirs.sort()
-        for name in sorted(names):
-            stat = (Path(folder) / name).stat()
-            digest.update(f"{Path(folder, name).relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            count, total = count + 1, total + stat.st_size
+    files, problems = walk_files(Path(root))
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        count, total = count + 1, total + stat.st_size
+    for problem in problems:
+        digest.update(f"{problem['reason']}\0{os.path.relpath(problem['path'], root)}\n".encode())
     return {"files": count, "bytes": total, "sha256": digest.hexdigest()}
 
 

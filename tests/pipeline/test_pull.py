@@ -76,3 +76,21 @@ def test_cli_records_roots_and_fingerprints(tmp_path, monkeypatch, ravdess_dir):
     (root / "Actor_01" / "extra.txt").write_text("new")
     assert main(["--enabled", "ravdess", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["ravdess"]["sha256"] != first["sha256"]
+
+
+def test_the_fingerprint_sees_what_the_manifest_reads(tmp_path):
+    """Files behind a folder link change it (the manifest reads them); a dangling link is counted, not a crash."""
+    from pipeline.pull import fingerprint
+
+    root, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere" / "Actor_01"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "a.wav").write_bytes(b"x")
+    root.mkdir()
+    (root / "Actor_01").symlink_to(elsewhere)
+    before = fingerprint(root)
+    assert before["files"] == 1
+    (elsewhere / "b.wav").write_bytes(b"y")  # added behind the link
+    after = fingerprint(root)
+    assert after["files"] == 2 and after["sha256"] != before["sha256"]
+    (root / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    assert fingerprint(root)["sha256"] != after["sha256"]
