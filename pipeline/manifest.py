@@ -215,6 +215,8 @@ def build_manifest(sources: dict[str, str], **kw) -> tuple[pd.DataFrame, pd.Data
     manifest = pd.concat([m for m, _ in scanned], ignore_index=True)
     if manifest["id"].duplicated().any():
         raise ValueError("two corpora produced the same utterance id; give each corpus once.")
+    documented = [*COLUMNS, "text", "intensity"]  # every documented column, empty where no corpus has it
+    manifest = manifest.reindex(columns=[*documented, *(c for c in manifest.columns if c not in documented)])
     return manifest, pd.concat([r for _, r in scanned], ignore_index=True)
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from pipeline.manifest import main, scan_corpus
+from pipeline.manifest import build_manifest, main, scan_corpus
 
 
 def _reasons(rejects):
@@ -87,6 +87,9 @@ def test_every_corpus_convention(tmp_path, write_audio):
         assert got == sorted(rows), corpus
         assert manifest["id"].str.startswith(f"{corpus}/").all()
         assert len(rejects) == (1 if corpus == "cremad" else 0)  # the demographics CSV is listed, not hidden
+        written = build_manifest({corpus: tmp_path / corpus}, progress=False)[0]
+        assert list(written.columns[:11]) == ["id", "path", "corpus", "speaker", "gender", "emotion", "duration_s",
+                                              "sample_rate", "channels", "text", "intensity"]  # as documented
 
 
 def test_nested_duplicate_copy_is_rejected(tmp_path, write_audio):
