@@ -56,6 +56,23 @@ def check_replaceable(out: str | os.PathLike) -> Path:
     return out
 
 
+def swap_in(tmp: Path, out: Path, *, carry: Callable[[Path], bool] = lambda entry: False) -> None:
+    """Put the finished folder ``tmp`` in the place of ``out`` (two renames; the old one goes aside as
+    ``.<name>.old-<pid>`` and is then removed), first copying into ``tmp`` the entries of the old ``out`` that it
+    lacks and ``carry(entry)`` accepts."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        for entry in out.iterdir():
+            if carry(entry) and not (tmp / entry.name).exists():
+                if entry.is_dir():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                else:
+                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _remove(old)
+
+
 @contextlib.contextmanager
 def replaced_whole(out: str | os.PathLike, *, carry: Callable[[Path], bool] = lambda entry: False) -> Iterator[Path]:
     """Yield an empty staging folder for ``out``; on normal exit it replaces ``out``, on an exception it is
@@ -78,17 +95,7 @@ def replaced_whole(out: str | os.PathLike, *, carry: Callable[[Path], bool] = la
     tmp.mkdir()
     try:
         yield tmp
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            for entry in out.iterdir():
-                if carry(entry) and not (tmp / entry.name).exists():
-                    if entry.is_dir():
-                        shutil.copytree(entry, tmp / entry.name, symlinks=True)
-                    else:
-                        shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        _remove(old)
+        swap_in(tmp, out, carry=carry)
     except BaseException:
         _remove(tmp)
         raise

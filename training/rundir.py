@@ -56,6 +56,7 @@ from safetensors import SafetensorError
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.metrics import SCORES, scores
+from pipeline.outputs import swap_in
 from pipeline.processes import pid_alive
 
 if TYPE_CHECKING:  # torch is imported where models are saved or loaded: reading runs (compare) needs none
@@ -118,17 +119,7 @@ def _commit(tmp: Path, out: Path, keep_foreign: bool = True) -> None:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file; expected a run directory (or nothing) there. Remove the file "
                                  "or choose another --out.")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        for entry in out.iterdir() if keep_foreign else ():
-            if entry.name not in RUN_ENTRIES and not (tmp / entry.name).exists():
-                if entry.is_dir():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
-                else:
-                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, out, carry=lambda entry: keep_foreign and entry.name not in RUN_ENTRIES)
 
 
 @contextlib.contextmanager
