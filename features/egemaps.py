@@ -65,13 +65,13 @@ def egemaps_features(wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np
         ``(functionals [88], llds [T, 25])`` float32, ``T`` = one frame per 10 ms.
 
     Raises:
-        ValueError: NaN or infinite samples, a clip too short for openSMILE (it returns NaN), or features that are
-            not finite.
+        AudioError: ``non_finite``: NaN or infinite samples.
+        ValueError: a clip too short for openSMILE (it returns NaN), or features that are not finite.
     """
     functionals, llds = _smiles()
     x = np.asarray(wave, dtype=np.float32)
     if not np.isfinite(x).all():
-        raise ValueError("expected finite audio samples, found NaN or infinite ones.")
+        raise AudioError("non_finite", "expected finite audio samples, found NaN or infinite ones.")
     if beyond_full_scale(x):
         x = np.clip(x, *FULL_SCALE)
     with warnings.catch_warnings():
@@ -86,12 +86,9 @@ def egemaps_features(wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np
 
 def _work(path: str) -> tuple:
     """One file in a worker process: ``("ok", functionals, llds, seconds, clipped samples)`` or ``("skip", reason,
-    detail)``; samples beyond full scale are clipped by :func:`egemaps_features` and counted here; NaN or infinite
-    samples are a ``non_finite`` skip."""
+    detail)``; samples beyond full scale are clipped by :func:`egemaps_features` and counted here."""
     try:
         wave = load_audio(path, sample_rate=SAMPLE_RATE)
-        if not np.isfinite(wave).all():
-            return "skip", "non_finite", f"{path}: contains NaN or infinite samples; expected finite audio."
         f, lld = egemaps_features(wave, SAMPLE_RATE)
         return "ok", f, lld, len(wave) / SAMPLE_RATE, beyond_full_scale(wave)
     except AudioError as err:  # plain tuples: AudioError does not survive pickling between processes

@@ -228,7 +228,8 @@ def _carried(entry: Path) -> bool:
 
 def _own_folder(out_dir: str | os.PathLike, sources: pd.Series) -> Path:
     """``out_dir``, checked before any work to be a folder the stage may replace whole: new, empty, or an earlier
-    output of this stage (it holds ``manifest.csv``), and holding none of the source audio.
+    output of this stage (its ``manifest.csv`` with ``source_id`` and ``augmentation``, folders of ``.flac``
+    copies), and holding none of the source audio.
 
     Raises:
         ValueError: ``out_dir`` holds other things, or source audio.
@@ -242,7 +243,10 @@ def _own_folder(out_dir: str | os.PathLike, sources: pd.Series) -> Path:
                          "another --out (e.g. data/augmented).")
     if out.is_dir() and any(out.iterdir()):
         manifest_csv = out / "manifest.csv"
-        header = manifest_csv.open().readline() if manifest_csv.is_file() else ""
+        header = ""
+        if manifest_csv.is_file():
+            with manifest_csv.open() as f:
+                header = f.readline()
         foreign = [str(p.relative_to(out)) for p in out.rglob("*")
                    if p.parent != out and p.is_file() and p.suffix != ".flac"]  # copies' folders hold copies only
         if not {"source_id", "augmentation"} <= set(header.strip().split(",")) or foreign:
