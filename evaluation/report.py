@@ -102,12 +102,9 @@ def caption(group: str, labels: Sequence[str], resamples: int) -> str:
 
 def write_all(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd.DataFrame, cross: pd.DataFrame, *,
               formats: Sequence[str], resamples: int, seed: int) -> None:
-    """Write every output of the comparison into ``out`` (see ``pipeline.compare``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for sub in ("figures", *(f"plots/{d}" for d in PLOT_DIRS)):
+    """Write every output of the comparison into the fresh folder ``out`` (see ``pipeline.compare``)."""
+    for sub in ("figures", *(f"plots/{d}" for d in PLOT_DIRS)):  # a fresh folder: pipeline.compare stages it
         (out / sub).mkdir(parents=True, exist_ok=True)
-        for old in (out / sub).glob("*.png" if sub == "figures" else "*.csv"):
-            old.unlink()  # figures of systems no longer compared
     labels = {r.system.label_group: r.system.labels for r in results}
     if "csv" in formats:
         table.to_csv(out / "table.csv", index=False)  # every row, the per-layer probes' included

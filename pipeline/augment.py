@@ -36,7 +36,7 @@ from tqdm import tqdm
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio, write_audio
 from pipeline.cli import boolean, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.labels import select_labels
-from pipeline.outputs import check_replaceable, replaced_whole
+from pipeline.outputs import check_replaceable, refuse_inputs_inside, replaced_whole
 from pipeline.processes import worker_pool
 from pipeline.roots import read_manifests, resolve_paths
 from pipeline.split import read_split
@@ -236,11 +236,7 @@ def _own_folder(out_dir: str | os.PathLike, sources: pd.Series) -> Path:
         NotADirectoryError: as :func:`pipeline.outputs.check_replaceable`.
     """
     out = check_replaceable(out_dir)
-    inside = [p for p in sources.astype(str) if out in Path(os.path.abspath(p)).parents]
-    if inside:
-        raise ValueError(f"--out {out_dir}: expected a folder of its own, found source audio inside it (e.g. "
-                         f"{inside[0]}), which the new output (replacing the folder whole) would delete. Choose "
-                         "another --out (e.g. data/augmented).")
+    refuse_inputs_inside(out_dir, sources, what="source audio", instead="data/augmented")
     if out.is_dir() and any(out.iterdir()):
         manifest_csv = out / "manifest.csv"
         header = ""
@@ -381,12 +377,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"dotted key of the chain in it (default with the default file: {DEFAULT_CHAIN[1]})")
     parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: every core)")
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
-    inside = [str(p) for p in (args.manifest, args.split) if out in Path(p).resolve().parents]
-    if inside:
-        print(f"error: --out {args.out}: expected a folder of its own, found the input {inside[0]} inside it, which "
-              "the new output (which replaces the folder whole) would delete. Choose another --out "
-              "(e.g. data/augmented).", file=sys.stderr)
+    try:
+        refuse_inputs_inside(args.out, [args.manifest, args.split], what="its inputs", instead="data/augmented")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         chain = read_chain(*((args.chain, args.chain_key) if args.chain

@@ -33,7 +33,7 @@ from evaluation.results import Result
 from evaluation.systems import System, augmented, group_systems
 from pipeline.cli import existing_dir, existing_file, non_negative_int, output_dir, positive_int, run_main
 from pipeline.metrics import SCORES, scores
-from pipeline.outputs import check_replaceable, replaced_whole
+from pipeline.outputs import check_replaceable, refuse_inputs_inside, replaced_whole
 from training.rundir import Run, load_run, recover_run
 
 TABLE_COLUMNS = ["system", "ua", "wa", "macro_f1", "ua_std", "wa_std", "macro_f1_std", "ua_ci_low", "ua_ci_high",
@@ -229,12 +229,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
                          f"{len(run_dirs)} directories and formats {list(formats)}; pass e.g. "
                          "`data/runs/rf_egemaps --format md,csv`.")
     check_replaceable(out)  # before the work: a file, a symbolic link, a mount point cannot be replaced whole
-    target = Path(out).resolve()
-    held = [str(d) for d in run_dirs if Path(d).resolve() == target or target in Path(d).resolve().parents]
-    if held:
-        raise ValueError(f"--out {out}: expected a folder of its own, found the run directory {held[0]} inside it, "
-                         "which the new output (replacing the folder whole) would delete. Choose another --out "
-                         "(e.g. data/compare).")
+    refuse_inputs_inside(out, run_dirs, what="run directories", instead="data/compare")
     corpus_of, speaker_of = _manifest_lookups(manifests)
     runs: list[Run] = [load_run(d) for d in expand_run_dirs(run_dirs)]
     systems = group_systems(runs)

@@ -56,6 +56,21 @@ def check_replaceable(out: str | os.PathLike) -> Path:
     return out
 
 
+def refuse_inputs_inside(out: str | os.PathLike, inputs, *, what: str, instead: str) -> None:
+    """Refuse an ``--out`` that is, or holds, one of ``inputs`` (paths): replacing it whole would delete them.
+
+    Raises:
+        ValueError: naming the first such input, ``what`` it is and the ``--out`` to choose ``instead``.
+    """
+    target = Path(os.path.abspath(out))
+    for path in map(str, inputs):
+        here = Path(os.path.abspath(path))
+        if here == target or target in here.parents:
+            raise ValueError(f"--out {out}: expected a folder of its own, found {what} inside it (e.g. {path}), "
+                             f"which the new output (replacing the folder whole) would delete. Choose another "
+                             f"--out (e.g. {instead}).")
+
+
 def swap_in(tmp: Path, out: Path, *, carry: Callable[[Path], bool] = lambda entry: False) -> None:
     """Put the finished folder ``tmp`` in the place of ``out`` (two renames; the old one goes aside as
     ``.<name>.old-<pid>`` and is then removed), first copying into ``tmp`` the entries of the old ``out`` that it
