@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -520,7 +521,9 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
             without index or view (a later call without ``shard`` writes them).
 
     Returns:
-        The summary of :func:`features.cache.publish` (``computed``, ``reused``, ``skipped``, ``stored``, ...).
+        The summary of :func:`features.cache.publish` (``computed``, ``reused``, ``skipped``, ``stored``, ...),
+        plus ``compute_seconds``: the wall time from the first pass handed out to the last shard received (what
+        start-up, planning and publishing cost is the rest of the call).
     """
     if storage_dtype not in {DType.FLOAT16, DType.FLOAT32}:
         raise ValueError(f"storage dtype {storage_dtype!r}: expected float16 or float32.")
@@ -577,6 +580,7 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                                                          "dtype_requested": requested}
         total = float(cropped_seconds(todo, job).fillna(0).sum()) if "duration_s" in todo else None
         done_s, computed = 0.0, 0
+        computing = time.perf_counter()
         with tqdm(total=total, unit="s", unit_scale=True, desc="extract", disable=not batches) as bar, \
                 _disk_full_explained(out):
             if actors:
@@ -630,10 +634,13 @@ def extract(manifests: Sequence[str | os.PathLike], out: str | os.PathLike, *, e
                     build.discard()
                     raise
                 writer.close()
+        computing = time.perf_counter() - computing
         if shard is not None:
-            return shard_summary(build, shard=shard, skipped=skipped, computed=computed, audio_seconds=done_s)
-        return publish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
-                      audio_seconds=done_s)
+            summary = shard_summary(build, shard=shard, skipped=skipped, computed=computed, audio_seconds=done_s)
+        else:
+            summary = publish("extract", build, out=out, skips=skips, skipped=skipped, computed=computed,
+                              audio_seconds=done_s)
+        return {**summary, "compute_seconds": round(computing, 3)}
     finally:  # actors never outlive the call (closing twice is harmless)
         if actors is not None:
             actors.close()

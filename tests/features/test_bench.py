@@ -26,5 +26,11 @@ def test_records_time_this_tool_and_the_reference_over_the_same_audio(synth_file
         assert record["vs_reference"] == pytest.approx(record["throughput"] / record["reference_throughput"],
                                                        rel=0.01)
         assert record["ceiling_ratio"] > 0 and record["peak_rss_mb"] > 50 and record["matmul_gflops"] > 0
+        assert 0 < record["startup_seconds"] < record["wall_seconds"]  # the model load at least, never all of it
+        assert record["compute_throughput"] > record["throughput"]
+        assert record["compute_ceiling_ratio"] == pytest.approx(
+            record["ceiling_ratio"] * record["compute_throughput"] / record["throughput"], rel=0.01)
+        assert record["compute_vs_reference"] == pytest.approx(
+            record["vs_reference"] * record["compute_throughput"] / record["throughput"], rel=0.01)
         assert record["feature_encoder"] == record["feature_encoder_timing"]["chosen"]
     assert records[0]["cosine_vs_float32"] == 1.0 and 0.97 < records[1]["cosine_vs_float32"] < 1.0
