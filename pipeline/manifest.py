@@ -10,7 +10,7 @@ Paths in the manifest (and the rejects) are relative to their corpus's root, whi
 downstream of it, is the same in two clones of the project at different paths.
 
 Each file under a root is either a manifest row or a rejects row (``path, reason, detail``). Reasons:
-``bad_name`` (outside the corpus's naming convention), ``not_speech`` (song, video), ``empty`` (zero bytes),
+``bad_name`` (outside the corpus's naming convention, or not UTF-8), ``not_speech`` (song, video), ``empty`` (zero bytes),
 ``not_audio`` / ``unreadable`` / ``corrupt`` / ``no_samples`` (libsndfile cannot decode it, or no permission
 to read it), ``truncated`` (less data than the header announces), ``too_short`` (under ``pipeline.audio.MIN_SECONDS``),
 ``unreadable_folder``, ``dangling_link``, ``link_loop``, ``not_a_file`` (what the walk could not list), ``silent``
@@ -56,13 +56,21 @@ def walk_files(root: Path) -> tuple[list[Path], list[dict]]:
     Hidden folders are included and directory symlinks are followed, each real folder once: nothing is skipped
     unseen. Rows (``path, reason, detail``) are made for an unreadable folder (``unreadable_folder``), a link
     whose target is missing (``dangling_link``), a link that leads back into a folder already walked
-    (``link_loop``; an ancestor, or a second link to the same folder) and anything that is neither a file nor a
-    folder (``not_a_file``: sockets, FIFOs, devices).
+    (``link_loop``; an ancestor, or a second link to the same folder), anything that is neither a file nor a
+    folder (``not_a_file``: sockets, FIFOs, devices) and a file or folder whose name is not UTF-8 (``bad_name``).
     """
     files, problems = [], []
 
     def reject(path, reason: str, detail: str) -> None:
-        problems.append({"path": os.path.abspath(path), "reason": reason, "detail": detail})
+        problems.append({"path": shown(os.path.abspath(path)), "reason": reason, "detail": detail})
+
+    def undecodable(path: Path) -> bool:  # a name of bytes that are not UTF-8 (manifests are UTF-8 CSV)
+        if shown(path) == str(path):
+            return False
+        reject(path, "bad_name", f"{shown(path)}: the name is not valid UTF-8 (undecodable bytes shown as \\x..); "
+               "expected UTF-8 file and folder names, as manifests are UTF-8 text. Rename it"
+               f"{' (its files are not used meanwhile)' if path.is_dir() else ''}.")
+        return True
 
     def unreadable(err: OSError) -> None:
         reject(err.filename or root, "unreadable_folder", f"{err.filename}: cannot list the folder ({err.strerror}); "
@@ -75,6 +83,8 @@ def walk_files(root: Path) -> tuple[list[Path], list[dict]]:
         keep = []
         for name in sorted(dirs):
             path = Path(folder) / name
+            if undecodable(path):
+                continue
             st = os.stat(path)
             key = (st.st_dev, st.st_ino)
             if key in seen:
@@ -86,6 +96,8 @@ def walk_files(root: Path) -> tuple[list[Path], list[dict]]:
         dirs[:] = keep
         for name in sorted(names):
             path = Path(folder) / name
+            if undecodable(path):
+                continue
             try:
                 st = os.stat(path)
             except OSError as err:
@@ -104,6 +116,12 @@ def walk_files(root: Path) -> tuple[list[Path], list[dict]]:
                 reject(path, "not_a_file", f"{path}: neither a file nor a folder (a socket, FIFO or device); "
                        "expected audio files only.")
     return files, problems
+
+
+def shown(path) -> str:
+    """``path`` as text that any UTF-8 file can hold: bytes of a name that are not UTF-8 (kept by Python as
+    surrogates) become ``\\xNN`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def list_files(root: Path) -> list[Path]:

@@ -205,6 +205,21 @@ def test_dangling_and_looping_file_links_are_rejects(two_actors):
     assert "gone.wav" in rejects["detail"].iloc[0]
 
 
+def test_names_that_are_not_utf8_are_rejects_not_a_crash(two_actors, tmp_path):
+    good = two_actors / "Actor_01" / "03-01-05-01-01-01-01.wav"
+    folder = os.fsencode(two_actors / "Actor_01")
+    with open(folder + b"/03-01-06-01-01-01-01\xff.wav", "wb") as f:  # conforming but for one byte
+        f.write(good.read_bytes())
+    os.mkdir(os.fsencode(two_actors) + b"/Actor_\xfe")
+    out, rejects_csv = tmp_path / "m.csv", tmp_path / "r.csv"
+    assert main(["--corpus", "ravdess", "--root", str(two_actors), "--out", str(out),
+                 "--rejects", str(rejects_csv)]) == 0
+    rejects = pd.read_csv(rejects_csv)
+    assert len(pd.read_csv(out)) == 2 and rejects["reason"].tolist() == ["bad_name", "bad_name"]
+    assert [p.rsplit("/", 1)[-1] for p in rejects["path"]] == ["03-01-06-01-01-01-01\\xff.wav", "Actor_\\xfe"]
+    assert all("not valid UTF-8" in d for d in rejects["detail"])
+
+
 def test_truncated_wav_is_rejected_not_kept_at_part_of_its_length(two_actors):
     path = two_actors / "Actor_02" / "03-01-05-01-01-01-02.wav"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
