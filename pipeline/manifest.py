@@ -178,7 +178,9 @@ def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8, progr
     parse = CORPORA[corpus].parser(root)
     rows, rejects, candidates = [], [], []
     files, problems = walk_files(root)
-    rejects += [{**p, "corpus": corpus} for p in problems]
+    top = shown(os.path.abspath(root)) + os.sep  # walk rows name absolute paths; the table names them as the rest
+    rejects += [{**p, "path": p["path"].removeprefix(top).replace(os.sep, "/"), "corpus": corpus,
+                 "detail": _relative_text(p["detail"], root)} for p in problems]
     for path in files:
         try:
             candidates.append((path, parse(path.relative_to(root))))

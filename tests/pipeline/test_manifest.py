@@ -191,7 +191,7 @@ def test_directory_symlink_is_followed_once(tmp_path, write_audio):
     manifest, rejects = scan_corpus("ravdess", root, progress=False)
     assert manifest["speaker"].tolist() == ["ravdess_01", "ravdess_03"]
     assert manifest["id"].tolist()[1] == "ravdess/Actor_03/03-01-05-01-01-01-03"
-    assert rejects[["path", "reason"]].values.tolist() == [[str(root / "Actor_01" / "loop"), "link_loop"]]
+    assert rejects[["path", "reason"]].values.tolist() == [["Actor_01/loop", "link_loop"]]  # relative, as the rest
 
 
 def test_dangling_and_looping_file_links_are_rejects(two_actors):
@@ -216,7 +216,7 @@ def test_names_that_are_not_utf8_are_rejects_not_a_crash(two_actors, tmp_path):
                  "--rejects", str(rejects_csv)]) == 0
     rejects = pd.read_csv(rejects_csv)
     assert len(pd.read_csv(out)) == 2 and rejects["reason"].tolist() == ["bad_name", "bad_name"]
-    assert [p.rsplit("/", 1)[-1] for p in rejects["path"]] == ["03-01-06-01-01-01-01\\xff.wav", "Actor_\\xfe"]
+    assert rejects["path"].tolist() == ["Actor_01/03-01-06-01-01-01-01\\xff.wav", "Actor_\\xfe"]
     assert all("not valid UTF-8" in d for d in rejects["detail"])
 
 
