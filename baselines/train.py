@@ -29,7 +29,7 @@ from pipeline.experiment import load_experiment
 from pipeline.metrics import scores
 from pipeline.normalisation import Normalisation, speaker_standardise
 from training.data import LRUCache
-from training.fit import TrainConfig
+from training.fit import TrainConfig, recorded_settings
 from training.folds import FoldJob, default_jobs, run_folds
 from training.options import (
     add_training_args,
@@ -137,7 +137,8 @@ def train_mfcc_cnn(*, manifests: Sequence[str], split: str, label_set: str, out:
                     "feature_settings": feature_settings}
     protocol = {"system": system or f"mfcc_cnn_{feature_set}", "model": "mfcc_cnn", "feature_set": feature_set,
                 "features": "audio", **exp.protocol(), "normalisation": normalisation, "seed": seed,
-                "layers": [0], "balance": config.balance, "ensemble": members}
+                "layers": [0], "balance": config.balance, "ensemble": members,
+                "settings": {**recorded_settings(MfccCnn, kwargs, config), "log_mel": settings, "threads": threads}}
     job = FoldJob(exp, read, functools.partial(MfccCnn, **kwargs), config,
                   normalisation, seed, out, model_config, threads, members, budget_mb)
     return run_folds(job, protocol=protocol, jobs=jobs)

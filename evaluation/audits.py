@@ -14,13 +14,14 @@ Example:
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 
 import pandas as pd
 
 from evaluation import stats
 from evaluation.results import Result
-from evaluation.systems import augmented
 from pipeline.split import SplitScheme
 
 #: The protocol keys that define a system, on which the leakage audit pairs a system with itself across splits.
@@ -39,15 +40,15 @@ def leakage(results: list[Result]) -> pd.DataFrame:
                "leaky_macro_f1", "macro_f1", "macro_f1_diff", "leaky_n_test", "n_test"]
     pairs: dict[tuple, list[Result]] = {}
     for r in results:
-        config = tuple((k, repr(r.system.protocol.get(k))) for k in SYSTEM_KEYS)
-        pairs.setdefault((r.system.label_group, config), []).append(r)
+        pairs.setdefault((r.system.label_group, configuration(r)), []).append(r)
     rows = []
     for members in pairs.values():
         leaky = [r for r in members if not independent(r.system.protocol)]
         honest = [r for r in members if independent(r.system.protocol)]
-        for lk in leaky:
-            for hr in honest:
-                rows.append({"system": hr.system.name.split("@")[0], "label_set": hr.system.label_group,
+        for hr in honest:
+            named = [lk for lk in leaky if display_name(lk).startswith(display_name(hr))]
+            for lk in named or leaky:  # one configuration under several names: each with its own name first
+                rows.append({"system": display_name(hr), "label_set": hr.system.label_group,
                              "leaky_split": lk.row["split_scheme"], "leaky_ua": lk.row["ua"],
                              "split": hr.row["split_scheme"], "ua": hr.row["ua"],
                              "ua_diff": lk.row["ua"] - hr.row["ua"], "leaky_macro_f1": lk.row["macro_f1"],
@@ -65,28 +66,40 @@ def cross_corpus(results: list[Result], corpus_of: Callable[[str], str]) -> pd.D
     """
     columns = ["system", "label_set", "train", "test", "ua", "n_test", "n_runs", "splits"]
     cells: dict[tuple, list] = {}
+    names: dict[tuple, str] = {}  # one configuration (its splits pooled) is one matrix, named as its first system
     for r in results:
         p = r.system.protocol
         if not independent(p):
             continue
-        name = f"{p.get('model', 'model')}_{p.get('feature_set', 'features')}" + ("+aug" if augmented(p) else "")
+        config = (configuration(r), r.system.label_group)
+        names.setdefault(config, display_name(r))
         for run in r.system.runs:
             train = run.protocol.get("train_corpora", run.protocol.get("corpora")) or []
             frame = run.predictions.assign(test=run.predictions["id"].map(corpus_of))
             frame["train"] = [_corpora(train, fold) for fold in frame["fold"]]
             for (tr, te), cell in frame.groupby(["train", "test"]):
-                key = (name, r.system.label_group, tr, te)
+                key = (config, tr, te)
                 cells.setdefault(key, []).append((cell, p.get("split_scheme")))
-    corpora = {c for key in cells for c in key[2].split("+") + [key[3]]}
+    corpora = {c for key in cells for c in key[1].split("+") + [key[2]]}
     if len(corpora) < 2:
         return pd.DataFrame(columns=columns)
     rows = []
-    for (name, group, tr, te), members in cells.items():
+    for (config, tr, te), members in cells.items():
         structure = stats.ua_structure([m[0] for m in members])
-        rows.append({"system": name, "label_set": group, "train": tr, "test": te, "ua": structure.ua,
+        rows.append({"system": names[config], "label_set": config[1], "train": tr, "test": te, "ua": structure.ua,
                      "n_test": len(structure.ids), "n_runs": len(members),
                      "splits": " ".join(sorted({str(m[1]) for m in members}))})
     return pd.DataFrame(rows, columns=columns)
+
+
+def configuration(result: Result) -> str:
+    """What makes two results one system for the audits: their protocols' :data:`SYSTEM_KEYS`."""
+    return json.dumps({k: result.system.protocol.get(k) for k in SYSTEM_KEYS}, sort_keys=True, default=str)
+
+
+def display_name(result: Result) -> str:
+    """A system's name without its split (``conv_wav2vec2@speaker_kfold[lr=0.01]`` -> ``conv_wav2vec2[lr=0.01]``)."""
+    return re.sub(r"@[^\[]*", "", result.system.name, count=1)
 
 
 def independent(protocol: dict) -> bool:

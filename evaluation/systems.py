@@ -95,7 +95,7 @@ def group_systems(runs: list[Run]) -> list[System]:
         The systems, each with its ``label_group``.
 
     Raises:
-        ValueError: the same directory given twice.
+        ValueError: the same directory given twice, or one configuration's seed and split in two runs.
     """
     paths = [r.path.resolve() for r in runs]
     twice = sorted({str(p) for p in paths if paths.count(p) > 1})
@@ -111,6 +111,18 @@ def group_systems(runs: list[Run]) -> list[System]:
         groups.setdefault(key, []).append(run)
     systems = []
     for members in groups.values():
+        seen: dict[tuple, Run] = {}
+        for run in members:  # one seed on one split twice: the same run, which would be counted twice
+            seed = run.protocol.get("seed")
+            key = (json.dumps(seed), frozenset(zip(run.predictions["id"], run.predictions["fold"], strict=True)))
+            if seed is not None and key in seen:
+                raise ValueError(
+                    f"runs {seen[key].path} and {run.path} record the same configuration, seed {seed} and split; "
+                    "expected one run per seed and split of a configuration (its figures would be counted twice). "
+                    "Either one run was copied (drop the copy), or they differ in settings their protocol does "
+                    "not record (runs of an older version): give them distinct names with --system, or rerun "
+                    "them.")
+            seen[key] = run
         protocol = {k: v for k, v in members[0].protocol.items() if k != "seed"}
         systems.append(System(base_name(protocol), members, protocol, members[0].labels))
     _disambiguate(systems)
@@ -127,12 +139,22 @@ def _disambiguate(systems: list[System]) -> None:
     for system in systems:
         by_name.setdefault(system.name, []).append(system)
     for clash in (v for v in by_name.values() if len(v) > 1):
-        fields = sorted({k for s in clash for k in s.protocol} | {"labels"})
-        values = [{**s.protocol, "labels": s.labels} for s in clash]
+        values = [_flat({**s.protocol, "labels": s.labels}) for s in clash]
+        fields = sorted({k for v in values for k in v})
         differ = [k for k in fields if len({json.dumps(v.get(k), default=str) for v in values}) > 1]
         differ = [k for k in differ if k != "labels"] or differ  # the classes only when nothing else tells
         for system, value in zip(clash, values, strict=True):
             system.name += "[" + ",".join(f"{k}={_short(value.get(k))}" for k in differ) + "]"
+
+
+def _flat(protocol: dict) -> dict:
+    """A protocol with its dict-valued fields (``settings``) spread out, so that a name says ``lr=0.01``, not the
+    whole dict."""
+    flat = {k: v for k, v in protocol.items() if not isinstance(v, dict)}
+    for key, value in protocol.items():
+        if isinstance(value, dict):
+            flat.update({(k if k not in protocol else f"{key}.{k}"): v for k, v in value.items()})
+    return flat
 
 
 def _short(value) -> str:

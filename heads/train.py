@@ -26,7 +26,7 @@ from pipeline.cli import LayerList, existing_dir, positive_int, run_main
 from pipeline.experiment import load_experiment
 from pipeline.normalisation import Normalisation
 from training.data import store_reader
-from training.fit import TrainConfig
+from training.fit import TrainConfig, recorded_settings
 from training.folds import FoldJob, default_jobs, run_folds
 from training.options import (
     add_training_args,
@@ -88,7 +88,8 @@ def train_heads(*, features: str, manifests: Sequence[str], split: str, head: st
         protocol = {"system": system or f"{head}_{kind}", "model": head, "feature_set": kind,
                     "features": str(features), **exp.protocol(), "normalisation": normalisation,
                     "seed": seed, "layers": used, "balance": config.balance, "ensemble": members,
-                    "encoder": store.attrs.get("encoder")}
+                    "encoder": store.attrs.get("encoder"),
+                    "settings": {**recorded_settings(HEADS[head], model_kwargs, config), "threads": threads}}
     jobs = jobs or default_jobs(len(exp.folds) * members)
     budget_mb = max(1, cache_mb // jobs)  # per training process
     job = FoldJob(exp, functools.partial(store_reader, str(features), used, budget_mb),

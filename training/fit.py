@@ -12,9 +12,10 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 
 import numpy as np
@@ -70,6 +71,17 @@ class TrainConfig:
                              "utterances). Fix the option or params.yaml's train block.")
         if self.balance not in list(Balance):
             raise ValueError(f"unknown balance {self.balance!r}; expected one of {[str(b) for b in Balance]}.")
+
+
+def recorded_settings(model: type, kwargs: Mapping, config: TrainConfig) -> dict:
+    """What a run's ``protocol.settings`` records of a trained model: every keyword of ``model``'s constructor
+    as it took effect (the given ones over its defaults; the shapes a run derives from its data left out) and the
+    training settings. ``pipeline.compare`` tells systems apart by their protocol, so two runs that differ in a
+    head's width or a learning rate are two systems, never one averaged as seeds."""
+    derived = {"num_layers", "input_dim", "num_classes"}
+    defaults = {name: p.default for name, p in inspect.signature(model).parameters.items()
+                if p.default is not inspect.Parameter.empty and name not in derived}
+    return {**defaults, **{k: v for k, v in kwargs.items() if k not in derived}, **asdict(config)}
 
 
 @dataclass

@@ -60,6 +60,9 @@ def test_mfcc_cnn_learns_from_audio_and_loads(baseline_experiment, tmp_path):
                              log_mel_settings={"n_mels": 32})
     assert metrics["ua"] >= 0.8
     assert metrics["protocol"]["model"] == "mfcc_cnn" and metrics["protocol"]["feature_set"] == "logmel"
+    settings = metrics["protocol"]["settings"]  # what tells two MFCC-CNNs apart in a comparison
+    assert settings["lr"] == 3e-3 and settings["epochs"] == 25 and settings["dropout"] == 0.3
+    assert settings["log_mel"]["n_mels"] == 32 and settings["threads"] == 1
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history.columns) == ["fold", "member", "epoch", "train_loss", "val_loss", "val_acc"]
     run = Predictor.from_run(load_run(tmp_path))

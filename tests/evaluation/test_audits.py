@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from baselines.train import main as train_main
 from baselines.train import train_sklearn
@@ -113,3 +114,36 @@ def test_a_cross_corpus_random_forest_fills_the_matrix(tmp_path, write_audio):
     assert table["ua_ci_low"].iloc[0] <= table["ua"].iloc[0] <= table["ua_ci_high"].iloc[0]
     report = (data / "compare" / "report.md").read_text()
     assert "| train \\ test | emodb | ravdess | tess |" in report
+
+
+def _two_corpora():
+    from tests.pipeline.test_compare import utterances
+    return pd.concat([utterances(corpus="ravdess"), utterances(corpus="cremad")], ignore_index=True)
+
+
+def test_the_cross_corpus_matrix_keeps_each_system_apart(tmp_path):
+    from tests.pipeline.test_compare import synthetic_run
+    data = _two_corpora()
+    for layer, accuracy in ((3, 0.95), (9, 0.3)):
+        synthetic_run(tmp_path, f"probe{layer}", model="logreg", feature_set="wav2vec2", data=data,
+                      accuracy=accuracy, system=f"probe_enc_L{layer:02d}", probe_layer=layer)
+    compare([tmp_path / "runs"], tmp_path / "out", resamples=50, formats=["csv"])
+    cross = pd.read_csv(tmp_path / "out" / "cross_corpus.csv")
+    assert sorted(set(cross["system"])) == ["probe_enc_L03", "probe_enc_L09"]
+    assert (cross["n_runs"] == 1).all()
+    ua = cross.groupby("system")["ua"].mean()
+    assert ua["probe_enc_L03"] > 0.8 > 0.5 > ua["probe_enc_L09"]
+
+
+def test_one_configuration_under_two_names_pairs_each_name_with_its_own_leaky_run(tmp_path):
+    from tests.pipeline.test_compare import synthetic_run
+    for name, leaky_accuracy in (("conv_small", 0.9), ("conv_big", 0.6)):
+        synthetic_run(tmp_path, name, model="conv", feature_set="wav2vec2", system=name, accuracy=0.5)
+        synthetic_run(tmp_path, f"{name}_random", model="conv", feature_set="wav2vec2", scheme="random",
+                      system=f"{name}_random", accuracy=leaky_accuracy)
+    table = compare([tmp_path / "runs"], tmp_path / "out", resamples=50, formats=["csv"])
+    leakage = pd.read_csv(tmp_path / "out" / "leakage.csv")
+    leaky_ua = table.set_index("system")["ua"]
+    assert sorted(leakage["system"]) == ["conv_big", "conv_small"]
+    for row in leakage.itertuples():
+        assert row.leaky_ua == pytest.approx(leaky_ua[f"{row.system}_random@random"])

@@ -61,6 +61,9 @@ def test_conv_head_learns_and_writes_the_run_directory(conv_run):
     protocol = metrics["protocol"]
     assert protocol["normalisation"] == "global" and protocol["speaker_independent"] is True
     assert protocol["split_scheme"] == "speaker_kfold" and protocol["n_folds"] == 3 and protocol["seed"] == 0
+    # every setting that changes the figures, defaults included, so that compare never averages two configurations
+    assert protocol["settings"] == {"hidden": 128, "dropout": 0.2, "pooling": "mean", **dataclasses.asdict(FAST),
+                                    "threads": 1}
     predictions = pd.read_csv(out / "predictions.csv")
     assert list(predictions.columns) == ["id", "fold", "true", "pred", "neutral", "happy", "sad", "angry"]
     np.testing.assert_allclose(predictions[metrics["labels"]].sum(axis=1), 1.0, atol=1e-4)

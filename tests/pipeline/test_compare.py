@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
 import zlib
 from pathlib import Path
 
@@ -346,3 +347,24 @@ def test_a_system_whose_runs_differ_in_split_says_so(tmp_path):
     compare([first, second], tmp_path / "out", resamples=100)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "its runs differ in their split (the assignment of utterances to folds), not only in their seed" in report
+
+
+def test_runs_differing_in_recorded_settings_are_two_systems_named_by_the_difference(tmp_path):
+    small = synthetic_run(tmp_path / "a", "conv", model="conv", feature_set="wav2vec2", accuracy=0.3,
+                          settings={"hidden": 8, "lr": 1e-4, "dropout": 0.2})
+    big = synthetic_run(tmp_path / "b", "conv", model="conv", feature_set="wav2vec2", accuracy=0.9,
+                        settings={"hidden": 64, "lr": 1e-2, "dropout": 0.2})
+    table = compare([small, big], tmp_path / "out", resamples=50, formats=["csv"])
+    assert table["system"].tolist() == ["conv_wav2vec2@speaker_kfold[hidden=8,lr=0.0001]",
+                                        "conv_wav2vec2@speaker_kfold[hidden=64,lr=0.01]"]
+    assert table["n_runs"].tolist() == [1, 1]
+
+
+def test_one_seed_on_one_split_twice_is_refused_not_counted_twice(tmp_path):
+    first = synthetic_run(tmp_path / "a", "conv", model="conv", feature_set="wav2vec2")
+    copy = tmp_path / "b" / "conv_copy"
+    shutil.copytree(first, copy)
+    with pytest.raises(ValueError, match="same configuration, seed 0 and split"):
+        compare([first, copy], tmp_path / "out", resamples=50, formats=["csv"])
+    other_seed = synthetic_run(tmp_path / "c", "conv", model="conv", feature_set="wav2vec2", seed=1)
+    assert compare([first, other_seed], tmp_path / "out", resamples=50, formats=["csv"])["n_runs"].tolist() == [2]
