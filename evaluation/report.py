@@ -91,18 +91,28 @@ def latex_table(table: pd.DataFrame, caption: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def caption(group: str, labels: Sequence[str], resamples: int) -> str:
+#: The reference of the p-values unless ``--baseline`` names another system.
+DEFAULT_BASELINE = "the eGeMAPS RandomForest"
+
+
+def baseline_words(baseline: str | None) -> str:
+    """The reference of the p-values, in words: the system ``--baseline`` named, or the default."""
+    return f"the system {baseline}" if baseline else DEFAULT_BASELINE
+
+
+def caption(group: str, labels: Sequence[str], resamples: int, baseline: str | None = None) -> str:
     """The caption shared by the Markdown and LaTeX tables of one label set."""
     return (f"Label set {group} ({len(labels)} classes: {', '.join(labels)}). UA, WA, macro-F1: mean ± "
             f"population std over folds (and seeds); UA 95 % CI: bootstrap over test utterances stratified by "
-            f"class and fold ({resamples} resamples); p: two-sided paired permutation test of UA against the "
-            "eGeMAPS RandomForest of the same split (table.csv: baseline). Bold: best speaker-independent "
-            "system; rows under a speaker-dependent split (@random) are not ranked.")
+            f"class and fold ({resamples} resamples); p: two-sided paired permutation test of UA against "
+            f"{baseline_words(baseline)}{'' if baseline else ' of the same split'} (table.csv: baseline). Bold: "
+            "best speaker-independent system; rows under a speaker-dependent split (@random) are not ranked.")
 
 
 def write_all(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd.DataFrame, cross: pd.DataFrame, *,
-              formats: Sequence[str], resamples: int, seed: int) -> None:
-    """Write every output of the comparison into the fresh folder ``out`` (see ``pipeline.compare``)."""
+              formats: Sequence[str], resamples: int, seed: int, baseline: str | None = None) -> None:
+    """Write every output of the comparison into the fresh folder ``out`` (see ``pipeline.compare``);
+    ``baseline``: the system ``--baseline`` named as the p-values' reference (None: the eGeMAPS RandomForest)."""
     for sub in ("figures", *(f"plots/{d}" for d in PLOT_DIRS)):  # a fresh folder: pipeline.compare stages it
         (out / sub).mkdir(parents=True, exist_ok=True)
     labels = {r.system.label_group: r.system.labels for r in results}
@@ -113,15 +123,16 @@ def write_all(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd
     results = [r for r in results if "probe_layer" not in r.system.protocol]  # probes: their own table, figure
     groups = list(dict.fromkeys(table["label_set"]))
     if "md" in formats:
-        parts = [f"{caption(g, labels[g], resamples)}\n\n" + markdown_table(table[table.label_set == g])
+        parts = [f"{caption(g, labels[g], resamples, baseline)}\n\n" + markdown_table(table[table.label_set == g])
                  for g in groups]
         if len(probes):
-            parts.append(PROBE_CAPTION + "\n\n" + probe_markdown(probes))
+            parts.append(probe_caption(baseline) + "\n\n" + probe_markdown(probes))
         (out / "table.md").write_text("\n".join(parts))
     if "latex" in formats:
-        parts = [latex_table(table[table.label_set == g], caption(g, labels[g], resamples)) for g in groups]
+        parts = [latex_table(table[table.label_set == g], caption(g, labels[g], resamples, baseline))
+                 for g in groups]
         if len(probes):
-            parts.append(probe_latex(probes))
+            parts.append(probe_latex(probes, baseline))
         (out / "table.tex").write_text("\n".join(parts))
     metrics = {_key(r["system"]): {k: _num(r[k]) for k in METRICS} for _, r in full.iterrows()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -135,7 +146,7 @@ def write_all(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd
     weights = layer_weights_plot(out / "figures" / "layer_weights.png", results)
     layers = layer_analysis_plot(out / "figures" / "layers.png", probes, results) if len(probes) else None
     write_report(out, results, table, leakage, cross, figures, shared, weights,
-                 formats=formats, resamples=resamples, seed=seed, probes=probes, layers=layers)
+                 formats=formats, resamples=resamples, seed=seed, probes=probes, layers=layers, baseline=baseline)
 
 
 def write_system_plots(out: Path, result: Result) -> dict[str, str]:
@@ -217,8 +228,10 @@ def per_class_f1_plot(path: Path, results: list[Result]) -> str:
     return f"figures/{path.name}"
 
 
-PROBE_CAPTION = ("Per-layer probe: UA of a logistic regression on each layer's pooled mean ‖ std, same folds as "
-                 "the systems (95 % CI: bootstrap over test utterances; p against the eGeMAPS RandomForest).")
+def probe_caption(baseline: str | None = None) -> str:
+    """The per-layer probe table's caption."""
+    return ("Per-layer probe: UA of a logistic regression on each layer's pooled mean ‖ std, same folds as the "
+            f"systems (95 % CI: bootstrap over test utterances; p against {baseline_words(baseline)}).")
 
 
 def probe_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -251,9 +264,9 @@ def probe_markdown(probes: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def probe_latex(probes: pd.DataFrame) -> str:
+def probe_latex(probes: pd.DataFrame, baseline: str | None = None) -> str:
     """The probe rows as a LaTeX ``table`` (the best layer per encoder in ``\\textbf``), as in ``table.md``."""
-    lines = [r"\begin{table}[ht]", r"\centering", r"\caption{" + latex_escape(PROBE_CAPTION) + "}",
+    lines = [r"\begin{table}[ht]", r"\centering", r"\caption{" + latex_escape(probe_caption(baseline)) + "}",
              r"\begin{tabular}{lrlrlrr}", r"\hline", " & ".join(latex_escape(h) for h in PROBE_HEADER) + r" \\",
              r"\hline"]
     lines += [" & ".join(cells) + r" \\"
@@ -332,7 +345,8 @@ def protocol_words(result: Result) -> str:
 
 def write_report(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd.DataFrame, cross: pd.DataFrame,
                  figures: dict, shared: dict, weights: str | None, *, formats: Sequence[str], resamples: int,
-                 seed: int, probes: pd.DataFrame | None = None, layers: str | None = None) -> None:
+                 seed: int, probes: pd.DataFrame | None = None, layers: str | None = None,
+                 baseline: str | None = None) -> None:
     """``report.md``: tables, protocols in words, leakage audit, cross-corpus matrix, figures, notes."""
     files = {"md": "table.md", "csv": "table.csv", "latex": "table.tex"}
     lines = ["# Comparison", "",
@@ -344,8 +358,9 @@ def write_report(out: Path, results: list[Result], table: pd.DataFrame, leakage:
              "population std. The 95 % CI of UA is a percentile bootstrap of that same fold-mean UA over test "
              f"utterances, resampled within class × fold strata ({resamples} resamples, seed {seed}); an "
              "utterance keeps all its seeds' predictions. p is a two-sided paired permutation test of the UA "
-             "difference against the eGeMAPS RandomForest tested on exactly the same utterances (predictions "
-             f"swapped per utterance, {resamples} swaps; the smallest possible p is {1 / (resamples + 1):.4f}).", ""]
+             f"difference against {baseline_words(baseline)} tested on exactly the same utterances (predictions "
+             f"swapped per utterance, {resamples} swaps; the smallest possible p is {1 / (resamples + 1):.4f}), "
+             "one test per system and not corrected for multiple comparisons.", ""]
     groups = list(dict.fromkeys(table["label_set"]))
     if len(groups) > 1:
         lines += [f"**These runs use {len(groups)} label sets; scores are comparable only within one table.**", ""]
@@ -356,7 +371,7 @@ def write_report(out: Path, results: list[Result], table: pd.DataFrame, leakage:
         lines += [f"- `{r.system}`: p not computed: {r.note}." for r in untested.itertuples()]
         lines += [f"- Per-class F1: ![per-class F1]({shared[group]})", ""]
     if probes is not None and len(probes):
-        lines += ["## Which layer carries emotion", "", PROBE_CAPTION, "", f"![UA per layer]({layers})", "",
+        lines += ["## Which layer carries emotion", "", probe_caption(baseline), "", f"![UA per layer]({layers})", "",
                   probe_markdown(probes)]
     lines += ["## Protocols", ""] + [f"- {protocol_words(r)}" for r in results] + [""]
     lines += ["## Leakage audit (speaker-dependent `random` split vs. speaker-independent split)", ""]

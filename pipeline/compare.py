@@ -110,13 +110,14 @@ def _assignment(run: Run) -> tuple[dict, set]:
 
 def _mismatch(a: System, b: System) -> str | None:
     """Why a paired test of ``a`` against ``b`` would compare unlike things, or None: another ground truth for
-    some utterance (other manifests or label mapping), or another assignment of utterances to folds (another
-    split, e.g. a random split of another seed)."""
-    (truth_a, folds_a), (truth_b, folds_b) = _assignment(a.runs[0]), _assignment(b.runs[0])
-    differ = sum(truth_b.get(uid, label) != label for uid, label in truth_a.items())
+    some utterance (other manifests or label mapping), or other assignments of utterances to folds (another
+    split, e.g. a random split of another seed), over all the runs of each system whatever their order."""
+    truth_b = {uid: label for run in b.runs for uid, label in _assignment(run)[0].items()}
+    differ = {uid for run in a.runs for uid, label in _assignment(run)[0].items() if truth_b.get(uid, label) != label}
     if differ:
-        return f"another ground truth for {differ} test utterances (other manifests or labels)"
-    if folds_a != folds_b:
+        return f"another ground truth for {len(differ)} test utterances (other manifests or labels)"
+    splits_a, splits_b = ({frozenset(_assignment(run)[1]) for run in s.runs} for s in (a, b))
+    if splits_a != splits_b:  # every run's split, in any order: the pairs are the utterances of all of them
         return "another assignment of utterances to folds (another split)"
     return None
 
@@ -239,7 +240,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
     # written aside and swapped in whole: a killed or failed comparison leaves the previous one as it was
     with replaced_whole(out, carry=lambda entry: entry.name not in OUTPUTS) as staging:
         report.write_all(staging, results, table, leakage(results), cross_corpus(results, corpus_of),
-                         formats=list(formats), resamples=resamples, seed=seed)
+                         formats=list(formats), resamples=resamples, seed=seed, baseline=baseline)
     return table
 
 

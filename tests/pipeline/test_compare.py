@@ -368,3 +368,31 @@ def test_one_seed_on_one_split_twice_is_refused_not_counted_twice(tmp_path):
         compare([first, copy], tmp_path / "out", resamples=50, formats=["csv"])
     other_seed = synthetic_run(tmp_path / "c", "conv", model="conv", feature_set="wav2vec2", seed=1)
     assert compare([first, other_seed], tmp_path / "out", resamples=50, formats=["csv"])["n_runs"].tolist() == [2]
+
+
+def test_the_paired_test_checks_every_run_of_both_systems_in_any_order(tmp_path):
+    def run(model, name, seed):  # the split of a random scheme follows the name and seed
+        return synthetic_run(tmp_path / model / str(seed), name, model=model, seed=seed, scheme="random",
+                             accuracy={"rf": 0.5, "svm": 0.8, "linear": 0.7}[model])
+    rf = [run("rf", "x", 0), run("rf", "x", 1)]
+    svm = [run("svm", "x", 1), run("svm", "x", 0)]  # the same two splits, listed the other way round
+    linear = [run("linear", "x", 0), run("linear", "z", 1)]  # its second split is one rf never used
+    table = compare([*rf, *svm, *linear], tmp_path / "out", resamples=50, formats=["csv"]).set_index("system")
+    assert table.loc["svm_egemaps@random", "note"] == "" and table.loc["svm_egemaps@random", "p_value"] < 0.05
+    assert np.isnan(table.loc["linear_egemaps@random", "p_value"])
+    assert "another assignment of utterances to folds" in table.loc["linear_egemaps@random", "note"]
+
+
+def test_a_named_baseline_is_the_reference_of_the_p_values_and_of_every_caption(tmp_path):
+    runs = [synthetic_run(tmp_path, "rf", accuracy=0.5),
+            synthetic_run(tmp_path, "conv", model="conv", feature_set="wav2vec2", accuracy=0.8),
+            synthetic_run(tmp_path, "linear", model="linear", feature_set="wav2vec2", accuracy=0.7)]
+    assert main([*map(str, runs), "--out", str(tmp_path / "out"), "--resamples", "100",
+                 "--baseline", "conv_wav2vec2@speaker_kfold"]) == 0
+    table = pd.read_csv(tmp_path / "out" / "table.csv").set_index("system")
+    assert (table["baseline"] == "conv_wav2vec2@speaker_kfold").all()
+    assert table.loc["rf_egemaps@speaker_kfold", "p_value"] < 0.05  # 0.5 against 0.8 on 96 utterances
+    for name in ("table.md", "table.tex", "report.md"):
+        text = (tmp_path / "out" / name).read_text().replace("\\_", "_")
+        assert "against the system conv_wav2vec2@speaker_kfold" in text and "RandomForest" not in text, name
+    assert main([*map(str, runs), "--out", str(tmp_path / "out2"), "--baseline", "nothing"]) == 1
