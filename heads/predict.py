@@ -178,6 +178,10 @@ def predict_file(path: str, *, predictor: Predictor, inputs: RunInputs, segment_
               disable=not verbose, leave=False) as bar:
         if whole:  # one pass over the whole utterance, as training saw its utterances
             wave = load_audio(path, sample_rate=inputs.sample_rate)
+            if not np.any(wave):  # channels that cancel: each has signal (the header scan passed), their mean none
+                raise AudioError("silent", f"{path}: every sample is zero once its channels are averaged to mono "
+                                           "(they cancel out); expected a recording with signal. Check its wiring "
+                                           "or pass one channel.")
             p = predictor.predict_proba(inputs([wave]))[0]
             blocks: Iterable[np.ndarray] = [wave]
             bar.update(0.0 if segment else duration)

@@ -276,19 +276,24 @@ def test_bad_inputs_are_per_file_errors(wav2vec2_run, write_audio, tmp_path, cap
     garbage.write_bytes(b"RIFF....WAVEjunk" * 8)
     silent = tmp_path / "silent.wav"
     sf.write(str(silent), np.zeros(16000, dtype=np.float32), 16000, subtype="PCM_16")
+    signal = np.random.default_rng(0).uniform(-0.5, 0.5, 16000).astype(np.float32)
+    cancelling = tmp_path / "cancelling.wav"  # each channel has signal; their mono mean is zero
+    sf.write(str(cancelling), np.stack([signal, -signal], axis=1), 16000, subtype="FLOAT")
     tiny = write_audio(tmp_path / "tiny.wav", seconds=0.1)
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     missing = tmp_path / "missing.wav"
     cut = write_audio(tmp_path / "cut.wav", seconds=3.0)
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a truncated copy: its header says 3 s
-    status, out, _ = run_cli(capsys, missing, good, garbage, silent, tiny, empty, cut, "--model", wav2vec2_run,
-                             "--segment-seconds", 3)
+    status, out, _ = run_cli(capsys, missing, good, garbage, silent, tiny, empty, cut, cancelling, "--model",
+                             wav2vec2_run, "--segment-seconds", 3)
     assert status == 1
     entries = json.loads(out)
-    assert [e["file"] for e in entries] == [str(p) for p in (missing, good, garbage, silent, tiny, empty, cut)]
+    assert [e["file"] for e in entries] == [str(p) for p in (missing, good, garbage, silent, tiny, empty, cut,
+                                                              cancelling)]
     assert [e.get("reason") for e in entries] == ["missing", None, "unreadable", "silent", "too_short", "empty",
-                                                  "truncated"]
+                                                  "truncated", "silent"]
+    assert "channels are averaged to mono" in entries[7]["error"]
     for e in entries:
         assert set(e) == {"file", "error", "reason"} or "error" not in e
     check_probabilities(entries[1])
