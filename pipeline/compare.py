@@ -184,7 +184,7 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
             found.append(path)  # load_run says what is missing
             continue
         below = []
-        for run in sorted({m.parent for name in ("metrics.json", "predictions.csv", "models") for m in path.rglob(name)}):
+        for run in _candidate_runs(path):
             staging = any(p.startswith(".") or p.endswith(".tmp") for p in run.relative_to(path).parts)
             complete = (run / "metrics.json").is_file()
             if complete and not staging:
@@ -201,6 +201,23 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
                                     "a run directory of heads.train / baselines.train or a folder of them.")
         found += below
     return found
+
+
+def _candidate_runs(top: Path) -> list[Path]:
+    """Folders below ``top`` holding a run's ``metrics.json``, ``predictions.csv`` or ``models``, sorted; folder
+    links are followed (a run linked into a runs folder is a run), each real folder once."""
+    found, seen = set(), {}
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        dirs.sort()  # the same folder kept, whichever way the file system lists them
+        real = os.path.realpath(folder)
+        if real in seen:  # a second way into a folder already walked (a link to it)
+            print(f"skipped {folder}: the same folder as {seen[real]}, listed once", file=sys.stderr)
+            dirs[:] = []
+            continue
+        seen[real] = folder
+        if {"metrics.json", "predictions.csv", "models"} & {*files, *dirs}:
+            found.add(Path(folder))
+    return sorted(found)
 
 
 def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, formats: Sequence[str] = tuple(TableFormat),

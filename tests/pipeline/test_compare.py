@@ -325,6 +325,20 @@ def test_staging_folders_and_broken_runs_are_skipped_and_reported_not_averaged_i
     assert f"skipped {broken}: a run directory without metrics.json" in said
 
 
+def test_a_run_linked_into_a_runs_folder_is_found_and_a_second_link_to_it_is_reported(tmp_path, capsys):
+    from pipeline.compare import expand_run_dirs
+
+    elsewhere = synthetic_run(tmp_path / "elsewhere", "conv_0", model="conv")
+    runs = tmp_path / "runs"
+    rf = synthetic_run(runs, "rf_0")
+    (runs / "runs" / "a_link").symlink_to(elsewhere, target_is_directory=True)
+    (runs / "runs" / "b_link").symlink_to(elsewhere, target_is_directory=True)
+    (runs / "runs" / "loop").symlink_to(runs, target_is_directory=True)  # back to an ancestor
+    assert expand_run_dirs([runs]) == [runs / "runs" / "a_link", rf]
+    said = capsys.readouterr().err
+    assert f"skipped {runs / 'runs' / 'b_link'}: the same folder as {runs / 'runs' / 'a_link'}" in said
+
+
 def test_no_paired_test_against_a_baseline_of_other_labels_or_another_split(tmp_path):
     rf = synthetic_run(tmp_path / "runs", "rf_0")
     relabelled = utterances()
