@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import f1_score
 
 from evaluation.results import Result
+from evaluation.systems import file_slug
 
 BEST = ("ua", "wa", "macro_f1")
 HEADER = ["System", "UA", "WA", "Macro-F1", "UA 95 % CI", "Test utt.", "Speakers", "p vs. baseline"]
@@ -134,14 +135,17 @@ def write_all(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd
         if len(probes):
             parts.append(probe_latex(probes, baseline))
         (out / "table.tex").write_text("\n".join(parts))
-    metrics = {_key(r["system"]): {k: _num(r[k]) for k in METRICS} for _, r in full.iterrows()}
+    keys = unique(list(full["system"]), _key)
+    metrics = {keys[r["system"]]: {k: _num(r[k]) for k in METRICS} for _, r in full.iterrows()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     leakage.to_csv(out / "leakage.csv", index=False)
     cross.to_csv(out / "cross_corpus.csv", index=False)
     figures = {}
+    slugs = unique([r.system.name for r in results], file_slug)
     for result in results:
-        figures[result.system.name] = write_system_plots(out, result)
-    shared = {g: per_class_f1_plot(out / "figures" / f"per_class_f1_{_slug(g)}.png",
+        figures[result.system.name] = write_system_plots(out, result, slugs[result.system.name])
+    group_slugs = unique(groups, _slug)
+    shared = {g: per_class_f1_plot(out / "figures" / f"per_class_f1_{group_slugs[g]}.png",
                                    [r for r in results if r.system.label_group == g]) for g in groups}
     weights = layer_weights_plot(out / "figures" / "layer_weights.png", results)
     layers = layer_analysis_plot(out / "figures" / "layers.png", probes, results) if len(probes) else None
@@ -149,9 +153,10 @@ def write_all(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd
                  formats=formats, resamples=resamples, seed=seed, probes=probes, layers=layers, baseline=baseline)
 
 
-def write_system_plots(out: Path, result: Result) -> dict[str, str]:
-    """A system's confusion PNG, curves PNG (heads) and DVC plot data; returns ``{kind: relative path}``."""
-    system, slug = result.system, result.system.slug
+def write_system_plots(out: Path, result: Result, slug: str) -> dict[str, str]:
+    """A system's confusion PNG, curves PNG (heads) and DVC plot data, in files named by ``slug`` (unique among
+    the systems: see :func:`unique`); returns ``{kind: relative path}``."""
+    system = result.system
     pooled = pd.concat([run.predictions[["true", "pred"]] for run in system.runs], ignore_index=True)
     pooled.to_csv(out / "plots" / "confusion" / f"{slug}.csv", index=False)
     paths = {"confusion": f"figures/confusion_{slug}.png"}
@@ -421,6 +426,22 @@ def _plain(value) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items())
     return str(value)
+
+
+def unique(names: Sequence[str], safe: Callable[[str], str]) -> dict[str, str]:
+    """``{name: safe(name)}`` with every value distinct: names that ``safe`` maps alike (``lr0.01`` and
+    ``lr0_01`` as file names or DVC metric keys) get ``_2``, ``_3``, ... in the order given, so no system's
+    figures overwrite another's."""
+    taken, out = set(), {}
+    for name in dict.fromkeys(names):
+        base = candidate = safe(name)
+        n = 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{base}_{n}"
+        taken.add(candidate)
+        out[name] = candidate
+    return out
 
 
 def _slug(text: str) -> str:

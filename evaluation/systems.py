@@ -49,14 +49,19 @@ class System:
 
     @property
     def slug(self) -> str:
-        """The name made safe for file names."""
-        return re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_") or "system"
+        """The name made safe for file names (two names may give one slug: ``evaluation.report.unique``)."""
+        return file_slug(self.name)
 
     @property
     def is_rf_egemaps(self) -> bool:
         """Whether this is the eGeMAPS RandomForest reference."""
         model = re.sub(r"[^a-z]", "", str(self.protocol.get("model", "")).lower())
         return model in RANDOM_FOREST and "egemaps" in str(self.protocol.get("feature_set", "")).lower()
+
+
+def file_slug(name: str) -> str:
+    """``name`` made safe for file names: every run of other characters than ASCII letters and digits is one ``_``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "system"
 
 
 def base_name(protocol: dict) -> str:

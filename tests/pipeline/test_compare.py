@@ -410,3 +410,16 @@ def test_a_named_baseline_is_the_reference_of_the_p_values_and_of_every_caption(
         text = (tmp_path / "out" / name).read_text().replace("\\_", "_")
         assert "against the system conv_wav2vec2@speaker_kfold" in text and "RandomForest" not in text, name
     assert main([*map(str, runs), "--out", str(tmp_path / "out2"), "--baseline", "nothing"]) == 1
+
+
+def test_names_alike_once_made_safe_keep_their_own_figures_and_metrics(tmp_path):
+    good = synthetic_run(tmp_path / "a", "conv", model="conv", accuracy=0.9, system="conv_lr0.01")
+    bad = synthetic_run(tmp_path / "b", "conv", model="conv", accuracy=0.3, system="conv_lr0_01")
+    table = compare([good, bad], tmp_path / "out", resamples=50).set_index("system")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert sorted(m["ua"] for m in metrics.values()) == sorted(table["ua"])  # both kept, under two keys
+    confusion = sorted((tmp_path / "out" / "plots" / "confusion").glob("*.csv"))
+    assert [p.name for p in confusion] == ["conv_lr0_01_speaker_kfold.csv", "conv_lr0_01_speaker_kfold_2.csv"]
+    assert len(list((tmp_path / "out" / "figures").glob("confusion_*.png"))) == 2
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "confusion_conv_lr0_01_speaker_kfold_2.png" in report
