@@ -315,14 +315,21 @@ def layer_weights_plot(path: Path, results: list[Result]) -> str | None:
         return None
     fig = Figure(figsize=(7, 3.6), layout="constrained")
     ax = fig.add_subplot()
+    # every system at its own layers' places on one axis of all the layers drawn (heads may use other subsets)
+    every = sorted({x for _, weights in with_weights for x in weights[0]["layers"]},
+                   key=lambda x: (not isinstance(x, int | float), x if isinstance(x, int | float) else str(x)))
+    place = {x: i for i, x in enumerate(every)}
+    counts = {len(weights[0]["layers"]) for _, weights in with_weights}
     for result, weights in with_weights:
-        layers = [str(x) for x in weights[0]["layers"]]
+        xs = [place[x] for x in weights[0]["layers"]]
         folds = np.array([f for w in weights for f in w["folds"]], dtype=float)
-        (line,) = ax.plot(range(len(layers)), folds.mean(axis=0), marker="o", label=result.system.name)
-        ax.fill_between(range(len(layers)), folds.min(axis=0), folds.max(axis=0), color=line.get_color(),
-                        alpha=0.2)
-        ax.set_xticks(range(len(layers)), layers)
-    ax.axhline(1 / len(layers), color="grey", ls=":", lw=1, label="uniform")
+        (line,) = ax.plot(xs, folds.mean(axis=0), marker="o", label=result.system.name)
+        ax.fill_between(xs, folds.min(axis=0), folds.max(axis=0), color=line.get_color(), alpha=0.2)
+        if len(counts) > 1:  # uniform differs between heads of other layer counts: each its own
+            ax.plot([min(xs), max(xs)], [1 / len(xs)] * 2, color=line.get_color(), ls=":", lw=1)
+    ax.set_xticks(range(len(every)), [str(x) for x in every])
+    if len(counts) == 1:
+        ax.axhline(1 / counts.pop(), color="grey", ls=":", lw=1, label="uniform")
     ax.set_xlabel("encoder layer")
     ax.set_ylabel("softmax weight")
     ax.set_title("Learned layer weights (line: mean over folds; band: min–max)", fontsize=10)

@@ -423,3 +423,31 @@ def test_names_alike_once_made_safe_keep_their_own_figures_and_metrics(tmp_path)
     assert len(list((tmp_path / "out" / "figures").glob("confusion_*.png"))) == 2
     report = (tmp_path / "out" / "report.md").read_text()
     assert "confusion_conv_lr0_01_speaker_kfold_2.png" in report
+
+
+def test_layer_weights_of_heads_over_other_layers_are_drawn_at_their_own_layers(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    every = synthetic_run(tmp_path, "conv_all", model="conv", feature_set="wav2vec2", head=True, layers=4,
+                          system="conv_all")
+    subset = synthetic_run(tmp_path, "conv_sub", model="conv", feature_set="wav2vec2", head=True, layers=2,
+                           system="conv_sub")
+    weights = json.loads((subset / "layer_weights.json").read_text())
+    (subset / "layer_weights.json").write_text(json.dumps({**weights, "layers": [2, 3]}))  # --layers 2 3
+    drawn = {}
+    save = Figure.savefig
+
+    def keep(fig, path, **kw):
+        if Path(path).name == "layer_weights.png":
+            ax = fig.axes[0]
+            drawn["ticks"] = [t.get_text() for t in ax.get_xticklabels()]
+            drawn["lines"] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                              for line in ax.get_lines()}
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    compare([every, subset], tmp_path / "out", resamples=20, formats=["md"])
+    assert drawn["ticks"] == ["0", "1", "2", "3"]
+    assert drawn["lines"]["conv_all@speaker_kfold"][0] == [0, 1, 2, 3]
+    assert drawn["lines"]["conv_sub@speaker_kfold"][0] == [2, 3]
+    uniform = sorted(y[0] for label, (_, y) in drawn["lines"].items() if label.startswith("_"))
+    assert uniform == [0.25, 0.5]  # each head's own uniform weight, not the last one's for all
