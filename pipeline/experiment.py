@@ -46,7 +46,8 @@ class Experiment:
         labels: class names; a class id is an index into this list.
         frame: manifest rows kept by the label set, indexed by ``id``, with a ``label`` column (class id).
         folds: one :class:`Fold` per fold of the split, restricted to ``frame``'s ids.
-        split_meta: the split's ``splits.json``.
+        split_meta: the split's ``splits.json``, with ``speaker_independent`` true once the split passed the check
+            that no speaker is on two sides (every scheme but ``random``).
         label_set, merge_calm: as selected.
         excluded: emotions left out by the label set, ``{emotion: n}``.
         augmentation: whether augmented copies were placed into training partitions.
@@ -191,7 +192,8 @@ def load_experiment(manifests: Sequence[str | os.PathLike], split: str | os.Path
                          "split to be made from these manifests. Pass the manifest the split was made from.")
     splits, augmentation = _place_copies(splits, manifest)
     if meta.get("scheme") != SplitScheme.RANDOM or meta.get("speaker_independent"):
-        check_speaker_independent(splits, manifest)
+        check_speaker_independent(splits, manifest)  # raises on a leak: what passes is speaker-independent,
+        meta = {**meta, "speaker_independent": True}  # a split without its splits.json sidecar included
     frame = selection.frame.set_index("id", drop=False)
     frame["label"] = frame["emotion"].map({name: i for i, name in enumerate(selection.labels)})
     kept = splits[splits["id"].isin(frame.index)]

@@ -190,6 +190,14 @@ def test_leaked_speaker_is_refused_unless_random(experiment, tmp_path, capsys):
     assert metrics["protocol"]["speaker_independent"] is False and metrics["protocol"]["split_scheme"] == "random"
 
 
+def test_a_split_without_its_sidecar_is_checked_and_recorded_speaker_independent(experiment, tmp_path):
+    manifest, split, features = experiment
+    bare = tmp_path / "mine.csv"  # a split made elsewhere: the CSV alone
+    shutil.copy(split, bare)
+    metrics = _train((manifest, bare, features), tmp_path / "run", config=dataclasses.replace(FAST, epochs=1))
+    assert metrics["protocol"]["speaker_independent"] is True  # checked, so compare ranks it as such
+
+
 def test_augmented_copies_train_only_where_their_source_trains(experiment, tmp_path):
     manifest, split, features = experiment
     original = pd.read_csv(manifest)
