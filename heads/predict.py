@@ -86,7 +86,8 @@ def classify_windows(windows: Iterable[tuple[float, float, np.ndarray]], *, pred
         if not batch:
             return
         x = inputs([w for _, _, w in batch])
-        probs = np.concatenate([predictor.predict_proba([xi]) for xi in x]) if per_input else predictor.predict_proba(x)
+        probs = (np.concatenate([predictor.predict_proba([xi], all_layers=False) for xi in x]) if per_input
+                 else predictor.predict_proba(x, all_layers=False))  # inputs compute the used layers only
         for (start, end, _), p in zip(batch, probs, strict=True):
             advance(start, end)
             yield start, end, p
@@ -182,7 +183,7 @@ def predict_file(path: str, *, predictor: Predictor, inputs: RunInputs, segment_
                 raise AudioError("silent", f"{path}: every sample is zero once its channels are averaged to mono "
                                            "(they cancel out); expected a recording with signal. Check its wiring "
                                            "or pass one channel.")
-            p = predictor.predict_proba(inputs([wave]))[0]
+            p = predictor.predict_proba(inputs([wave]), all_layers=False)[0]
             blocks: Iterable[np.ndarray] = [wave]
             bar.update(0.0 if segment else duration)
         else:

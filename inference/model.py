@@ -30,10 +30,29 @@ from training.rundir import FoldModel, Run
 MODEL_BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {**HEADS, "mfcc_cnn": MfccCnn}
 
 
-def _select_layers(x: np.ndarray, settings: dict) -> np.ndarray:
-    """Keep the trained layers of ``[L, ...]`` input holding either all the store's layers or just those."""
+def _select_layers(x: np.ndarray, settings: dict, all_layers: bool | None = None) -> np.ndarray:
+    """The trained layers, in training order, of ``[L, ...]`` input holding every layer the store held, in its
+    order (``all_layers`` True), or only the used ones, in training order (False); None tells them apart by
+    ``L`` where it can.
+
+    Raises:
+        ValueError: ``L`` fits neither, or both while the used layers reorder every stored one (``--layers 1 0``
+            on a store of two: say which with ``all_layers``).
+    """
     used = settings.get("used_layers") or list(range(x.shape[0]))
-    return x if x.shape[0] == len(used) else x[used]
+    stored = len(settings.get("layers") or used)
+    if all_layers is None:
+        if x.shape[0] == len(used) == stored and used != list(range(stored)):
+            raise ValueError(f"input of {x.shape[0]} layers: expected either the store's {stored} layers in its "
+                             f"order or the {len(used)} used ones in training order {used}, which here are the "
+                             "same count; pass all_layers=True (the store's order) or False (training order).")
+        all_layers = x.shape[0] != len(used)
+    expected = stored if all_layers else len(used)
+    if x.shape[0] != expected:
+        raise ValueError(f"input of {x.shape[0]} layers: expected {expected} ("
+                         f"{'every layer the store held' if all_layers else f'the used layers {used}'}); pass the "
+                         "features the run was trained on.")
+    return x[used] if all_layers else x
 
 
 def _build(fold: FoldModel) -> tuple[object, dict]:
@@ -95,7 +114,8 @@ class Predictor:
         """The run directory."""
         return self.run.path
 
-    def predict_proba(self, inputs: Sequence[np.ndarray], *, batch_size: int = 16) -> np.ndarray:
+    def predict_proba(self, inputs: Sequence[np.ndarray], *, batch_size: int = 16,
+                      all_layers: bool | None = None) -> np.ndarray:
         """Mean class probabilities ``[N, C]`` over the fold models.
 
         Args:
@@ -107,16 +127,18 @@ class Predictor:
                 With ``speaker`` normalisation the statistics come from ``inputs`` themselves: pass the
                 utterances of one speaker together.
             batch_size: utterances per forward pass.
+            all_layers: whether ``inputs`` hold every layer the store held (True) or only the used ones, in
+                training order (False); None: told apart by their count, refused where that cannot tell.
         """
-        prepared = [self._prepare(x) for x in inputs]
+        prepared = [self._prepare(x, all_layers) for x in inputs]
         if self.kind == "sklearn":
             return np.mean([self._sklearn_proba(est, cfg, prepared) for est, cfg in self.folds], axis=0)
         return np.mean([self._torch_proba(m, cfg, prepared, batch_size) for m, cfg in self.folds], axis=0)
 
-    def _prepare(self, x: np.ndarray) -> np.ndarray:
+    def _prepare(self, x: np.ndarray, all_layers: bool | None) -> np.ndarray:
         if self.kind == "mfcc_cnn":
             return log_mel(np.asarray(x, np.float32), **self.feature_settings["log_mel"])
-        return _select_layers(np.asarray(x, np.float32), self.feature_settings)
+        return _select_layers(np.asarray(x, np.float32), self.feature_settings, all_layers)
 
     def _sklearn_proba(self, estimator, cfg: dict, prepared: list[np.ndarray]) -> np.ndarray:
         X = np.stack([x.reshape(-1) for x in prepared])

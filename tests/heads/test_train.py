@@ -131,6 +131,24 @@ def test_load_run_reproduces_a_folds_predictions(experiment, conv_run):
     assert mean.shape == (3, 4) and np.allclose(mean.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_a_run_over_reordered_layers_takes_the_stores_order_or_its_own_when_told(experiment, tmp_path):
+    out = tmp_path / "run"
+    _train(experiment, out, head="linear", layers=[1, 0], config=dataclasses.replace(FAST, epochs=3))
+    run = Predictor.from_run(load_run(out))
+    one = dataclasses.replace(run, folds=run.folds[:1])
+    predictions = pd.read_csv(out / "predictions.csv").query("fold == 0")
+    with FeatureStore(experiment[2]) as store:
+        stored = [store.all_frames(uid) for uid in predictions["id"]]  # the store's order: layer 0, layer 1
+    expected = predictions[run.labels].to_numpy()
+    np.testing.assert_allclose(one.predict_proba(stored, all_layers=True), expected, atol=1e-5)
+    np.testing.assert_allclose(one.predict_proba([x[[1, 0]] for x in stored], all_layers=False), expected,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="pass all_layers=True"):  # two layers either way: it cannot tell
+        one.predict_proba(stored)
+    with pytest.raises(ValueError, match="input of 1 layers: expected 2"):
+        one.predict_proba([x[:1] for x in stored], all_layers=True)
+
+
 def test_an_ensemble_averages_its_members_in_every_fold(experiment, conv_run, tmp_path):
     out, single = conv_run
     metrics = _train(experiment, tmp_path, members=2, jobs=2)
