@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipeline.processes import pid_alive
+from pipeline.processes import owner_gone
 
 
 def _remove(path: Path) -> None:
@@ -21,12 +21,11 @@ def _remove(path: Path) -> None:
 
 
 def _leftovers(out: Path) -> list[Path]:
-    """Staging and replaced folders beside ``out`` whose writer no longer runs (this process's own pid included:
-    a pid a killed run had is reused, in containers often), oldest first."""
+    """Staging and replaced folders beside ``out`` whose writer no longer runs (``owner_gone``), oldest first."""
     found = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         tag, _, pid = path.name[len(out.name) + 2:].rpartition("-")
-        if tag in {"tmp", "old"} and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(pid)):
+        if tag in {"tmp", "old"} and pid.isdigit() and owner_gone(pid):
             with contextlib.suppress(OSError):
                 found.append((path.lstat().st_mtime, path))
     return [path for _, path in sorted(found)]

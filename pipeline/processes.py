@@ -26,6 +26,13 @@ def pid_alive(pid: str | int) -> bool:
         return True
 
 
+def owner_gone(pid: str | int) -> bool:
+    """Whether a leftover staging or replaced folder (its writer's pid in its name) belongs to no running writer:
+    its pid runs no process, or is this process's own. A process cleans up before it stages anything, so a
+    leftover under its own pid is a killed run's whose pid was reused (in containers, often)."""
+    return str(pid).isdigit() and int(pid) == os.getpid() or not pid_alive(pid)
+
+
 def die_with_parent(parent: int | None = None) -> None:
     """Make this (worker) process die when its parent does (Linux PR_SET_PDEATHSIG; elsewhere nothing):
     a killed run leaves no orphan computing (or holding a store's lock).

@@ -57,7 +57,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.metrics import SCORES, scores
 from pipeline.outputs import swap_in
-from pipeline.processes import pid_alive
+from pipeline.processes import owner_gone
 
 if TYPE_CHECKING:  # torch is imported where models are saved or loaded: reading runs (compare) needs none
     import torch
@@ -92,7 +92,7 @@ def recover_run(out: str | os.PathLike) -> Path:
     if not out.exists():
         olds = [p for p in _siblings(out, "old")  # a run, or a probe's folder of per-layer runs
                 if ((p / "metrics.json").is_file() or any(p.glob("*/metrics.json")))
-                and not pid_alive(p.name.rsplit("-", 1)[-1])]
+                and owner_gone(p.name.rsplit("-", 1)[-1])]
         if olds:
             os.replace(olds[-1], out)
     return out
@@ -103,12 +103,12 @@ def clean_stale(out: str | os.PathLike) -> list[Path]:
     out = recover_run(out)
     removed = []
     for path in _siblings(out, "tmp"):
-        if not pid_alive(path.name.rsplit("-", 1)[-1]):
+        if owner_gone(path.name.rsplit("-", 1)[-1]):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     if out.exists():
         for path in _siblings(out, "old"):
-            if pid_alive(path.name.rsplit("-", 1)[-1]):
+            if not owner_gone(path.name.rsplit("-", 1)[-1]):
                 continue
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)

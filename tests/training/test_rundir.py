@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -68,10 +69,28 @@ def test_stale_staging_and_old_runs_are_removed_by_the_next_run(tmp_path):
     stale_tmp, stale_old = tmp_path / f".run.tmp-{_dead_pid()}", tmp_path / f".run.old-{_dead_pid()}"
     _write(stale_tmp, "killed mid-run")
     _write(stale_old, "replaced")
-    live = tmp_path / f".run.tmp-{os.getpid()}"  # a trainer still running: left alone
-    live.mkdir()
-    assert sorted(clean_stale(out)) == sorted([stale_tmp, stale_old])
-    assert (out / "metrics.json").read_text() == "current" and live.exists()
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".run.tmp-{trainer.pid}"  # a trainer still running: left alone
+        live.mkdir()
+        assert sorted(clean_stale(out)) == sorted([stale_tmp, stale_old])
+        assert (out / "metrics.json").read_text() == "current" and live.exists()
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def test_leftovers_under_this_processs_own_pid_are_a_killed_runs_reused_pid(tmp_path):
+    out = tmp_path / "run"
+    _write(out, "current")
+    reused = tmp_path / f".run.old-{os.getpid()}"  # a killed trainer's, whose pid this process now has
+    _write(reused, "replaced long ago")
+    with staged_run(out) as tmp:  # its swap would need that name: the leftover is cleared first
+        _write(tmp, "new")
+    assert (out / "metrics.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    shutil.rmtree(out)
+    _write(tmp_path / f".run.old-{os.getpid()}", "old")  # killed between the two renames, under the reused pid
+    assert recover_run(out) == out and (out / "metrics.json").read_text() == "old"
 
 
 def test_an_existing_file_as_run_directory_is_refused_before_work(tmp_path):
