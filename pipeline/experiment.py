@@ -197,6 +197,14 @@ def load_experiment(manifests: Sequence[str | os.PathLike], split: str | os.Path
     frame = selection.frame.set_index("id", drop=False)
     frame["label"] = frame["emotion"].map({name: i for i, name in enumerate(selection.labels)})
     kept = splits[splits["id"].isin(frame.index)]
+    if selection.excluded:  # counted, never dropped silently
+        print(f"label set {label_set!r} leaves out {sum(selection.excluded.values())} utterances "
+              f"{selection.excluded}", file=sys.stderr)
+    unsplit = frame.index.difference(kept["id"])
+    if len(unsplit):
+        print(f"warning: {len(unsplit)} utterances of label set {label_set!r} are in no fold of {split} "
+              f"(e.g. {list(unsplit[:3])}) and are not used; expected a split made from these manifests. "
+              "Re-run the split stage to use them.", file=sys.stderr)
     folds = []
     for index, group in kept.groupby("fold", sort=True):
         parts = {p: sorted(group.loc[group["partition"] == p, "id"]) for p in PARTITIONS}
