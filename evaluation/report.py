@@ -31,7 +31,7 @@ METRICS = ("ua", "wa", "macro_f1", "ua_ci_low", "ua_ci_high", "p_value")
 PLOT_DIRS = ("confusion", "train_loss", "val_loss", "val_acc")
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
           "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-          "<": r"\textless{}", ">": r"\textgreater{}", "±": r"$\pm$"}
+          "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}", "±": r"$\pm$"}
 
 
 def fmt(value: float, digits: int = 3) -> str:

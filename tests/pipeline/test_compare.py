@@ -451,3 +451,11 @@ def test_layer_weights_of_heads_over_other_layers_are_drawn_at_their_own_layers(
     assert drawn["lines"]["conv_sub@speaker_kfold"][0] == [2, 3]
     uniform = sorted(y[0] for label, (_, y) in drawn["lines"].items() if label.startswith("_"))
     assert uniform == [0.25, 0.5]  # each head's own uniform weight, not the last one's for all
+
+
+def test_latex_table_escapes_every_special_character_of_a_system_name(tmp_path):
+    run = synthetic_run(tmp_path, "odd", system=r"rf_a|b&c%d#e$f{g}h~i^j\k<l>m")
+    compare([run], tmp_path / "out", resamples=20, formats=["latex"])
+    tex = (tmp_path / "out" / "table.tex").read_text()
+    assert (r"rf\_a\textbar{}b\&c\%d\#e\$f\{g\}h\textasciitilde{}i\textasciicircum{}j\textbackslash{}k"
+            r"\textless{}l\textgreater{}m" in tex)
