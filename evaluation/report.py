@@ -111,9 +111,11 @@ def caption(group: str, labels: Sequence[str], resamples: int, baseline: str | N
 
 
 def write_all(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd.DataFrame, cross: pd.DataFrame, *,
-              formats: Sequence[str], resamples: int, seed: int, baseline: str | None = None) -> None:
+              formats: Sequence[str], resamples: int, seed: int, baseline: str | None = None,
+              skipped: Sequence[str] = ()) -> None:
     """Write every output of the comparison into the fresh folder ``out`` (see ``pipeline.compare``);
-    ``baseline``: the system ``--baseline`` named as the p-values' reference (None: the eGeMAPS RandomForest)."""
+    ``baseline``: the system ``--baseline`` named as the p-values' reference (None: the eGeMAPS RandomForest);
+    ``skipped``: the folders left out and why, listed among the report's notes."""
     for sub in ("figures", *(f"plots/{d}" for d in PLOT_DIRS)):  # a fresh folder: pipeline.compare stages it
         (out / sub).mkdir(parents=True, exist_ok=True)
     labels = {r.system.label_group: r.system.labels for r in results}
@@ -150,7 +152,8 @@ def write_all(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd
     weights = layer_weights_plot(out / "figures" / "layer_weights.png", results)
     layers = layer_analysis_plot(out / "figures" / "layers.png", probes, results) if len(probes) else None
     write_report(out, results, table, leakage, cross, figures, shared, weights,
-                 formats=formats, resamples=resamples, seed=seed, probes=probes, layers=layers, baseline=baseline)
+                 formats=formats, resamples=resamples, seed=seed, probes=probes, layers=layers, baseline=baseline,
+                 skipped=skipped)
 
 
 def write_system_plots(out: Path, result: Result, slug: str) -> dict[str, str]:
@@ -358,7 +361,7 @@ def protocol_words(result: Result) -> str:
 def write_report(out: Path, results: list[Result], table: pd.DataFrame, leakage: pd.DataFrame, cross: pd.DataFrame,
                  figures: dict, shared: dict, weights: str | None, *, formats: Sequence[str], resamples: int,
                  seed: int, probes: pd.DataFrame | None = None, layers: str | None = None,
-                 baseline: str | None = None) -> None:
+                 baseline: str | None = None, skipped: Sequence[str] = ()) -> None:
     """``report.md``: tables, protocols in words, leakage audit, cross-corpus matrix, figures, notes."""
     files = {"md": "table.md", "csv": "table.csv", "latex": "table.tex"}
     lines = ["# Comparison", "",
@@ -417,7 +420,7 @@ def write_report(out: Path, results: list[Result], table: pd.DataFrame, leakage:
                         else " (no training history: a baseline)"))
     lines.append(f"- Learned layer weights: [layer_weights.png]({weights})" if weights
                  else "- Learned layer weights: no run has `layer_weights.json`.")
-    notes = [n for r in results for n in r.notes]
+    notes = [n for r in results for n in r.notes] + [f"skipped {text}" for text in skipped]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -166,36 +166,40 @@ def add_p_values(results: list[Result], *, resamples: int, seed: int, baseline: 
             result.structure, ref.structure, resamples=resamples, seed=seed)
 
 
-def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def expand_run_dirs(paths: Sequence[str | os.PathLike], skipped: list[str] | None = None) -> list[Path]:
     """Run directories from paths that are run directories or folders of them (searched at any depth, sorted).
 
     A folder is a run directory when it holds ``metrics.json``; ``dvc repro`` passes ``data/runs`` and
     ``data/probes``, so no stage keeps a list of systems by hand. Below a folder, trainers' staging folders and
     replaced runs (names starting with ``.`` or ending in ``.tmp``) and run directories without ``metrics.json``
-    are skipped and reported on stderr, never averaged in. A named run that a killed trainer left half-swapped
-    is put back first (:func:`training.rundir.recover_run`).
+    are skipped and reported on stderr (and appended to ``skipped``, which the report lists), never averaged in.
+    A named run that a killed trainer left half-swapped is put back first (:func:`training.rundir.recover_run`).
 
     Raises:
         FileNotFoundError: a path that does not exist, or a folder without any run directory below it.
     """
+    skipped = [] if skipped is None else skipped
+
+    def skip(text: str) -> None:
+        print(f"skipped {text}", file=sys.stderr)
+        skipped.append(text)
+
     found = []
     for path in map(recover_run, paths):
         if (path / "metrics.json").is_file() or not path.is_dir():
             found.append(path)  # load_run says what is missing
             continue
         below = []
-        for run in _candidate_runs(path):
+        for run in _candidate_runs(path, skip):
             staging = any(p.startswith(".") or p.endswith(".tmp") for p in run.relative_to(path).parts)
             complete = (run / "metrics.json").is_file()
             if complete and not staging:
                 below.append(run)
             elif complete:  # a trainer's staging folder or a replaced run an interrupted commit left
-                print(f"skipped {run}: a run being written or replaced (a trainer's staging folder); a finished "
-                      "training swaps it in, and its next run or `load_run` of the run beside it cleans it up",
-                      file=sys.stderr)
+                skip(f"{run}: a run being written or replaced (a trainer's staging folder); a finished training "
+                     "swaps it in, and its next run or `load_run` of the run beside it cleans it up")
             elif not staging:
-                print(f"skipped {run}: a run directory without metrics.json (interrupted or damaged); re-run its "
-                      "train stage", file=sys.stderr)
+                skip(f"{run}: a run directory without metrics.json (interrupted or damaged); re-run its train stage")
         if not below:
             raise FileNotFoundError(f"{path} holds no run directory (no metrics.json at any depth); expected "
                                     "a run directory of heads.train / baselines.train or a folder of them.")
@@ -203,7 +207,7 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _candidate_runs(top: Path) -> list[Path]:
+def _candidate_runs(top: Path, skip: Callable[[str], None]) -> list[Path]:
     """Folders below ``top`` holding a run's ``metrics.json``, ``predictions.csv`` or ``models``, sorted; folder
     links are followed (a run linked into a runs folder is a run), each real folder once."""
     found, seen = set(), {}
@@ -211,7 +215,7 @@ def _candidate_runs(top: Path) -> list[Path]:
         dirs.sort()  # the same folder kept, whichever way the file system lists them
         real = os.path.realpath(folder)
         if real in seen:  # a second way into a folder already walked (a link to it)
-            print(f"skipped {folder}: the same folder as {seen[real]}, listed once", file=sys.stderr)
+            skip(f"{folder}: the same folder as {seen[real]}, listed once")
             dirs[:] = []
             continue
         seen[real] = folder
@@ -249,7 +253,8 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
     check_replaceable(out)  # before the work: a file, a symbolic link, a mount point cannot be replaced whole
     refuse_inputs_inside(out, run_dirs, what="run directories", instead="data/compare")
     corpus_of, speaker_of = _manifest_lookups(manifests)
-    runs: list[Run] = [load_run(d) for d in expand_run_dirs(run_dirs)]
+    skipped: list[str] = []
+    runs: list[Run] = [load_run(d) for d in expand_run_dirs(run_dirs, skipped)]
     systems = group_systems(runs)
     results = [score_system(s, resamples=resamples, seed=seed, speaker_of=speaker_of) for s in systems]
     add_p_values(results, resamples=resamples, seed=seed, baseline=baseline)
@@ -257,7 +262,8 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, fo
     # written aside and swapped in whole: a killed or failed comparison leaves the previous one as it was
     with replaced_whole(out, carry=lambda entry: entry.name not in OUTPUTS) as staging:
         report.write_all(staging, results, table, leakage(results), cross_corpus(results, corpus_of),
-                         formats=list(formats), resamples=resamples, seed=seed, baseline=baseline)
+                         formats=list(formats), resamples=resamples, seed=seed, baseline=baseline,
+                         skipped=skipped)
     return table
 
 

@@ -323,6 +323,10 @@ def test_staging_folders_and_broken_runs_are_skipped_and_reported_not_averaged_i
     for folder in (".rf_0.old-999999", ".conv_0.tmp-999998", "enc.tmp/layer_00"):
         assert f"skipped {runs / folder}: a run being written or replaced" in said
     assert f"skipped {broken}: a run directory without metrics.json" in said
+    compare([runs], tmp_path / "out", resamples=20, formats=["md"])  # the report counts them too
+    notes = (tmp_path / "out" / "report.md").read_text().split("## Notes", 1)[1]
+    assert f"skipped {broken}: a run directory without metrics.json" in notes
+    assert sum(line.startswith("- skipped ") for line in notes.splitlines()) == 4
 
 
 def test_a_run_linked_into_a_runs_folder_is_found_and_a_second_link_to_it_is_reported(tmp_path, capsys):
