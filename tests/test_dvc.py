@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import soundfile as sf
 import yaml
 
 from tests.test_repo import PACKAGES
@@ -129,6 +130,17 @@ def test_dvc_repro_runs_every_stage(tmp_path, write_audio, tiny_encoder_dir):
     again = _dvc(work, "repro")  # pull always runs (cheap); an unchanged corpus re-runs nothing after it
     rerun = [line for line in again.splitlines() if line.startswith("Running stage")]
     assert rerun == ["Running stage 'pull':"], again
+
+    (work / "data" / "runs" / "conv_egemaps" / "history.csv").unlink()  # every file of a run is an output
+    copy = next((work / "data" / "augmented").rglob("*.flac"))
+    copy.write_bytes(copy.read_bytes())  # the same bytes, rewritten: unchanged content is not a change
+    assert "train@conv_egemaps" in (stale := _dvc(work, "status")) and "extract@" not in stale, stale
+    _dvc(work, "checkout", "train@conv_egemaps")  # restored from the cache
+    assert (work / "data" / "runs" / "conv_egemaps" / "history.csv").is_file()
+    wave, rate = sf.read(copy)
+    sf.write(copy, wave[::-1], rate)  # another transform's output under the same manifest row
+    stale = _dvc(work, "status")
+    assert "egemaps:" in stale and all(f"extract@{e}:" in stale for e in encoders), stale
 
     labels = work / "pipeline" / "labels.py"
     labels.write_text(labels.read_text() + "\n# a change to the label mapping's module\n")
