@@ -3,7 +3,10 @@
 Every extraction's ``--out`` is a collection holding one identity store per feature settings (see
 :mod:`features.store`); switching encoders keeps the old store, so that switching back computes nothing. These
 stores are large (about 1 MB per second of audio per encoder with all layers); this command shows them and
-removes the ones that no collection's ``current.json`` points to.
+removes the ones that no collection's ``current.json`` points to. Only folders whose ``store.json`` a feature
+extraction wrote are stores; one in use (locked by a run or a reader) is never removed, nor, by ``--unused``, one
+holding shards not yet indexed (``--shard`` work waiting for its final call, or a killed run's). ``--dry-run``
+applies the same checks.
 
 Example:
     python -m features.stores list                         # everything below data/features
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
@@ -48,9 +52,20 @@ def identity_stores(root: Path) -> Iterator[Path]:
 
 
 def current_of(store: Path) -> bool:
-    """Whether ``store`` is the current store of its collection (its parent folder's ``current.json``)."""
+    """Whether ``store`` is the current store of its collection (its parent folder's ``current.json``).
+
+    Raises:
+        ValueError: that ``current.json`` is damaged (which store is current is then unknown).
+    """
     current = read_current(store.parent)
     return current is not None and current["store"] == store.name
+
+
+def pending_shards(store: Path) -> int:
+    """Shards of ``store`` that its index does not list yet: work of ``--shard`` members waiting for the final
+    call without ``--shard``, or of a killed run that a rerun resumes from. Not unused."""
+    s = IdentityStore(store)
+    return len({p.name for p in s.published()} - set(s.read_index() or {}))
 
 
 def _layers(layers) -> str:
@@ -80,7 +95,14 @@ def store_summary(store: Path) -> dict:
     ident = s.identity
     return {"path": str(store), "kind": ident.get("kind"), "encoder": ident.get("encoder"),
             "dtype": ident.get("dtype"), "layers": _layers(ident.get("layers")), "entries": entries,
-            "size": dir_size(store), "current": "yes" if current_of(store) else "no"}
+            "size": dir_size(store), "current": _current_word(store)}
+
+
+def _current_word(store: Path) -> str:
+    try:
+        return "yes" if current_of(store) else "no"
+    except ValueError:  # the collection's current.json is damaged: reported once by list_stores
+        return "unknown"
 
 
 def list_stores(root: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
@@ -112,22 +134,27 @@ def remove_store(store: Path, *, dry_run: bool = False) -> int:
     """Delete one identity store (locked exclusively, renamed aside, then deleted); returns its size.
 
     Raises:
-        ValueError: it is its collection's current store (checked again once it is locked).
-        BlockingIOError: an extraction or an open reader is using it.
+        ValueError: not a feature store (its ``store.json`` is not this format's), a symbolic link, or its
+            collection's current store (checked again once it is locked), or which store is current is unknown.
+        BlockingIOError: an extraction or an open reader is using it (a dry run checks too).
     """
+    if store.is_symlink():
+        raise ValueError(f"{store}: a symbolic link to {os.readlink(store)}; expected the store folder itself. "
+                         "Pass the folder it points to.")
+    IdentityStore(store)  # refuses a folder whose store.json a feature extraction did not write
     if current_of(store):
         raise ValueError(f"{store} is the current store of {store.parent} (its last run's features); expected a "
                          "store no collection uses. Run the extraction with other settings first, or remove the "
                          "whole collection.")
     size = dir_size(store)
-    if dry_run:
-        return size
     with open(store / STORE_JSON, "rb") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BlockingIOError(f"{store}: an extraction or a reader (training, prediction) is using it "
                                   "(locked); expected an idle store. Retry when it has finished.") from None
+        if dry_run:  # it could be removed now (the lock is released on return)
+            return size
         if current_of(store):  # a run that finished since the check above made it current again
             raise ValueError(f"{store} became the current store of {store.parent} while it was being removed; "
                              "expected a store no collection uses. It is kept.")
@@ -137,15 +164,21 @@ def remove_store(store: Path, *, dry_run: bool = False) -> int:
     return size
 
 
+#: The name :func:`remove_store` gives a store it is deleting: ``.<store>.removing-<pid>``.
+_ASIDE = re.compile(rf"\..+{re.escape(REMOVING)}(\d+)")
+
+
 def _leftovers(root: Path) -> list[Path]:
-    """Folders a killed ``remove`` left half-deleted (their pid is gone)."""
+    """Folders a killed ``remove`` left half-deleted: named as :func:`remove_store` names them, their pid gone,
+    real folders (not links), holding a ``store.json`` or nothing else than its parts."""
     found = []
     for folder, subdirs, _ in os.walk(root):
         for d in list(subdirs):
             if REMOVING in d:
                 subdirs.remove(d)
-                if not pid_alive(d.rsplit("-", 1)[-1]):
-                    found.append(Path(folder) / d)
+                match, path = _ASIDE.fullmatch(d), Path(folder) / d
+                if match and not path.is_symlink() and not pid_alive(match.group(1)):
+                    found.append(path)
     return found
 
 
@@ -173,6 +206,11 @@ def cmd_remove_unused(root: Path, dry_run: bool) -> int:
         try:
             if current_of(store):
                 continue
+            pending = pending_shards(store)
+            if pending:
+                print(f"kept {store}: {pending} shards not yet indexed (a --shard run waiting for its final call "
+                      "without --shard, or a killed run that a rerun resumes); remove it by name to discard them")
+                continue
             size = remove_store(store, dry_run=dry_run)
         except (OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
@@ -182,8 +220,13 @@ def cmd_remove_unused(root: Path, dry_run: bool) -> int:
         total += size
     for debris in _leftovers(root):
         size = dir_size(debris)
-        if not dry_run:
-            shutil.rmtree(debris)
+        try:
+            if not dry_run:
+                shutil.rmtree(debris)
+        except OSError as err:
+            print(f"error: {debris}: cannot remove what an interrupted removal left ({err})", file=sys.stderr)
+            status = 1
+            continue
         print(f"{verb} {debris} ({human(size)}, left by an interrupted removal)")
         total += size
     print(f"{verb} {human(total)} in all" if total else f"no unused stores below {root}")
@@ -213,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_remove_unused(root, a.dry_run)
     if a.path is None:
         p.error("remove: expected PATH (an identity store) or --unused [ROOT].")
-    store = Path(a.path)
+    store = Path(os.path.abspath(a.path))  # `remove .` from inside a store names the folder
     if not is_identity_store(store):
         p.error(f"remove {store}: expected an identity store (a folder holding {STORE_JSON}, as `list` shows), "
                 "found none there.")

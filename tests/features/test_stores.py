@@ -92,6 +92,47 @@ def test_an_open_reader_keeps_its_store(root, capsys):
     assert main(["remove", "--unused", str(root)]) == 0 and not unused.exists()
 
 
+def test_a_dry_run_says_a_store_in_use_would_not_go(root, capsys):
+    unused = root / "w2v.h5" / slug(ENC_A)
+    with FeatureStore(unused):
+        assert main(["remove", str(unused), "--dry-run"]) == 1
+        assert "is using it" in capsys.readouterr().err
+    assert main(["remove", str(unused), "--dry-run"]) == 0 and unused.is_dir()
+
+
+def test_only_feature_stores_and_their_own_debris_are_removed(root, tmp_path, capsys):
+    notes = root / "my-notes"
+    notes.mkdir()
+    (notes / "store.json").write_text('{"shop": "groceries"}')  # a user's folder that happens to hold the name
+    (notes / "thesis.txt").write_text("mine")
+    for name in ("old.removing-later", ".x.removing-notapid"):
+        (root / name).mkdir()
+    link = root / "link-to-unused"
+    link.symlink_to(root / "w2v.h5" / slug(ENC_A), target_is_directory=True)
+    assert main(["remove", str(link)]) == 1 and "a symbolic link to" in capsys.readouterr().err
+    assert main(["remove", "--unused", str(root)]) == 1
+    said = capsys.readouterr()
+    assert "my-notes/store.json: expected a store description of format" in said.err
+    assert (notes / "thesis.txt").is_file() and (root / "old.removing-later").is_dir()
+    assert (root / ".x.removing-notapid").is_dir() and not (root / "w2v.h5" / slug(ENC_A)).exists()
+    assert main(["remove", str(notes)]) == 1 and notes.is_dir()
+
+
+def test_shards_not_yet_indexed_are_kept_by_remove_unused(root, capsys):
+    unused = root / "w2v.h5" / slug(ENC_A)
+    (unused / "index.json").unlink()  # as a --shard member or a killed run leaves its shards
+    assert main(["remove", "--unused", str(root)]) == 0
+    assert f"kept {unused}: 1 shards not yet indexed" in capsys.readouterr().out and unused.is_dir()
+    assert main(["remove", str(unused)]) == 0 and not unused.exists()  # by name: discarded
+
+
+def test_a_damaged_view_keeps_its_stores_listed(root, capsys):
+    (root / "w2v.h5" / "current.json").write_text("{")
+    assert main(["list", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert str(root / "w2v.h5" / slug(ENC_A)) in out and "unknown" in out and "3 stores" in out
+
+
 def test_a_store_that_becomes_current_while_being_removed_is_kept(root, capsys, monkeypatch):
     import features.stores
 
