@@ -201,8 +201,21 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         layers = []
     if not layers or any(not 0 <= i < num_layers for i in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"--layers {spec!r}: expected 'all' or distinct comma-separated indices in "
-                         f"0..{num_layers - 1}.")
+                         f"0..{num_layers - 1}; the encoder has {num_layers} hidden states.")
     return layers
+
+
+def layers_arg(spec: str) -> str:
+    """argparse type of ``--layers``: its form checked before any work (the range once the encoder is loaded)."""
+    if spec == "all":
+        return spec
+    try:
+        indices = [int(s) for s in spec.split(",") if s.strip()]
+        parse_layers(spec, max(indices, default=0) + 1)  # the form: integers, none negative, none twice
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or distinct comma-separated hidden-state indices "
+                                         f"(e.g. 0,6,12), found {spec!r}") from None
+    return spec
 
 
 def _decode(path: str, enc: Encoder, offset_s: float, max_s: float | None) -> np.ndarray:
@@ -710,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--dtype", default=DType.AUTO, choices=list(DType),
                    help="compute dtype; auto: bfloat16 where this CPU or GPU runs it fast, else float32")
     p.add_argument("--storage-dtype", default=DType.FLOAT16, choices=[DType.FLOAT16, DType.FLOAT32])
-    p.add_argument("--layers", default="all", help="'all' or hidden-state indices, e.g. 0,6,12")
+    p.add_argument("--layers", default="all", type=layers_arg, help="'all' or hidden-state indices, e.g. 0,6,12")
     p.add_argument("--max-seconds", type=_seconds_or_none, default=None)
     p.add_argument("--offset-seconds", type=non_negative_float, default=0.0)
     p.add_argument("--chunk-seconds", type=positive_float, default=30.0, help="longer inputs are windowed")

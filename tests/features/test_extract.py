@@ -223,7 +223,7 @@ def test_empty_and_repeated_manifests_and_bad_options(tmp_path, make_manifest, s
             extract([twice], tmp_path / "f", encoder=str(tiny_encoder_dir), layers=layers)
     for option, value in [("--batch-seconds", "0"), ("--procs", "-1"), ("--max-seconds", "-5"),
                           ("--offset-seconds", "-1"), ("--chunk-seconds", "x"), ("--device", "gpu"),
-                          ("--device", "cuda:x")]:
+                          ("--device", "cuda:x"), ("--layers", "x"), ("--layers", "0,0"), ("--layers", "-1")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--manifest", str(twice), "--out", str(tmp_path / "g"), option, value])
         assert exit_info.value.code == 2 and option in capsys.readouterr().err
