@@ -92,7 +92,19 @@ class MfccCnn(nn.Module):
         self.out = nn.Linear(previous, num_classes)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """``features [B, 1, T, F]``, ``lengths [B]`` to logits ``[B, C]``."""
-        x = self.blocks(features).mean(dim=3).transpose(1, 2)  # [B, T / 2^k, channels]
-        pooled_lengths = (lengths // self.pool_factor).clamp(min=1, max=x.shape[1])
+        """``features [B, 1, T, F]`` (zero beyond each length), ``lengths [B]`` to logits ``[B, C]``.
+
+        After each block the frames beyond an utterance's (pooled) length are zeroed again, so that the next 3x3
+        convolution sees zeros there, as it sees its own zero padding at the end of an utterance alone: in
+        evaluation an utterance's logits do not depend on the batch it is padded into (``heads.predict``
+        classifies one file at a time, the trainer evaluates folds in batches)."""
+        x = features
+        for k in range(0, len(self.blocks), 4):
+            conv, norm, relu, pool = self.blocks[k:k + 4]
+            x = pool(relu(norm(conv(x))))  # a kept pooled frame covers two frames within the length
+            lengths = lengths // 2
+            valid = torch.arange(x.shape[2], device=x.device) < lengths[:, None]  # [B, T / 2]
+            x = x * valid[:, None, :, None]
+        x = x.mean(dim=3).transpose(1, 2)  # [B, T / 2^k, channels]
+        pooled_lengths = lengths.clamp(min=1, max=x.shape[1])
         return self.out(self.dropout(masked_mean(x, pooled_lengths)))
