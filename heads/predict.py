@@ -9,11 +9,12 @@ Any audio libsndfile reads (any rate, mono or stereo) is downmixed and resampled
 features, which are computed as the run recorded them (``inference.inputs``). Per file:
 
 - a file of at most ``--max-whole-seconds`` (30 s) is classified in one pass over the whole utterance, as
-  training saw its utterances; a longer one is streamed segment by segment in bounded memory and its label is
+  training saw its utterances (cropped as the run's store cropped them, ``--offset-seconds`` and
+  ``--max-seconds`` of ``features.extract``, read at the file's own rate as extraction read it); a longer one is streamed segment by segment in bounded memory and its label is
   the duration-weighted mean of the segments' probabilities (segments of ``--segment-seconds``, or 3 s);
 - with ``--segment-seconds S``, the timeline: windows every ``--hop-seconds`` (default ``S``) of ``S`` seconds,
   the last ending at the end of the file (a final piece shorter than ``S / 2`` joins the previous window; a
-  file shorter than ``S`` is one segment covering it). A segment of digital silence (all samples zero) is not
+  file shorter than ``S`` is one segment covering it; windows are never cropped). A segment of digital silence (all samples zero) is not
   classified: ``label`` and ``probabilities`` are null and it carries ``"silent": true``.
 - failures are per file: a missing file, unreadable or corrupt audio, a recording whose samples are all zero
   or non-finite, or shorter than 0.25 s give an entry with ``file``, ``error`` and ``reason``; the other files
@@ -177,14 +178,16 @@ def predict_file(path: str, *, predictor: Predictor, inputs: RunInputs, segment_
     result: dict = {"file": str(path), "duration_s": round(duration, 3)}
     with tqdm(total=duration, unit="s", unit_scale=True, desc=os.path.basename(path), bar_format=BAR,
               disable=not verbose, leave=False) as bar:
-        if whole:  # one pass over the whole utterance, as training saw its utterances
-            wave = load_audio(path, sample_rate=inputs.sample_rate)
+        if whole:  # one pass over the whole utterance, cropped as the run's store cropped its utterances
+            wave = load_audio(path, sample_rate=inputs.sample_rate, offset_s=inputs.offset_seconds,
+                              duration_s=inputs.max_seconds)
             if not np.any(wave):  # channels that cancel: each has signal (the header scan passed), their mean none
                 raise AudioError("silent", f"{path}: every sample is zero once its channels are averaged to mono "
                                            "(they cancel out); expected a recording with signal. Check its wiring "
                                            "or pass one channel.")
             p = predictor.predict_proba(inputs([wave]), all_layers=False)[0]
-            blocks: Iterable[np.ndarray] = [wave]
+            cropped = inputs.offset_seconds or inputs.max_seconds is not None
+            blocks: Iterable[np.ndarray] = [load_audio(path, sample_rate=inputs.sample_rate) if cropped else wave]
             bar.update(0.0 if segment else duration)
         else:
             blocks = stream_audio(path, sample_rate=inputs.sample_rate, block_seconds=block_seconds)

@@ -44,11 +44,17 @@ class RunInputs:
         description: what is computed, for messages (e.g. ``wav2vec2 /models/base, hidden states [6, 12]``).
         compute: mono ``[N]`` float32 waveforms to one input array each; equal-length waveforms are
             batched where the extractor allows it.
+        offset_seconds, max_seconds: the crop the run's store applied to each utterance (``[offset, offset +
+            max)`` seconds; 0 and None: none). A caller classifying a whole file reads it cropped so, at the
+            file's own rate before resampling, as extraction did (``pipeline.audio.load_audio``); windows of a
+            timeline are not cropped.
     """
 
     sample_rate: int
     description: str
     compute: Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+    offset_seconds: float = 0.0
+    max_seconds: float | None = None
 
     def __call__(self, waves: Sequence[np.ndarray]) -> list[np.ndarray]:
         return self.compute(waves)
@@ -117,24 +123,19 @@ def _wav2vec2(predictor: Predictor, *, encoder: str | None, device: str, dtype: 
     pooled = predictor.kind == "sklearn"
 
     offset, most = float(settings.get("offset_seconds") or 0.0), settings.get("max_seconds")
-    start = int(round(offset * enc.sample_rate))
-    stop = None if most is None else start + int(round(float(most) * enc.sample_rate))
+    most = None if most is None else float(most)
 
     def compute(waves: Sequence[np.ndarray]) -> list[np.ndarray]:
-        # each input cropped as extraction cropped each utterance ([offset, offset + max) seconds)
-        if any(len(w) <= start for w in waves):
-            raise ValueError(f"an input of {min(map(len, waves)) / enc.sample_rate:.2f} s ends before {offset:g} s, "
-                             "where the run's features start (its store skipped the first offset_seconds); "
-                             "expected longer audio.")
-        states = [enc.hidden_states(w[start:stop], layers=layers) for w in waves]
+        states = [enc.hidden_states(w, layers=layers) for w in waves]
         return [mean_std(s) if pooled else s for s in states]
 
     where = f"{name}@{enc.revision}" if enc.revision else name
-    if start or stop is not None:
-        where += f", each input cropped to [{offset:g}, {'end' if most is None else f'{offset + float(most):g}'}) s"
+    if offset or most is not None:
+        where += (f", whole files cropped to [{offset:g}, {'end' if most is None else f'{offset + most:g}'}) s as "
+                  "the run's store was (timeline windows are not)")
     return RunInputs(enc.sample_rate, f"wav2vec2 {where} on {enc.device.type} ({enc.dtype}, feature encoder "
                                       f"{enc.feature_encoder}, frame grid {enc.frame_grid}), hidden states "
-                                      f"{layers}" + (", mean ‖ std" if pooled else ""), compute)
+                                      f"{layers}" + (", mean ‖ std" if pooled else ""), compute, offset, most)
 
 
 def _egemaps(predictor: Predictor) -> RunInputs:

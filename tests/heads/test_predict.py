@@ -19,6 +19,7 @@ from features.store import write_store
 from heads.predict import main, predict_file
 from inference.model import Predictor
 from inference.timeline import weighted_mean
+from pipeline.audio import load_audio
 from training.fit import TrainConfig
 from training.rundir import load_run
 
@@ -143,10 +144,22 @@ def test_prediction_crops_as_the_runs_store_cropped(wav2vec2_run, tiny_encoder_d
     path = write_audio(tmp_path / "clip.wav", seconds=3.0)
     status, out, _ = run_cli(capsys, path, "--model", run)
     wave = sf.read(str(path), dtype="float32")[0]
-    frames = load_encoder(tiny_encoder_dir, device="cpu", dtype="float32").hidden_states(wave[8000:24000])
-    expected = Predictor.from_run(load_run(run)).predict_proba([frames])[0]
+    encoder = load_encoder(tiny_encoder_dir, device="cpu", dtype="float32")
+    predictor = Predictor.from_run(load_run(run))
+    expected = predictor.predict_proba([encoder.hidden_states(wave[8000:24000])])[0]
     got = json.loads(out)[0]["probabilities"]
     np.testing.assert_allclose([got[k] for k in LABELS], expected, atol=1e-5)
+    # a 44.1 kHz stereo file is cropped at its own rate, then resampled: as features.extract read it
+    stereo = tmp_path / "stereo.flac"
+    rng = np.random.default_rng(0)
+    sf.write(str(stereo), rng.uniform(-0.3, 0.3, (3 * 44100, 2)).astype(np.float32), 44100)
+    status, out, _ = run_cli(capsys, stereo, "--model", run, "--segment-seconds", "0.5")
+    extracted = load_audio(stereo, sample_rate=16000, offset_s=0.5, duration_s=1.0)  # features.extract's read
+    expected = predictor.predict_proba([encoder.hidden_states(extracted)])[0]
+    entry = json.loads(out)[0]
+    np.testing.assert_allclose([entry["probabilities"][k] for k in LABELS], expected, atol=1e-5)
+    # timeline windows are windows of the whole file, not cropped again
+    assert status == 0 and len(entry["segments"]) == 6 and all(s["label"] for s in entry["segments"])
 
 
 def test_features_are_computed_as_the_store_recorded_them_without_a_new_timing(wav2vec2_run, tmp_path,
