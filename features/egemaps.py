@@ -15,6 +15,7 @@ import argparse
 import functools
 import multiprocessing
 import os
+import platform
 import sys
 import warnings
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from features.cache import StoreBuild, add_store_args, advance, publish
+from features.hardware import cpu_model
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 from pipeline.cli import positive_int, run_main
 from pipeline.processes import worker_pool
@@ -124,7 +126,9 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
             "max_seconds": None, "offset_seconds": 0.0, "frame_stride_s": 0.01,
             "functional_names": functional_names, "lld_names": lld_names,
             "input": "clipped to 16-bit full scale",  # entries from before the clip (wrapped samples) are not reused
-            "versions": {"opensmile": opensmile.__version__, "numpy": np.__version__}}
+            "versions": {"opensmile": opensmile.__version__, "numpy": np.__version__},
+            "provenance": {"device": "cpu", "host": platform.node(), "cpu": cpu_model(),
+                           "procs": workers or os.cpu_count()}}  # what computed it; not the store's identity
     build = StoreBuild(out, meta, part_entries=part_entries)
     todo, skipped = build.plan(rows)
     total = float(todo["duration_s"].astype(float).sum()) if "duration_s" in todo else None

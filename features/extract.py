@@ -57,7 +57,7 @@ from features.encoder import (
     plugin_version_note,
     resolve_device,
 )
-from features.hardware import Device, DType, device_arg
+from features.hardware import Device, DType, cpu_model, device_arg
 from features.store import FeatureStore, claim_json, read_choice
 from pipeline.audio import AudioError, load_audio
 from pipeline.cli import non_negative_float, positive_float, positive_int, run_main
@@ -72,15 +72,6 @@ def versions() -> dict:
     import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
             "h5py": h5py.__version__, "soxr": soxr.__version__}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what the platform says)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def machine(enc: Encoder) -> dict:

@@ -4,8 +4,11 @@ and the benchmark's parent process can name them cheaply)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import platform
 import re
 from enum import StrEnum
+from pathlib import Path
 
 
 class Device(StrEnum):
@@ -30,3 +33,12 @@ class DType(StrEnum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"  # CUDA only, norms kept in float32 under autocast
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what the platform says)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

@@ -33,6 +33,8 @@ def test_store_on_ravdess_incremental_with_skips(ravdess_root, make_manifest, tm
     with FeatureStore(out) as fs:
         assert fs.attrs["kind"] == "egemaps" and fs.num_layers == 1
         assert len(fs.attrs["functional_names"]) == 88 and len(fs.attrs["lld_names"]) == 25
+        provenance = fs.attrs["provenance"]  # what computed it, as extraction records
+        assert provenance["device"] == "cpu" and provenance["cpu"] and provenance["host"]
         for uid, path in zip(fs.ids(), sorted(files), strict=True):
             assert fs.pooled(uid).shape == (1, 88) and fs.frames(uid, 0).shape[1] == 25
             wave, rate = sf.read(path, dtype="float32")
