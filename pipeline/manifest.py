@@ -65,7 +65,7 @@ def walk_files(root: Path) -> tuple[list[Path], list[dict]]:
         problems.append({"path": shown(os.path.abspath(path)), "reason": reason, "detail": detail})
 
     def undecodable(path: Path) -> bool:  # a name of bytes that are not UTF-8 (manifests are UTF-8 CSV)
-        if shown(path) == str(path):
+        if shown(path.name) == path.name:  # its own name: the manifest holds paths below the root only
             return False
         reject(path, "bad_name", f"{shown(path)}: the name is not valid UTF-8 (undecodable bytes shown as \\x..); "
                "expected UTF-8 file and folder names, as manifests are UTF-8 text. Rename it"
@@ -175,6 +175,10 @@ def scan_corpus(corpus: str, root: str | os.PathLike, *, workers: int = 8, progr
     if not root.is_dir():
         raise ValueError(f"corpus folder {root} does not exist; expected the {corpus} files below it. "
                          "Run `python -m pipeline.pull` or point --root at a local copy.")
+    if shown(root) != str(root):
+        raise ValueError(f"corpus folder {shown(root)}: its path is not valid UTF-8 (undecodable bytes shown as "
+                         "\\x..), and the audio library cannot open files there; expected a UTF-8 path. Rename it "
+                         "or point --root at a link with a UTF-8 name.")
     parse = CORPORA[corpus].parser(root)
     rows, rejects, candidates = [], [], []
     files, problems = walk_files(root)

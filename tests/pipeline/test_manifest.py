@@ -218,6 +218,10 @@ def test_names_that_are_not_utf8_are_rejects_not_a_crash(two_actors, tmp_path):
     assert len(pd.read_csv(out)) == 2 and rejects["reason"].tolist() == ["bad_name", "bad_name"]
     assert rejects["path"].tolist() == ["Actor_01/03-01-06-01-01-01-01\\xff.wav", "Actor_\\xfe"]
     assert all("not valid UTF-8" in d for d in rejects["detail"])
+    below = os.fsencode(tmp_path) + b"/corpus_\xff"  # a root whose own path is not UTF-8: refused, with a way out
+    os.rename(os.fsencode(two_actors), below)
+    with pytest.raises(ValueError, match="corpus_\\\\xff: its path is not valid UTF-8"):
+        scan_corpus("ravdess", os.fsdecode(below), progress=False)
 
 
 def test_truncated_wav_is_rejected_not_kept_at_part_of_its_length(two_actors):
