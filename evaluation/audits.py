@@ -22,6 +22,7 @@ import pandas as pd
 
 from evaluation import stats
 from evaluation.results import Result
+from evaluation.systems import COMPUTE_ONLY
 from pipeline.split import SplitScheme
 
 #: The protocol keys that define a system, on which the leakage audit pairs a system with itself across splits.
@@ -46,7 +47,8 @@ def leakage(results: list[Result]) -> pd.DataFrame:
         leaky = [r for r in members if not independent(r.system.protocol)]
         honest = [r for r in members if independent(r.system.protocol)]
         for hr in honest:
-            named = [lk for lk in leaky if display_name(lk).startswith(display_name(hr))]
+            name = hr.system.protocol.get("system")
+            named = [lk for lk in leaky if lk.system.protocol.get("system") in {name, f"{name}_{SplitScheme.RANDOM}"}]
             for lk in named or leaky:  # one configuration under several names: each with its own name first
                 rows.append({"system": display_name(hr), "label_set": hr.system.label_group,
                              "leaky_split": lk.row["split_scheme"], "leaky_ua": lk.row["ua"],
@@ -72,7 +74,10 @@ def cross_corpus(results: list[Result], corpus_of: Callable[[str], str]) -> pd.D
         if not independent(p):
             continue
         config = (configuration(r), r.system.label_group)
-        names.setdefault(config, display_name(r))
+        if config not in names:  # a name no other matrix of the label set has: the split's, or the full name
+            taken = {n for c, n in names.items() if c[1] == config[1]}
+            names[config] = next((n for n in (display_name(r), r.system.name) if n not in taken),
+                                 f"{r.system.name} ({len(taken) + 1})")
         for run in r.system.runs:
             train = run.protocol.get("train_corpora", run.protocol.get("corpora")) or []
             frame = run.predictions.assign(test=run.predictions["id"].map(corpus_of))
@@ -93,8 +98,12 @@ def cross_corpus(results: list[Result], corpus_of: Callable[[str], str]) -> pd.D
 
 
 def configuration(result: Result) -> str:
-    """What makes two results one system for the audits: their protocols' :data:`SYSTEM_KEYS`."""
-    return json.dumps({k: result.system.protocol.get(k) for k in SYSTEM_KEYS}, sort_keys=True, default=str)
+    """What makes two results one system for the audits: their protocols' :data:`SYSTEM_KEYS` (settings that
+    change only how fast a run computes left out, as ``evaluation.systems`` groups runs)."""
+    config = {k: result.system.protocol.get(k) for k in SYSTEM_KEYS}
+    if isinstance(config["settings"], dict):
+        config["settings"] = {k: v for k, v in config["settings"].items() if k not in COMPUTE_ONLY}
+    return json.dumps(config, sort_keys=True, default=str)
 
 
 def display_name(result: Result) -> str:

@@ -137,13 +137,25 @@ def test_the_cross_corpus_matrix_keeps_each_system_apart(tmp_path):
 
 def test_one_configuration_under_two_names_pairs_each_name_with_its_own_leaky_run(tmp_path):
     from tests.pipeline.test_compare import synthetic_run
-    for name, leaky_accuracy in (("conv_small", 0.9), ("conv_big", 0.6)):
+    for name, leaky_accuracy in (("conv", 0.9), ("conv_big", 0.6)):  # one name the start of the other
         synthetic_run(tmp_path, name, model="conv", feature_set="wav2vec2", system=name, accuracy=0.5)
         synthetic_run(tmp_path, f"{name}_random", model="conv", feature_set="wav2vec2", scheme="random",
                       system=f"{name}_random", accuracy=leaky_accuracy)
     table = compare([tmp_path / "runs"], tmp_path / "out", resamples=50, formats=["csv"])
     leakage = pd.read_csv(tmp_path / "out" / "leakage.csv")
     leaky_ua = table.set_index("system")["ua"]
-    assert sorted(leakage["system"]) == ["conv_big", "conv_small"]
+    assert sorted(leakage["system"]) == ["conv", "conv_big"]
     for row in leakage.itertuples():
         assert row.leaky_ua == pytest.approx(leaky_ua[f"{row.system}_random@random"])
+
+
+def test_one_name_over_two_configurations_gives_two_matrices_not_a_crash(tmp_path):
+    from tests.pipeline.test_compare import synthetic_run
+    data = _two_corpora()
+    synthetic_run(tmp_path / "old", "rf", data=data, scheme="speaker_kfold")  # a run that records no settings
+    synthetic_run(tmp_path / "new", "rf", data=data, scheme="corpus_holdout", settings={"n_estimators": 500})
+    table = compare([tmp_path / "old" / "runs", tmp_path / "new" / "runs"], tmp_path / "out", resamples=20,
+                    formats=["md"])
+    cross = pd.read_csv(tmp_path / "out" / "cross_corpus.csv")
+    assert len(set(cross["system"])) == 2 and set(cross["system"]) <= {"rf_egemaps", *table["system"]}
+    assert (tmp_path / "out" / "report.md").read_text().count("Cross-corpus matrix") == 1
