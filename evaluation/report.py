@@ -324,8 +324,9 @@ def layer_weights_plot(path: Path, results: list[Result]) -> str | None:
     place = {x: i for i, x in enumerate(every)}
     counts = {len(weights[0]["layers"]) for _, weights in with_weights}
     for result, weights in with_weights:
-        xs = [place[x] for x in weights[0]["layers"]]
-        folds = np.array([f for w in weights for f in w["folds"]], dtype=float)
+        order = np.argsort([place[x] for x in weights[0]["layers"]], kind="stable")  # a head's order: --layers 12,0
+        xs = [place[weights[0]["layers"][i]] for i in order]
+        folds = np.array([f for w in weights for f in w["folds"]], dtype=float)[:, order]
         (line,) = ax.plot(xs, folds.mean(axis=0), marker="o", label=result.system.name)
         ax.fill_between(xs, folds.min(axis=0), folds.max(axis=0), color=line.get_color(), alpha=0.2)
         if len(counts) > 1:  # uniform differs between heads of other layer counts: each its own
