@@ -179,15 +179,16 @@ def predict_file(path: str, *, predictor: Predictor, inputs: RunInputs, segment_
     with tqdm(total=duration, unit="s", unit_scale=True, desc=os.path.basename(path), bar_format=BAR,
               disable=not verbose, leave=False) as bar:
         if whole:  # one pass over the whole utterance, cropped as the run's store cropped its utterances
-            wave = load_audio(path, sample_rate=inputs.sample_rate, offset_s=inputs.offset_seconds,
-                              duration_s=inputs.max_seconds)
-            if not np.any(wave):  # channels that cancel: each has signal (the header scan passed), their mean none
+            full = load_audio(path, sample_rate=inputs.sample_rate)
+            if not np.any(full):  # channels that cancel: each has signal (the header scan passed), their mean none
                 raise AudioError("silent", f"{path}: every sample is zero once its channels are averaged to mono "
                                            "(they cancel out); expected a recording with signal. Check its wiring "
                                            "or pass one channel.")
-            p = predictor.predict_proba(inputs([wave]), all_layers=False)[0]
             cropped = inputs.offset_seconds or inputs.max_seconds is not None
-            blocks: Iterable[np.ndarray] = [load_audio(path, sample_rate=inputs.sample_rate) if cropped else wave]
+            wave = load_audio(path, sample_rate=inputs.sample_rate, offset_s=inputs.offset_seconds,
+                              duration_s=inputs.max_seconds) if cropped else full
+            p = predictor.predict_proba(inputs([wave]), all_layers=False)[0]
+            blocks: Iterable[np.ndarray] = [full]
             bar.update(0.0 if segment else duration)
         else:
             blocks = stream_audio(path, sample_rate=inputs.sample_rate, block_seconds=block_seconds)

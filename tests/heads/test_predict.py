@@ -160,6 +160,11 @@ def test_prediction_crops_as_the_runs_store_cropped(wav2vec2_run, tiny_encoder_d
     np.testing.assert_allclose([entry["probabilities"][k] for k in LABELS], expected, atol=1e-5)
     # timeline windows are windows of the whole file, not cropped again
     assert status == 0 and len(entry["segments"]) == 6 and all(s["label"] for s in entry["segments"])
+    # a crop that falls on leading silence is classified, as the store held such crops
+    late = tmp_path / "late.wav"
+    sf.write(str(late), np.concatenate([np.zeros(24000), rng.uniform(-0.3, 0.3, 24000)]).astype(np.float32), 16000)
+    status, out, _ = run_cli(capsys, late, "--model", run)
+    assert status == 0 and json.loads(out)[0]["label"] in LABELS
 
 
 def test_features_are_computed_as_the_store_recorded_them_without_a_new_timing(wav2vec2_run, tmp_path,
