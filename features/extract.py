@@ -58,7 +58,7 @@ from features.encoder import (
     resolve_device,
 )
 from features.hardware import Device, DType, cpu_model, device_arg
-from features.store import FeatureStore, claim_json, read_choice
+from features.store import FEATURE_ENCODER_CHOICE, FeatureStore, claim_json, read_choice
 from pipeline.audio import AudioError, load_audio
 from pipeline.cli import non_negative_float, positive_float, positive_int, run_main
 from pipeline.processes import cpu_cores, worker_pool
@@ -92,8 +92,6 @@ def provenance(enc: Encoder, procs: int) -> dict:
             "attention": getattr(enc.model.config, "_attn_implementation", None)}
 
 
-#: In an identity store: the feature-encoder implementation and frame grid its first timing chose (first writer wins).
-FEATURE_ENCODER_CHOICE = "feature-encoder.json"
 
 
 def recorded_feature_encoder(store_dir: Path) -> dict | None:

@@ -65,6 +65,8 @@ FORMAT = "ser-features/2"
 #: Meta keys that describe a run, not the features: recorded per shard, left out of the identity.
 RUN_KEYS = ("versions", "provenance")
 CURRENT, STORE_JSON, INDEX, SHARDS = "current.json", "store.json", "index.json", "shards"
+#: In an identity store: the feature-encoder implementation and frame grid its first timing chose (first writer wins).
+FEATURE_ENCODER_CHOICE = "feature-encoder.json"
 #: Frames per chunk of an utterance written in pieces (whole utterances are one chunk per layer).
 CHUNK_FRAMES = 1024
 #: Most shard files a reader keeps open at once.

@@ -29,6 +29,9 @@ import pandas as pd
 
 from features.store import (
     CURRENT,
+    FEATURE_ENCODER_CHOICE,
+    INDEX,
+    SHARDS,
     STORE_JSON,
     IdentityStore,
     dir_size,
@@ -177,9 +180,21 @@ def _leftovers(root: Path) -> list[Path]:
             if REMOVING in d:
                 subdirs.remove(d)
                 match, path = _ASIDE.fullmatch(d), Path(folder) / d
-                if match and not path.is_symlink() and not pid_alive(match.group(1)):
+                if match and not path.is_symlink() and not pid_alive(match.group(1)) and _store_parts_only(path):
                     found.append(path)
     return found
+
+
+#: What an identity store folder holds (and the temporary files of their atomic writes).
+_PARTS = {STORE_JSON, INDEX, SHARDS, FEATURE_ENCODER_CHOICE}
+
+
+def _store_parts_only(path: Path) -> bool:
+    """Whether ``path`` holds nothing but what a store holds (a half-deleted store may have lost any of it)."""
+    try:
+        return all(entry.name.split(".tmp-")[0] in _PARTS for entry in path.iterdir())
+    except OSError:
+        return False
 
 
 def cmd_list(root: Path) -> int:

@@ -107,6 +107,12 @@ def test_only_feature_stores_and_their_own_debris_are_removed(root, tmp_path, ca
     (notes / "thesis.txt").write_text("mine")
     for name in ("old.removing-later", ".x.removing-notapid"):
         (root / name).mkdir()
+    thesis = root / ".thesis.removing-999999"  # named like debris, but a user's folder
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("mine")
+    debris = root / ".old.removing-999998"  # a removal killed part-way: shards already gone
+    debris.mkdir()
+    (debris / "store.json").write_text("{}")
     link = root / "link-to-unused"
     link.symlink_to(root / "w2v.h5" / slug(ENC_A), target_is_directory=True)
     assert main(["remove", str(link)]) == 1 and "a symbolic link to" in capsys.readouterr().err
@@ -115,6 +121,7 @@ def test_only_feature_stores_and_their_own_debris_are_removed(root, tmp_path, ca
     assert "my-notes/store.json: expected a store description of format" in said.err
     assert (notes / "thesis.txt").is_file() and (root / "old.removing-later").is_dir()
     assert (root / ".x.removing-notapid").is_dir() and not (root / "w2v.h5" / slug(ENC_A)).exists()
+    assert (thesis / "chapter1.tex").is_file() and not debris.exists()
     assert main(["remove", str(notes)]) == 1 and notes.is_dir()
 
 
