@@ -144,25 +144,32 @@ def _disambiguate(systems: list[System]) -> None:
     for system in systems:
         by_name.setdefault(system.name, []).append(system)
     for clash in (v for v in by_name.values() if len(v) > 1):
-        values = [_flat({**s.protocol, "labels": s.labels}) for s in clash]
+        spread = all(isinstance(s.protocol.get("settings"), dict) for s in clash)
+        values = [_flat({**s.protocol, "labels": s.labels}, spread) for s in clash]
         fields = sorted({k for v in values for k in v})
         differ = [k for k in fields if len({json.dumps(v.get(k), default=str) for v in values}) > 1]
-        differ = [k for k in differ if k != "labels"] or differ  # the classes only when nothing else tells
+        # the classes and the split's corpora per fold only when nothing else tells
+        differ = [k for k in differ if k not in {"labels", "train_corpora"}] or differ
         for system, value in zip(clash, values, strict=True):
             system.name += "[" + ",".join(f"{k}={_short(value.get(k))}" for k in differ) + "]"
 
 
-def _flat(protocol: dict) -> dict:
-    """A protocol with its dict-valued fields (``settings``) spread out, so that a name says ``lr=0.01``, not the
-    whole dict."""
-    flat = {k: v for k, v in protocol.items() if not isinstance(v, dict)}
-    for key, value in protocol.items():
-        if isinstance(value, dict):
-            flat.update({(k if k not in protocol else f"{key}.{k}"): v for k, v in value.items()})
+def _flat(protocol: dict, spread: bool) -> dict:
+    """A protocol for naming: with ``spread``, its ``settings`` spread out, so that a name says ``lr=0.01``, not
+    the whole dict; without (a run that records none), ``settings`` says only whether it was recorded. Other
+    dict-valued fields (a split's ``train_corpora`` per fold) stay whole."""
+    flat = {k: v for k, v in protocol.items() if k != "settings"}
+    settings = protocol.get("settings")
+    if spread:
+        flat.update({(k if k not in protocol else f"settings.{k}"): v for k, v in settings.items()})
+    else:
+        flat["settings"] = "recorded" if settings else "none"
     return flat
 
 
 def _short(value) -> str:
     if isinstance(value, list | tuple):
-        return "+".join(map(str, value))
+        return "+".join(map(_short, value))
+    if isinstance(value, dict):  # e.g. the MFCC-CNN's log_mel settings
+        return "+".join(f"{k}:{_short(v)}" for k, v in value.items())
     return str(value)

@@ -464,3 +464,11 @@ def test_latex_table_escapes_every_special_character_of_a_system_name(tmp_path):
     tex = (tmp_path / "out" / "table.tex").read_text()
     assert (r"rf\_a\textbar{}b\&c\%d\#e\$f\{g\}h\textasciitilde{}i\textasciicircum{}j\textbackslash{}k"
             r"\textless{}l\textgreater{}m" in tex)
+
+
+def test_a_run_without_recorded_settings_beside_one_with_is_named_briefly(tmp_path):
+    old = synthetic_run(tmp_path / "a", "conv", model="conv")
+    new = synthetic_run(tmp_path / "b", "conv", model="conv", settings={"hidden": 8, "lr": 1e-3})
+    table = compare([old, new], tmp_path / "out", resamples=20, formats=["csv"])
+    assert table["system"].tolist() == ["conv_egemaps@speaker_kfold[settings=none]",
+                                        "conv_egemaps@speaker_kfold[settings=recorded]"]
