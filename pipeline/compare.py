@@ -184,23 +184,27 @@ def expand_run_dirs(paths: Sequence[str | os.PathLike], skipped: list[str] | Non
         print(f"skipped {text}", file=sys.stderr)
         skipped.append(text)
 
-    found = []
+    found, walked = [], {}
     for path in map(recover_run, paths):
         if (path / "metrics.json").is_file() or not path.is_dir():
             found.append(path)  # load_run says what is missing
             continue
-        below = []
+        below, seen_twice = [], False
         for run in _candidate_runs(path, skip):
             staging = any(p.startswith(".") or p.endswith(".tmp") for p in run.relative_to(path).parts)
             complete = (run / "metrics.json").is_file()
-            if complete and not staging:
+            if complete and not staging and os.path.realpath(run) in walked:  # linked into two of the folders
+                skip(f"{run}: the same run as {walked[os.path.realpath(run)]}, listed once")
+                seen_twice = True
+            elif complete and not staging:
+                walked[os.path.realpath(run)] = run
                 below.append(run)
             elif complete:  # a trainer's staging folder or a replaced run an interrupted commit left
                 skip(f"{run}: a run being written or replaced (a trainer's staging folder); a finished training "
                      "swaps it in, and its next run or `load_run` of the run beside it cleans it up")
             elif not staging:
                 skip(f"{run}: a run directory without metrics.json (interrupted or damaged); re-run its train stage")
-        if not below:
+        if not below and not seen_twice:
             raise FileNotFoundError(f"{path} holds no run directory (no metrics.json at any depth); expected "
                                     "a run directory of heads.train / baselines.train or a folder of them.")
         found += below

@@ -341,6 +341,8 @@ def test_a_run_linked_into_a_runs_folder_is_found_and_a_second_link_to_it_is_rep
     assert expand_run_dirs([runs]) == [runs / "runs" / "a_link", rf]
     said = capsys.readouterr().err
     assert f"skipped {runs / 'runs' / 'b_link'}: the same folder as {runs / 'runs' / 'a_link'}" in said
+    assert expand_run_dirs([runs, elsewhere.parent]) == [runs / "runs" / "a_link", rf]  # a link into another folder
+    assert f"skipped {elsewhere}: the same run as {runs / 'runs' / 'a_link'}" in capsys.readouterr().err
 
 
 def test_no_paired_test_against_a_baseline_of_other_labels_or_another_split(tmp_path):
