@@ -470,11 +470,15 @@ def test_a_collection_keeps_the_dtype_auto_chose_for_it(synth_files, make_manife
                                                          monkeypatch):
     from features import encoder as encoder_mod
 
+    def timing_says(chosen):  # what a timing on this machine would choose, wherever the choice is made
+        for module in (encoder_mod, extract_mod):
+            monkeypatch.setattr(module, "pick_dtype", lambda dtype, device: chosen if dtype == "auto" else dtype)
+
     manifest, out = make_manifest(synth_files[:2]), tmp_path / "f"
     kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "procs": 1}
-    monkeypatch.setattr(encoder_mod, "pick_dtype", lambda dtype, device: "bfloat16" if dtype == "auto" else dtype)
+    timing_says("bfloat16")
     assert extract([manifest], out, **kw)["computed"] == 2
-    monkeypatch.setattr(encoder_mod, "pick_dtype", lambda dtype, device: "float32" if dtype == "auto" else dtype)
+    timing_says("float32")
     again = extract([manifest], out, **kw)  # a new timing would say float32: the collection keeps bfloat16
     assert (again["computed"], again["reused"]) == (0, 2)
     with FeatureStore(out) as fs:
