@@ -32,7 +32,7 @@ def exactness(corpus: Path, device: str, files: int, work: Path) -> dict:
     Raises:
         FileNotFoundError: ``corpus`` holds fewer than ``files`` FLAC files.
     """
-    found = sorted(corpus.rglob("*.flac"))
+    found = sorted(corpus.resolve().rglob("*.flac"))  # absolute: the manifest is written elsewhere
     if len(found) < files:
         raise FileNotFoundError(f"{corpus}: expected at least {files} RAVDESS .flac files, found {len(found)}; "
                                 "pass --corpus DIR (the 16 kHz FLAC copy of RAVDESS) or fewer --files.")
