@@ -138,6 +138,30 @@ def _product_seconds(dtype: torch.dtype, device: torch.device, size: int, repeat
     return best
 
 
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """float32 products and convolutions in full float32 on CUDA (no TF32) for the block, whatever the caller set,
+    then the caller's settings back. torch >= 2.9 has per-operation precision settings (``fp32_precision``), which
+    override a process-wide ``torch.backends.fp32_precision = "tf32"`` and must not be mixed with the legacy
+    ``allow_tf32`` flags (reading those raises once the new ones are set); older torch has only the flags."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        before = matmul.fp32_precision, conv.fp32_precision
+        try:
+            matmul.fp32_precision = conv.fp32_precision = "ieee"
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = before
+        return
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        matmul.allow_tf32 = before
+
+
 def pick_dtype(dtype: str, device: torch.device) -> str:
     """Resolve ``auto``: bfloat16 where a bfloat16 product runs at least 1.5x as fast as float32 here, measured
     now (a fraction of a second), else float32. Other values are returned as they are (``features.extract`` keeps
@@ -155,7 +179,7 @@ def pick_dtype(dtype: str, device: torch.device) -> str:
         return dtype
     if device.type == "cuda":
         with torch.cuda.device(device):  # the GPU asked for, not the current one
-            if not torch.cuda.is_bf16_supported():
+            if not torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bfloat16 (pre-Ampere) is slow
                 return "float32"
     size = 2048 if device.type == "cuda" else 1024
     try:
@@ -423,14 +447,8 @@ class Encoder:
         if self.device.type != "cuda":
             yield
             return
-        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-        try:
-            torch.backends.cuda.matmul.allow_tf32 = False
-            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), \
-                    torch.autocast("cuda", dtype=torch.float16, enabled=self.dtype == DType.FLOAT16):
-                yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        with no_tf32(), torch.autocast("cuda", dtype=torch.float16, enabled=self.dtype == DType.FLOAT16):
+            yield
 
     @property
     def input_dtype(self) -> torch.dtype:

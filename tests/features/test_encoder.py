@@ -304,3 +304,16 @@ def test_out_of_memory_pass_is_split_down_to_single_rows(tiny_model_dir, monkeyp
     monkeypatch.setattr(enc, "forward", lambda batch, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("full")))
     with pytest.raises(OSError, match="smaller --chunk-seconds"):
         forward_split(enc, waves[:1], None)
+
+
+def test_no_tf32_turns_tf32_off_for_products_and_convolutions_then_restores_the_callers_choice():
+    from features.encoder import no_tf32
+
+    backends, before = torch.backends, torch.backends.fp32_precision
+    try:
+        backends.fp32_precision = "tf32"  # a program that allows TF32 everywhere, with torch's newer setting
+        with no_tf32():
+            assert backends.cuda.matmul.fp32_precision == "ieee" and backends.cudnn.conv.fp32_precision == "ieee"
+        assert backends.cuda.matmul.fp32_precision == "tf32" and backends.cudnn.conv.fp32_precision == "tf32"
+    finally:
+        backends.fp32_precision = before
