@@ -357,17 +357,24 @@ def _groups(ready: list, enc: Encoder) -> list[list]:
 
 
 def encode_rows(enc: Encoder, batches: Sequence[Sequence[dict]], job: Job, add: Callable[..., None],
-                end_batch: Callable[[], None] = lambda: None) -> Iterator[tuple[float, dict | None]]:
+                end_batch: Callable[[], None] = lambda: None, *,
+                pipelined: bool | None = None) -> Iterator[tuple[float, dict | None]]:
     """Encode passes of rows (``id, path, source, seconds, todo``, from :func:`plan_batches`); long inputs are
     windowed and streamed. :meth:`Encoder.forward` keeps every row of a pass exact.
 
     Each result of a ``todo`` row goes to ``add(uid, source=..., frames=..., pooled=... | pieces=..., ...)``
     (frames already in the storage dtype, cast and pooled on the device), then ``end_batch()`` runs after each
     pass. Yields, per ``todo`` row, ``(seconds of audio encoded, skip record or None)``.
+
+    ``pipelined`` (default: on CUDA): a pass's results are collected only after the next pass has been queued,
+    so that the device computes pass k + 1 while its copies of pass k reach the host and are handed to ``add``;
+    the same rows, results and order of ``add`` calls as without.
     """
     storage = DTYPES[job.storage_dtype]
+    pipelined = enc.device.type == "cuda" if pipelined is None else pipelined
     flat = [row for batch in batches for row in batch]
     waves = decoded(flat, enc, job)
+    pending = None
     for batch in batches:
         ready = []
         for row, wave, err in islice(waves, len(batch)):
@@ -378,31 +385,53 @@ def encode_rows(enc: Encoder, batches: Sequence[Sequence[dict]], job: Job, add: 
                             "detail": str(err)}
         short = [(row, wave) for row, wave in ready if len(wave) <= enc.max_single_samples]
         results = {}
-        for group in _groups(short, enc):
-            if not any(row["todo"] for row, _ in group):  # its rows to do failed to decode: nothing to store
-                continue
-            states = forward_split(enc, [w for _, w in group], job.layers)
-            for (row, _), s in zip(group, states, strict=True):
-                if row["todo"]:
-                    frames, pooled = cast_and_pool(s, storage)
-                    results[row["id"]] = (to_host(frames), to_host(pooled))
-            del states
-        if enc.device.type == "cuda":
-            torch.cuda.current_stream(enc.device).synchronize()
-        for row, wave in ready:
-            if not row["todo"]:
-                continue
-            meta = {"path": row["path"], "duration_s": len(wave) / enc.sample_rate}
-            if row["id"] in results:
-                frames, pooled = results.pop(row["id"])
-                add(row["id"], source=row["source"], frames=frames.numpy(), pooled=pooled.numpy(), **meta)
-            else:  # long: windowed, streamed piece by piece into the store
-                pieces = (p.float().cpu().numpy() for p in enc.iter_hidden_states(wave, layers=job.layers,
-                                                                                  normalised=True))
-                add(row["id"], source=row["source"], num_frames=enc.num_frames(len(wave)), pieces=pieces,
-                    hidden_size=enc.hidden_size, **meta)
-            yield len(wave) / enc.sample_rate, None
-        end_batch()
+        try:
+            for group in _groups(short, enc):
+                if not any(row["todo"] for row, _ in group):  # its rows to do failed to decode: nothing to store
+                    continue
+                states = forward_split(enc, [w for _, w in group], job.layers)
+                for (row, _), s in zip(group, states, strict=True):
+                    if row["todo"]:
+                        frames, pooled = cast_and_pool(s, storage)
+                        results[row["id"]] = (to_host(frames), to_host(pooled))
+                del states
+        except BaseException:
+            if pending is not None:  # the pass before this failing one is finished: stored, not lost
+                yield from _collect(enc, job, add, end_batch, *pending)
+            raise
+        done = torch.cuda.Event() if enc.device.type == "cuda" else None
+        if done is not None:
+            done.record(torch.cuda.current_stream(enc.device))
+        if pending is not None:
+            yield from _collect(enc, job, add, end_batch, *pending)
+        pending = (ready, results, done)
+        if not pipelined:
+            yield from _collect(enc, job, add, end_batch, *pending)
+            pending = None
+    if pending is not None:
+        yield from _collect(enc, job, add, end_batch, *pending)
+
+
+def _collect(enc: Encoder, job: Job, add: Callable[..., None], end_batch: Callable[[], None], ready: list,
+             results: dict, done) -> Iterator[tuple[float, dict | None]]:
+    """Hand one pass's results to ``add`` once its copies to the host are complete (``done``: the device event
+    recorded after them), and compute its long rows window by window; then ``end_batch()``."""
+    if done is not None:
+        done.synchronize()
+    for row, wave in ready:
+        if not row["todo"]:
+            continue
+        meta = {"path": row["path"], "duration_s": len(wave) / enc.sample_rate}
+        if row["id"] in results:
+            frames, pooled = results.pop(row["id"])
+            add(row["id"], source=row["source"], frames=frames.numpy(), pooled=pooled.numpy(), **meta)
+        else:  # long: windowed, streamed piece by piece into the store
+            pieces = (p.float().cpu().numpy() for p in enc.iter_hidden_states(wave, layers=job.layers,
+                                                                              normalised=True))
+            add(row["id"], source=row["source"], num_frames=enc.num_frames(len(wave)), pieces=pieces,
+                hidden_size=enc.hidden_size, **meta)
+        yield len(wave) / enc.sample_rate, None
+    end_batch()
 
 
 def split_tasks(batches: list[list], procs: int, most: int) -> list[list[list]]:

@@ -258,6 +258,42 @@ def test_long_files_amid_short_ones_in_one_process_equal_worker_processes(tmp_pa
             np.testing.assert_array_equal(one.pooled(uid), two.pooled(uid), err_msg=uid)
 
 
+def test_pipelined_passes_store_the_same_and_keep_the_pass_before_a_failure(tmp_path, write_audio, make_manifest,
+                                                                             tiny_encoder_dir, monkeypatch):
+    # on CUDA a pass's results are collected after the next pass is queued; forced here on CPU
+    files = [write_audio(tmp_path / "a" / f"s{i % 3}" / f"u{i:02d}.wav", seconds=1.0 + 0.3 * i, seed=i)
+             for i in range(8)]
+    files.append(write_audio(tmp_path / "a" / "s0" / "long.wav", seconds=5.0, seed=99))  # windowed
+    manifest = make_manifest(files)
+    kw = {"encoder": str(tiny_encoder_dir), "device": "cpu", "dtype": "float32", "chunk_seconds": 1.0,
+          "feature_encoder": "library", "max_batch": 2, "procs": 1, "part_entries": 1}
+    extract([manifest], tmp_path / "plain", **kw)
+    encode = extract_mod.encode_rows
+    monkeypatch.setattr(extract_mod, "encode_rows", lambda *a, **k: encode(*a, **k, pipelined=True))
+    extract([manifest], tmp_path / "pipelined", **kw)
+    with FeatureStore(tmp_path / "plain") as plain, FeatureStore(tmp_path / "pipelined") as piped:
+        assert sorted(plain.ids()) == sorted(piped.ids()) and len(plain) == 9
+        for uid in plain.ids():
+            np.testing.assert_array_equal(plain.all_frames(uid), piped.all_frames(uid), err_msg=uid)
+            np.testing.assert_array_equal(plain.pooled(uid), piped.pooled(uid), err_msg=uid)
+    forward, calls = extract_mod.forward_split, []
+
+    def third_pass_fails(enc, waves, layers):
+        calls.append(len(waves))
+        if len(calls) == 3:
+            raise OSError("the device failed")
+        return forward(enc, waves, layers)
+
+    monkeypatch.setattr(extract_mod, "forward_split", third_pass_fails)
+    with pytest.raises(OSError, match="the device failed"):
+        extract([manifest], tmp_path / "failed", **kw)
+    monkeypatch.setattr(extract_mod, "forward_split", forward)
+    resumed = extract([manifest], tmp_path / "failed", **kw)
+    # kept: the long file (longest first, windowed without forward_split) and both passes before the failing one,
+    # the last of them still pending when the failure came
+    assert resumed["reused"] == 1 + sum(calls[:2]) and resumed["computed"] == 9 - 1 - sum(calls[:2])
+
+
 def test_a_rerun_computes_no_pass_whose_only_row_to_do_cannot_be_decoded(tmp_path, write_audio, make_manifest,
                                                                         tiny_encoder_dir, forward_calls):
     good = write_audio(tmp_path / "a" / "s1" / "good.wav", seconds=1.0)  # one pass with the bad row (1 s listed)
