@@ -146,13 +146,14 @@ def _matmul_rate(dtype: str, device: str, size: int, repeats: int, threads: int 
     a = torch.randn(size, size, device=device).to(DTYPES[dtype])
     b = torch.randn(size, size, device=device).to(DTYPES[dtype])
     best = float("inf")
+    cuda = str(device).startswith("cuda")
     for _ in range(repeats + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best
 
@@ -225,20 +226,24 @@ def _run_one(model_dir: str, manifest: str, out: str, dtype: str, device: str, t
     load = os.getloadavg()[0]
     memory, gpu = _PeakMemory(), _GpuSampler()
     memory.start()
-    if device == "cuda":
-        gpu.start()
     start = time.perf_counter()
     enc = load_encoder(model_dir, device=device, dtype=dtype)
-    procs = 1 if enc.device.type == "cuda" else threads
+    cuda = enc.device.type == "cuda"
+    procs = 1 if cuda else threads
+    if cuda:  # utilisation during the extraction, on the GPU asked for (cuda:N included)
+        torch.cuda.set_device(enc.device)
+        torch.cuda.reset_peak_memory_stats(enc.device)
+        gpu.start()
     summary = extract([manifest], out, encoder=enc, procs=procs)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize(enc.device)
     wall = time.perf_counter() - start
     peak_mb = memory.stop()
-    utilisation = gpu.stop() if device == "cuda" else None
+    utilisation = gpu.stop() if cuda else None
+    peak_gpu_mb = torch.cuda.max_memory_allocated(enc.device) / 2**20 if cuda else None  # before the product probe
     audio = summary["audio_seconds"]
     torch.set_num_threads(threads)
-    peak = matmul_flops_per_s(dtype, enc.device.type, procs=procs, size=8192 if device == "cuda" else 2048)
+    peak = matmul_flops_per_s(dtype, str(enc.device), procs=procs, size=8192 if cuda else 2048)
     flops = sum(encoder_flops(enc.model.config, int(round(d * enc.sample_rate))) for d in rows["duration_s"])
     flops_per_audio_s = flops / audio
     throughput, computing = audio / wall, audio / summary["compute_seconds"]
@@ -252,9 +257,9 @@ def _run_one(model_dir: str, manifest: str, out: str, dtype: str, device: str, t
               "feature_encoder": enc.feature_encoder, "feature_encoder_timing": enc.feature_encoder_timing,
               "peak_rss_mb": round(peak_mb, 1), "procs": procs, "threads": threads if procs == 1 else 1,
               "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
-    if device == "cuda":
-        record.update(gpu=torch.cuda.get_device_name(), gpu_utilisation=utilisation,
-                      peak_gpu_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1))
+    if cuda:
+        record.update(gpu=torch.cuda.get_device_name(enc.device), gpu_utilisation=utilisation,
+                      peak_gpu_mb=round(peak_gpu_mb, 1))
     return record
 
 
@@ -287,8 +292,8 @@ def bench(*, device: str = "auto", audio_seconds: float = 1200.0, dtypes: Sequen
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     from features.encoder import resolve_device
-    dev = resolve_device(device).type
-    dtypes = list(dtypes or (["float32", "bfloat16"] + (["float16"] if dev == "cuda" else [])))
+    dev = str(resolve_device(device))  # cuda:N kept: the GPU asked for
+    dtypes = list(dtypes or (["float32", "bfloat16"] + (["float16"] if dev.startswith("cuda") else [])))
     dtypes = ["float32"] + [d for d in dtypes if d != "float32"]
     threads = threads or os.cpu_count()
     records = []
