@@ -328,12 +328,21 @@ def cast_and_pool(states: torch.Tensor, storage_dtype: torch.dtype) -> tuple[tor
     return frames, torch.cat([mean, std], dim=-1)
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says the device ran out of memory: torch's own error, or cuBLAS's and cuDNN's allocation
+    failures, which reach Python as a plain ``RuntimeError``."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and any(text in str(err) for text in ("out of memory", "ALLOC_FAILED")))
+
+
 def forward_split(enc: Encoder, waves: list[np.ndarray], layers: Sequence[int]) -> list[torch.Tensor]:
     """:meth:`Encoder.forward`; a pass that runs out of device memory is split in halves and retried, down to
     single rows (each row's result does not depend on its batch-mates)."""
     try:
         return enc.forward(waves, layers=layers)
-    except torch.OutOfMemoryError as err:
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
         if len(waves) == 1:
             raise OSError(errno.ENOMEM, f"one utterance of {len(waves[0]) / enc.sample_rate:.1f} s does not fit in "
                               f"{enc.device} memory ({err}); expected windows that fit: pass a smaller "

@@ -293,8 +293,10 @@ def test_out_of_memory_pass_is_split_down_to_single_rows(tiny_model_dir, monkeyp
 
     def small_device(batch, **kw):
         sizes.append(len(batch))
-        if len(batch) > 1:
+        if len(batch) > 2:
             raise torch.OutOfMemoryError("pretend the device is full")
+        if len(batch) > 1:  # cuBLAS's allocation failure reaches Python as a plain RuntimeError
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
         return original(batch, **kw)
 
     monkeypatch.setattr(enc, "forward", small_device)
@@ -304,6 +306,9 @@ def test_out_of_memory_pass_is_split_down_to_single_rows(tiny_model_dir, monkeyp
     monkeypatch.setattr(enc, "forward", lambda batch, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("full")))
     with pytest.raises(OSError, match="smaller --chunk-seconds"):
         forward_split(enc, waves[:1], None)
+    monkeypatch.setattr(enc, "forward", lambda batch, **kw: (_ for _ in ()).throw(RuntimeError("a shape mismatch")))
+    with pytest.raises(RuntimeError, match="a shape mismatch"):  # another error is not split and retried
+        forward_split(enc, waves, None)
 
 
 def test_no_tf32_turns_tf32_off_for_products_and_convolutions_then_restores_the_callers_choice():
