@@ -12,7 +12,7 @@ Schemes (each corpus of a multi-corpus manifest is split on its own, then the fo
 - ``actor_holdout``: speakers sorted by id; the last 10 % (at least one) test, the 10 % before them
   validation, the rest training. For RAVDESS this is the seed protocol: actors 1-20 / 21-22 / 23-24.
 - ``speaker_kfold``: folds of speaker groups. RAVDESS: 6 folds of 4 consecutive actors (two male, two
-  female each); SAVEE, EmoDB: leave one speaker out; TESS: train on one speaker, test on the other;
+  female each; kept when some files were rejected); SAVEE, EmoDB: leave one speaker out; TESS: train on one speaker, test on the other;
   CREMA-D: 5 folds. Other corpora, or ``--folds K``: K groups balanced by utterance count and gender.
   Each fold validates on the next group (taken from its training speakers). TESS has only two speakers,
   so its folds have no validation speaker (a validation split of the training speaker would leak).
@@ -50,6 +50,9 @@ class SplitScheme(StrEnum):
 PARTITIONS = ("train", "val", "test")
 #: Speaker-group folds of each corpus's usual protocol: ``None`` means leave one speaker out.
 PROTOCOL_FOLDS = {"ravdess": 6, "cremad": 5, "tess": None, "savee": None, "emodb": None}
+#: Corpora whose protocol folds are groups of consecutive speakers, whatever files are missing (RAVDESS: actors
+#: 1-4, 5-8, ...: two male and two female each).
+CONSECUTIVE_PROTOCOL = {"ravdess"}
 
 
 def _sidecar(path: Path) -> Path:
@@ -68,11 +71,13 @@ def holdout_groups(speakers: list[str]) -> dict[str, str]:
             for i, s in enumerate(speakers)}
 
 
-def speaker_groups(utterances: pd.DataFrame, n_folds: int | None) -> list[list[str]]:
+def speaker_groups(utterances: pd.DataFrame, n_folds: int | None, *, consecutive: bool = False) -> list[list[str]]:
     """Split a corpus's speakers into ``n_folds`` groups (``None``: one speaker per group).
 
-    Groups are consecutive when the speakers divide evenly (RAVDESS: actors 1-4, 5-8, ...); otherwise
-    speakers are dealt, largest first, to the group with the fewest utterances, alternating gender.
+    Groups are consecutive when the speakers divide evenly and either every speaker has as many utterances or
+    ``consecutive`` asks for it (RAVDESS's protocol, actors 1-4, 5-8, ..., kept when a file or two were
+    rejected); otherwise speakers are dealt, largest first, to the group with the fewest utterances,
+    alternating gender.
     """
     counts = utterances.groupby("speaker").size()
     speakers = sorted(counts.index)
@@ -80,7 +85,7 @@ def speaker_groups(utterances: pd.DataFrame, n_folds: int | None) -> list[list[s
         return [[s] for s in speakers]
     if n_folds < 2:
         raise ValueError(f"speaker_kfold needs at least 2 folds; got {n_folds}.")
-    if len(speakers) % n_folds == 0 and counts.nunique() == 1:
+    if len(speakers) % n_folds == 0 and (consecutive or counts.nunique() == 1):
         size = len(speakers) // n_folds
         return [speakers[i:i + size] for i in range(0, len(speakers), size)]
     gender = utterances.drop_duplicates("speaker").set_index("speaker")["gender"] if "gender" in utterances \
@@ -95,8 +100,8 @@ def speaker_groups(utterances: pd.DataFrame, n_folds: int | None) -> list[list[s
     return [sorted(g) for g in groups]
 
 
-def _kfold_rows(utterances: pd.DataFrame, n_folds: int | None) -> pd.DataFrame:
-    groups = speaker_groups(utterances, n_folds)
+def _kfold_rows(utterances: pd.DataFrame, n_folds: int | None, consecutive: bool = False) -> pd.DataFrame:
+    groups = speaker_groups(utterances, n_folds, consecutive=consecutive)
     speaker_fold = {s: i for i, g in enumerate(groups) for s in g}
     rows = []
     for fold in range(len(groups)):
@@ -181,7 +186,9 @@ def make_split(manifest: pd.DataFrame, *, scheme: str, seed: int = 0, n_folds: i
             assign = holdout_groups(list(utterances["speaker"].unique()))
             parts.append(pd.DataFrame({"fold": 0, "id": utterances["id"], "partition": utterances["speaker"].map(assign)}))
         else:
-            parts.append(_kfold_rows(utterances, n_folds if n_folds is not None else PROTOCOL_FOLDS.get(corpus, 5)))
+            folds = n_folds if n_folds is not None else PROTOCOL_FOLDS.get(corpus, 5)
+            protocol = corpus in CONSECUTIVE_PROTOCOL and folds == PROTOCOL_FOLDS[corpus]
+            parts.append(_kfold_rows(utterances, folds, consecutive=protocol))
     splits = pd.concat(parts, ignore_index=True).sort_values(["fold", "id"], kind="stable").reset_index(drop=True)
     if scheme != SplitScheme.RANDOM:
         check_speaker_independent(splits, manifest)

@@ -47,6 +47,15 @@ def test_ravdess_kfold_six_groups_of_four():
     check_speaker_independent(splits, RAVDESS)
 
 
+def test_a_rejected_file_keeps_ravdess_folds_of_consecutive_actors():
+    short = RAVDESS.drop(index=5)  # one utterance of actor 01 rejected (too short, empty)
+    splits = make_split(short, scheme="speaker_kfold")
+    assert [_speakers(splits, short, fold, "test") for fold in range(6)] == [
+        [f"ravdess_{a:02d}" for a in range(4 * f + 1, 4 * f + 5)] for f in range(6)]
+    other = make_split(short, scheme="speaker_kfold", n_folds=4)  # not the protocol: balanced groups
+    assert [len(_speakers(other, short, fold, "test")) for fold in range(4)] == [6, 6, 6, 6]
+
+
 @pytest.mark.parametrize("corpus,speakers,folds", [("savee", ["DC", "JE", "JK", "KL"], 4),
                                                    ("emodb", ["03", "08", "09", "10", "11", "12", "13", "14", "15", "16"], 10),
                                                    ("tess", ["OAF", "YAF"], 2)])
