@@ -16,8 +16,10 @@ NAME = "cremad"
 SPEAKERS = 91
 FILES = 7442
 EMOTIONS = {"ANG": "angry", "DIS": "disgust", "FEA": "fearful", "HAP": "happy", "NEU": "neutral", "SAD": "sad"}
+#: The 12 sentences CREMA-D's actors read.
+SENTENCES = {"IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI"}
 LEVELS = {"LO": "low", "MD": "medium", "HI": "high", "XX": "unspecified", "X": "unspecified"}
-_PATTERN = re.compile(r"^(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{1,2})$", re.IGNORECASE)
+_PATTERN = re.compile(r"^(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{1,2})$", re.IGNORECASE | re.ASCII)
 
 
 def read_demographics(root: Path | None) -> dict[str, str]:
@@ -42,14 +44,18 @@ def parser(root: Path | None):
     genders = read_demographics(root)
 
     def parse(path: Path) -> Parsed:
-        match = _PATTERN.match(path.stem)
+        match = _PATTERN.fullmatch(path.stem)
         if not match:
             raise NameRejected("bad_name", f"{path.name}: expected CREMA-D's AAAA_SSS_EMO_LVL naming")
         actor, sentence, emotion, level = (g.upper() for g in match.groups())
-        if emotion not in EMOTIONS or level not in LEVELS or not 1001 <= int(actor) <= 1091:
+        if (emotion not in EMOTIONS or level not in LEVELS or sentence not in SENTENCES
+                or not 1001 <= int(actor) <= 1091):
             raise NameRejected("bad_name", f"{path.name}: emotion must be one of {sorted(EMOTIONS)}, level one "
-                                           f"of {sorted(LEVELS)}, actor 1001-1091")
-        return Parsed(key=f"{actor}_{sentence}_{emotion}_{level}", speaker=f"cremad_{actor}",
+                                           f"of {sorted(LEVELS)}, sentence one of {sorted(SENTENCES)}, actor "
+                                           "1001-1091")
+        # the corpus names one unspecified level X once: the same utterance as XX for the duplicate check
+        key_level = "XX" if level == "X" else level
+        return Parsed(key=f"{actor}_{sentence}_{emotion}_{key_level}", speaker=f"cremad_{actor}",
                       gender=genders.get(actor, "unknown"), emotion=EMOTIONS[emotion],
                       extra={"text": sentence, "intensity": LEVELS[level]})
 

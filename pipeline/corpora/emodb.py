@@ -16,7 +16,7 @@ FILES = 535
 EMOTIONS = {"W": "angry", "L": "boredom", "E": "disgust", "A": "fearful", "F": "happy", "T": "sad", "N": "neutral"}
 GENDERS = {"03": "male", "08": "female", "09": "female", "10": "male", "11": "male", "12": "male",
            "13": "female", "14": "female", "15": "male", "16": "female"}
-_PATTERN = re.compile(r"^(\d{2})([ab]\d{2})([WLEAFTN])([a-z])$", re.IGNORECASE)
+_PATTERN = re.compile(r"^(\d{2})([ab]\d{2})([WLEAFTN])([a-z])$", re.IGNORECASE | re.ASCII)
 
 
 def parser(root: Path | None):
@@ -25,7 +25,7 @@ def parser(root: Path | None):
 
 
 def parse(path: Path) -> Parsed:
-    match = _PATTERN.match(path.stem)
+    match = _PATTERN.fullmatch(path.stem)
     if not match:
         raise NameRejected("bad_name", f"{path.name}: expected EmoDB's naming like 03a01Fa (speaker, text, "
                                        "emotion letter, version)")

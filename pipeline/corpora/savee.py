@@ -15,8 +15,8 @@ FILES = 480
 EMOTIONS = {"a": "angry", "d": "disgust", "f": "fearful", "h": "happy", "n": "neutral", "sa": "sad",
             "su": "surprised"}
 _SPEAKERS = ("DC", "JE", "JK", "KL")
-_FLAT = re.compile(r"^(DC|JE|JK|KL)_(sa|su|a|d|f|h|n)(\d{1,3})$", re.IGNORECASE)
-_NESTED = re.compile(r"^(sa|su|a|d|f|h|n)(\d{1,3})$", re.IGNORECASE)
+_FLAT = re.compile(r"^(DC|JE|JK|KL)_(sa|su|a|d|f|h|n)(\d{1,3})$", re.IGNORECASE | re.ASCII)
+_NESTED = re.compile(r"^(sa|su|a|d|f|h|n)(\d{1,3})$", re.IGNORECASE | re.ASCII)
 
 
 def parser(root: Path | None):
@@ -25,8 +25,8 @@ def parser(root: Path | None):
 
 
 def parse(path: Path) -> Parsed:
-    flat = _FLAT.match(path.stem)
-    nested = _NESTED.match(path.stem)
+    flat = _FLAT.fullmatch(path.stem)
+    nested = _NESTED.fullmatch(path.stem)
     if flat:
         speaker, code, number = flat.groups()
     elif nested and path.parent.name.upper() in _SPEAKERS:

@@ -19,7 +19,7 @@ EMOTIONS = {"angry": "angry", "disgust": "disgust", "fear": "fearful", "happy": 
             "pleasant_surprise": "surprised", "pleasant_surprised": "surprised", "pleasant-surprise": "surprised",
             "surprise": "surprised", "surprised": "surprised"}
 _PATTERN = re.compile(r"^(OAF|YAF)_(.+?)_(" + "|".join(re.escape(e) for e in sorted(EMOTIONS, key=len, reverse=True)) + r")$",
-                      re.IGNORECASE)
+                      re.IGNORECASE | re.ASCII)
 
 
 def parser(root: Path | None):
@@ -28,7 +28,7 @@ def parser(root: Path | None):
 
 
 def parse(path: Path) -> Parsed:
-    match = _PATTERN.match(path.stem.strip())
+    match = _PATTERN.fullmatch(path.stem.strip())
     if not match:
         raise NameRejected("bad_name", f"{path.name}: expected TESS's OAF_word_emotion or YAF_word_emotion naming "
                                        f"(emotion one of {sorted(EMOTIONS)})")

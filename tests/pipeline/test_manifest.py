@@ -26,6 +26,9 @@ def test_bad_ravdess_files_become_rejects(tmp_path, write_audio):
     write_audio(actor / "speech_angry_take2.wav")
     write_audio(actor / "03-02-05-01-01-01-01.wav")  # song
     write_audio(actor / "02-01-05-01-01-01-01.wav")  # video-only
+    write_audio(actor / "04-01-05-01-01-01-01.wav")  # no such modality
+    write_audio(actor / "03-01-01-02-01-01-01.wav")  # neutral was never recorded at strong intensity
+    write_audio(actor / "03-01-05-01-01-01-０１.wav")  # full-width digits: not actor 01 under another name
     out, rejects_csv = tmp_path / "m.csv", tmp_path / "r.csv"
     assert main(["--corpus", "ravdess", "--root", str(tmp_path / "ravdess"), "--out", str(out),
                  "--rejects", str(rejects_csv)]) == 0
@@ -38,7 +41,8 @@ def test_bad_ravdess_files_become_rejects(tmp_path, write_audio):
         "03-01-05-01-01-02-01.wav": "unreadable", "03-01-05-01-02-01-01.wav": "empty",
         "03-01-05-01-02-02-01.wav": "silent", "03-01-05-02-01-01-01.wav": "non_finite",
         "speech_angry_take2.wav": "bad_name", "03-02-05-01-01-01-01.wav": "not_speech",
-        "02-01-05-01-01-01-01.wav": "not_speech"}
+        "02-01-05-01-01-01-01.wav": "not_speech", "04-01-05-01-01-01-01.wav": "bad_name",
+        "03-01-01-02-01-01-01.wav": "bad_name", "03-01-05-01-01-01-０１.wav": "bad_name"}
     assert rejects["detail"].notna().all()
 
 
@@ -266,3 +270,12 @@ def test_one_file_under_two_names_is_a_counted_duplicate_not_two_labels(two_acto
     assert len(row) == 1 and "the same file (a link) as" in row["detail"].iloc[0]
     assert manifest["path"].map(lambda p: (two_actors / p).resolve()).is_unique
     assert first.relative_to(two_actors).as_posix() in manifest["path"].tolist()  # the file itself, its own label
+
+
+def test_cremad_names_outside_its_sentences_are_rejects_and_level_x_is_xx(tmp_path, write_audio):
+    for name in ("1001_DFA_ANG_XX.wav", "1001_DFA_ANG_X.wav", "1001_ZZZ_ANG_XX.wav"):
+        write_audio(tmp_path / "c" / "AudioWAV" / name)
+    manifest, rejects = scan_corpus("cremad", tmp_path / "c", progress=False)
+    assert len(manifest) == 1 and manifest["intensity"].tolist() == ["unspecified"]  # X and XX: one utterance
+    assert sorted(rejects["reason"]) == ["bad_name", "duplicate"]
+    assert rejects.set_index("reason").loc["bad_name", "path"].endswith("1001_ZZZ_ANG_XX.wav")
