@@ -15,6 +15,8 @@ FILES = 480
 EMOTIONS = {"a": "angry", "d": "disgust", "f": "fearful", "h": "happy", "n": "neutral", "sa": "sad",
             "su": "surprised"}
 _SPEAKERS = ("DC", "JE", "JK", "KL")
+#: Sentences per emotion of each speaker: 15, and 30 for neutral.
+SENTENCES = {code: 30 if code == "n" else 15 for code in EMOTIONS}
 _FLAT = re.compile(r"^(DC|JE|JK|KL)_(sa|su|a|d|f|h|n)(\d{1,3})$", re.IGNORECASE | re.ASCII)
 _NESTED = re.compile(r"^(sa|su|a|d|f|h|n)(\d{1,3})$", re.IGNORECASE | re.ASCII)
 
@@ -34,5 +36,8 @@ def parse(path: Path) -> Parsed:
     else:
         raise NameRejected("bad_name", f"{path}: expected SAVEE's DC_a01 naming, or a01 inside a DC/JE/JK/KL folder")
     speaker, code = speaker.upper(), code.lower()
+    if not 1 <= int(number) <= SENTENCES[code]:
+        raise NameRejected("bad_name", f"{path}: sentence {int(number)} is outside SAVEE's 1-{SENTENCES[code]} for "
+                                       f"emotion {code}")
     return Parsed(key=f"{speaker}_{code}{int(number):02d}", speaker=f"savee_{speaker}", gender="male",
                   emotion=EMOTIONS[code], extra={"text": f"{code}{int(number):02d}"})

@@ -279,3 +279,15 @@ def test_cremad_names_outside_its_sentences_are_rejects_and_level_x_is_xx(tmp_pa
     assert len(manifest) == 1 and manifest["intensity"].tolist() == ["unspecified"]  # X and XX: one utterance
     assert sorted(rejects["reason"]) == ["bad_name", "duplicate"]
     assert rejects.set_index("reason").loc["bad_name", "path"].endswith("1001_ZZZ_ANG_XX.wav")
+
+
+def test_emodb_texts_and_savee_sentences_outside_the_corpora_are_rejects(tmp_path, write_audio):
+    for name in ("03a01Wa.wav", "03b99Wa.wav", "03a03Wa.wav"):
+        write_audio(tmp_path / "e" / "wav" / name)
+    manifest, rejects = scan_corpus("emodb", tmp_path / "e", progress=False)
+    assert len(manifest) == 1 and _reasons(rejects) == {"03b99Wa.wav": "bad_name", "03a03Wa.wav": "bad_name"}
+    for name in ("DC_n30.wav", "DC_n31.wav", "DC_a15.wav", "DC_a16.wav"):
+        write_audio(tmp_path / "s" / name)
+    manifest, rejects = scan_corpus("savee", tmp_path / "s", progress=False)
+    assert sorted(manifest["text"]) == ["a15", "n30"]
+    assert _reasons(rejects) == {"DC_n31.wav": "bad_name", "DC_a16.wav": "bad_name"}
