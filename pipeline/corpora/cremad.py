@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import re
+import sys
 from pathlib import Path
 
 from pipeline.corpora.base import NameRejected, Parsed
@@ -28,6 +29,9 @@ def read_demographics(root: Path | None) -> dict[str, str]:
         return {}
     found = sorted(p for p in Path(root).rglob("*") if p.name.lower() == "videodemographics.csv")
     if not found:
+        print(f"warning: {root} holds no VideoDemographics.csv (CREMA-D's actor list); every actor's gender is "
+              "'unknown', and folds are balanced by size alone. Put the file beside the audio (`python -m "
+              "pipeline.pull` fetches it).", file=sys.stderr)
         return {}
     genders = {}
     with open(found[0], newline="", encoding="utf-8-sig") as handle:

@@ -272,10 +272,12 @@ def test_one_file_under_two_names_is_a_counted_duplicate_not_two_labels(two_acto
     assert first.relative_to(two_actors).as_posix() in manifest["path"].tolist()  # the file itself, its own label
 
 
-def test_cremad_names_outside_its_sentences_are_rejects_and_level_x_is_xx(tmp_path, write_audio):
+def test_cremad_names_outside_its_sentences_are_rejects_and_level_x_is_xx(tmp_path, write_audio, capsys):
     for name in ("1001_DFA_ANG_XX.wav", "1001_DFA_ANG_X.wav", "1001_ZZZ_ANG_XX.wav"):
         write_audio(tmp_path / "c" / "AudioWAV" / name)
     manifest, rejects = scan_corpus("cremad", tmp_path / "c", progress=False)
+    assert "holds no VideoDemographics.csv" in capsys.readouterr().err  # genders unknown: said
+    assert manifest["gender"].tolist() == ["unknown"]
     assert len(manifest) == 1 and manifest["intensity"].tolist() == ["unspecified"]  # X and XX: one utterance
     assert sorted(rejects["reason"]) == ["bad_name", "duplicate"]
     assert rejects.set_index("reason").loc["bad_name", "path"].endswith("1001_ZZZ_ANG_XX.wav")
