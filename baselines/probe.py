@@ -9,7 +9,7 @@ For every layer of the store, a class-balanced logistic regression (``baselines.
 is fitted on that layer's pooled statistics (per-utterance mean ‖ std, ``FeatureStore.pooled(uid)[layer]``) of
 each fold's training and validation utterances, and tested on the fold's test utterances: the same folds,
 label set and normalisation as every other system. Each layer is a run directory
-``OUT/layer_<hidden-state index>`` written by :func:`baselines.train.train_sklearn`, with ``protocol.probe_layer``
+``OUT/layer_<hidden-state index, two digits>`` (``layer_00``, ``layer_12``) written by :func:`baselines.train.train_sklearn`, with ``protocol.probe_layer``
 (the hidden-state index) and ``protocol.encoder``, so ``pipeline.compare`` scores it like any system (UA with its
 bootstrap interval) and draws UA against layer, one line per encoder (Pepino et al., 2021; SUPERB's layer
 analysis).
@@ -32,7 +32,7 @@ from training.rundir import staged_run
 def probe_layers(*, features: str, manifests: Sequence[str], split: str, label_set: str, out: str,
                  encoder_name: str | None = None, merge_calm: bool = False, augmentation: bool = True,
                  normalisation: str = "global", seed: int = 0, C: float = 1.0) -> list[dict]:
-    """Fit and test the probe on every layer of ``features``; write ``out/layer_<k>/`` run directories.
+    """Fit and test the probe on every layer of ``features``; write ``out/layer_<kk>/`` run directories.
 
     Args:
         features: feature store of an encoder (its ``pooled`` statistics per layer).

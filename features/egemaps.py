@@ -6,7 +6,7 @@ processed by a pool of processes, one per core. The store is built incrementally
 :class:`features.cache.StoreBuild`, in the layout of :mod:`features.store`.
 
 Example:
-    python -m features.egemaps --manifest data/manifest.csv --out data/features/egemaps.h5
+    python -m features.egemaps --manifest data/manifest.csv --out data/features/egemaps
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ several decoding threads. The store is built incrementally and kill-safely by
 
 Example:
     python -m features.extract --manifest data/manifest.csv --manifest data/augmented/manifest.csv \\
-        --out data/features/wav2vec2.h5 --skips data/features/wav2vec2.skips.csv --dtype bfloat16
+        --out data/features/wav2vec2-base --skips data/features/wav2vec2-base.skips.csv \\
+        --encoder facebook/wav2vec2-base --dtype bfloat16
 """
 
 from __future__ import annotations

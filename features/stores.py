@@ -11,7 +11,7 @@ applies the same checks.
 Example:
     python -m features.stores list                         # everything below data/features
     python -m features.stores remove --unused --dry-run    # what would go, and how much
-    python -m features.stores remove data/features/wav2vec2.h5/hubert-base-float32-0123456789ab
+    python -m features.stores remove data/features/wav2vec2-base/hubert-base-float32-0123456789ab
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Paths in the manifest (and the rejects) are relative to their corpus's root, whi
 (``manifest.roots.json``); ``pipeline.roots.read_manifest`` resolves them. So the manifest, and every ``dvc.lock`` hash
 downstream of it, is the same in two clones of the project at different paths.
 
-Each file under a root is either a manifest row or a rejects row (``path, reason, detail``). Reasons:
+Each file under a root is either a manifest row or a rejects row (``path, corpus, reason, detail``). Reasons:
 ``bad_name`` (outside the corpus's naming convention, or not UTF-8), ``not_speech`` (song, video), ``empty`` (zero bytes),
 ``not_audio`` / ``unreadable`` / ``corrupt`` / ``no_samples`` (libsndfile cannot decode it, or no permission
 to read it), ``truncated`` (less data than the header announces), ``too_short`` (under ``pipeline.audio.MIN_SECONDS``),

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m pipeline.split --manifest M --scheme actor_holdout|speaker_kfold|random --out splits.csv
+    python -m pipeline.split --manifest M --scheme actor_holdout|speaker_kfold|cross_corpus|random --out splits.csv
 
 Writes long-format rows ``fold, id, partition`` (partition ``train``/``val``/``test``; ``fold`` 0 for single
 splits) and a sidecar ``splits.json`` (scheme, speaker independence, folds, speakers per partition).

@@ -5,7 +5,7 @@
 #     into .whl/;
 #   - RAVDESS's 16 kHz FLAC files (about 52 MB) into .gpu-data/ravdess/ (the ../shared beside a checkout does not
 #     travel).
-# Both folders are ignored through .git/info/exclude and must be carried: carry [".whl", ".gpu-data"], command
+# Both folders are git-ignored (.gitignore) and must be carried: carry [".whl", ".gpu-data"], command
 # `scripts/gpu-check.sh` (it installs the wheels when the image lacks the packages and reads .gpu-data/ravdess).
 #   scripts/gpu-prepare.sh [RAVDESS_DIR]            (default ../shared/corpora/ravdess)
 set -euo pipefail
