@@ -20,15 +20,26 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _leftovers(out: Path) -> list[Path]:
-    """Staging and replaced folders beside ``out`` whose writer no longer runs (``owner_gone``), oldest first."""
+def leftovers(out: Path, *tags: str) -> list[Path]:
+    """Staging (``.<name>.tmp-<pid>``) and replaced (``.<name>.old-<pid>``) folders beside ``out``, of ``tags``
+    (both by default), whose writer no longer runs (``owner_gone``), oldest first."""
     found = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         tag, _, pid = path.name[len(out.name) + 2:].rpartition("-")
-        if tag in {"tmp", "old"} and pid.isdigit() and owner_gone(pid):
+        if tag in (tags or ("tmp", "old")) and pid.isdigit() and owner_gone(pid):
             with contextlib.suppress(OSError):
                 found.append((path.lstat().st_mtime, path))
     return [path for _, path in sorted(found)]
+
+
+def put_back(out: Path, accept: Callable[[Path], bool] = lambda path: True) -> Path:
+    """Where ``out`` is missing, rename back the newest replaced folder beside it that ``accept`` takes (a run
+    killed between the two renames of :func:`swap_in`); returns ``out``."""
+    if not out.exists():
+        olds = [path for path in leftovers(out, "old") if accept(path)]
+        if olds:
+            os.replace(olds[-1], out)
+    return out
 
 
 def check_replaceable(out: str | os.PathLike) -> Path:
@@ -99,11 +110,8 @@ def replaced_whole(out: str | os.PathLike, *, carry: Callable[[Path], bool] = la
     """
     out = check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stale = _leftovers(out)
-    olds = [p for p in stale if p.name.startswith(f".{out.name}.old-") and p.is_dir() and not p.is_symlink()]
-    if not out.exists() and olds:  # killed between its two renames: the previous output goes back first
-        os.replace(olds[-1], out)
-    for path in stale:
+    put_back(out, accept=lambda path: path.is_dir() and not path.is_symlink())  # the previous output first
+    for path in leftovers(out):
         _remove(path)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir()

@@ -39,7 +39,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import re
@@ -56,8 +55,7 @@ from safetensors import SafetensorError
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from pipeline.metrics import SCORES, scores
-from pipeline.outputs import swap_in
-from pipeline.processes import owner_gone
+from pipeline.outputs import leftovers, put_back, swap_in
 
 if TYPE_CHECKING:  # torch is imported where models are saved or loaded: reading runs (compare) needs none
     import torch
@@ -73,45 +71,22 @@ MODELS_DIR = "models"
 RUN_ENTRIES = frozenset({"metrics.json", "predictions.csv", "history.csv", "layer_weights.json", MODELS_DIR})
 
 
-def _siblings(out: Path, tag: str) -> list[Path]:
-    found = []
-    for path in out.parent.glob(f".{glob.escape(out.name)}.{tag}-*"):
-        suffix = path.name.rsplit("-", 1)[-1]
-        if suffix.isdigit():
-            found.append(path)
-    return sorted(found, key=lambda p: p.stat().st_mtime)
-
-
 def recover_run(out: str | os.PathLike) -> Path:
     """Put back a run left half-swapped by a killed trainer; return the run directory's path.
 
     When ``out`` is missing and a ``.<name>.old-<pid>`` sibling holds a previous run, or a probe's folder of
     runs (a kill between the two renames of a commit), it is renamed back to ``out``. Nothing else is touched.
     """
-    out = Path(out)
-    if not out.exists():
-        olds = [p for p in _siblings(out, "old")  # a run, or a probe's folder of per-layer runs
-                if ((p / "metrics.json").is_file() or any(p.glob("*/metrics.json")))
-                and owner_gone(p.name.rsplit("-", 1)[-1])]
-        if olds:
-            os.replace(olds[-1], out)
-    return out
+    return put_back(Path(out), accept=lambda old: (old / "metrics.json").is_file()  # a run, or a probe's folder
+                    or any(old.glob("*/metrics.json")))
 
 
 def clean_stale(out: str | os.PathLike) -> list[Path]:
     """Remove staging folders of trainers that no longer run and old runs already replaced; return them."""
     out = recover_run(out)
-    removed = []
-    for path in _siblings(out, "tmp"):
-        if owner_gone(path.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    if out.exists():
-        for path in _siblings(out, "old"):
-            if not owner_gone(path.name.rsplit("-", 1)[-1]):
-                continue
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    removed = leftovers(out, "tmp") + (leftovers(out, "old") if out.exists() else [])
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
     return removed
 
 
