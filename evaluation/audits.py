@@ -22,7 +22,7 @@ import pandas as pd
 
 from evaluation import stats
 from evaluation.results import Result
-from evaluation.systems import COMPUTE_ONLY
+from evaluation.systems import what_it_computes
 from pipeline.split import SplitScheme
 
 #: The protocol keys that define a system, on which the leakage audit pairs a system with itself across splits.
@@ -100,10 +100,8 @@ def cross_corpus(results: list[Result], corpus_of: Callable[[str], str]) -> pd.D
 def configuration(result: Result) -> str:
     """What makes two results one system for the audits: their protocols' :data:`SYSTEM_KEYS` (settings that
     change only how fast a run computes left out, as ``evaluation.systems`` groups runs)."""
-    config = {k: result.system.protocol.get(k) for k in SYSTEM_KEYS}
-    if isinstance(config["settings"], dict):
-        config["settings"] = {k: v for k, v in config["settings"].items() if k not in COMPUTE_ONLY}
-    return json.dumps(config, sort_keys=True, default=str)
+    protocol = what_it_computes(result.system.protocol)
+    return json.dumps({k: protocol.get(k) for k in SYSTEM_KEYS}, sort_keys=True, default=str)
 
 
 def display_name(result: Result) -> str:

@@ -90,6 +90,14 @@ def label_key(run: Run) -> tuple:
 COMPUTE_ONLY = frozenset({"n_jobs"})
 
 
+def what_it_computes(protocol: dict) -> dict:
+    """``protocol`` without its :data:`COMPUTE_ONLY` settings: what tells one system from another."""
+    settings = protocol.get("settings")
+    if not isinstance(settings, dict):
+        return dict(protocol)
+    return {**protocol, "settings": {k: v for k, v in settings.items() if k not in COMPUTE_ONLY}}
+
+
 def group_systems(runs: list[Run]) -> list[System]:
     """Group runs that differ only in ``seed`` (and :data:`COMPUTE_ONLY` settings) into systems and give each a unique name.
 
@@ -109,9 +117,7 @@ def group_systems(runs: list[Run]) -> list[System]:
                          "Drop the repeats.")
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        config = {k: v for k, v in run.protocol.items() if k != "seed"}
-        if isinstance(config.get("settings"), dict):  # how many cores computed it is not part of the system
-            config["settings"] = {k: v for k, v in config["settings"].items() if k not in COMPUTE_ONLY}
+        config = {k: v for k, v in what_it_computes(run.protocol).items() if k != "seed"}
         key = json.dumps([config, list(label_key(run))], sort_keys=True, default=str)
         groups.setdefault(key, []).append(run)
     systems = []
