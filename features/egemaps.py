@@ -15,7 +15,6 @@ import argparse
 import functools
 import multiprocessing
 import os
-import platform
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from features.cache import StoreBuild, add_store_args, advance, publish
-from features.hardware import cpu_model
+from features.hardware import host
 from pipeline.audio import SAMPLE_RATE, AudioError, load_audio
 from pipeline.cli import positive_int, run_main
 from pipeline.processes import worker_pool
@@ -127,8 +126,7 @@ def extract_egemaps(manifests: Sequence[str | os.PathLike], out: str | os.PathLi
             "functional_names": functional_names, "lld_names": lld_names,
             "input": "clipped to 16-bit full scale",  # entries from before the clip (wrapped samples) are not reused
             "versions": {"opensmile": opensmile.__version__, "numpy": np.__version__},
-            "provenance": {"device": "cpu", "host": platform.node(), "cpu": cpu_model(),
-                           "procs": workers or os.cpu_count()}}  # what computed it; not the store's identity
+            "provenance": {"device": "cpu", **host(), "procs": workers or os.cpu_count()}}  # what computed it; not the store's identity
     build = StoreBuild(out, meta, part_entries=part_entries)
     todo, skipped = build.plan(rows)
     total = float(todo["duration_s"].astype(float).sum()) if "duration_s" in todo else None

@@ -22,7 +22,6 @@ import contextlib
 import errno
 import multiprocessing
 import os
-import platform
 import shutil
 import sys
 import time
@@ -58,7 +57,7 @@ from features.encoder import (
     plugin_version_note,
     resolve_device,
 )
-from features.hardware import Device, DType, cpu_model, device_arg
+from features.hardware import Device, DType, device_arg, host
 from features.store import FEATURE_ENCODER_CHOICE, FeatureStore, claim_json, read_choice
 from pipeline.audio import AudioError, load_audio
 from pipeline.cli import non_negative_float, positive_float, positive_int, run_main
@@ -77,7 +76,7 @@ def versions() -> dict:
 
 def machine(enc: Encoder) -> dict:
     """The machine that computes with ``enc``: host, CPU (and GPU) model, library versions."""
-    record = {"host": platform.node(), "cpu": cpu_model(), "versions": versions()}
+    record = {**host(), "versions": versions()}
     if enc.device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(enc.device)
     return record
@@ -91,8 +90,6 @@ def provenance(enc: Encoder, procs: int) -> dict:
             "feature_encoder": enc.feature_encoder, "feature_encoder_version": enc.feature_encoder_version,
             "frame_grid": enc.frame_grid, "feature_encoder_timing": enc.feature_encoder_timing,
             "attention": getattr(enc.model.config, "_attn_implementation", None)}
-
-
 
 
 def recorded_feature_encoder(store_dir: Path) -> dict | None:
@@ -197,11 +194,9 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
 
 def layers_arg(spec: str) -> str:
     """argparse type of ``--layers``: its form checked before any work (the range once the encoder is loaded)."""
-    if spec == "all":
-        return spec
     try:
-        indices = [int(s) for s in spec.split(",") if s.strip()]
-        parse_layers(spec, max(indices, default=0) + 1)  # the form: integers, none negative, none twice
+        if spec != "all":
+            parse_layers(spec, sys.maxsize)  # the form: integers, none negative, none twice
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'all' or distinct comma-separated hidden-state indices "
                                          f"(e.g. 0,6,12), found {spec!r}") from None
@@ -341,7 +336,7 @@ def forward_split(enc: Encoder, waves: list[np.ndarray], layers: Sequence[int]) 
     single rows (each row's result does not depend on its batch-mates)."""
     try:
         return enc.forward(waves, layers=layers)
-    except (torch.OutOfMemoryError, RuntimeError) as err:
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
         if not out_of_memory(err):
             raise
         if len(waves) == 1:

@@ -35,6 +35,11 @@ class DType(StrEnum):
     FLOAT16 = "float16"  # CUDA only, norms kept in float32 under autocast
 
 
+def host() -> dict:
+    """The machine that computes: ``{"host", "cpu"}`` (its name and CPU model), recorded with what it computed."""
+    return {"host": platform.node(), "cpu": cpu_model()}
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else what the platform says)."""
     with contextlib.suppress(OSError):
