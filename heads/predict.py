@@ -179,14 +179,16 @@ def predict_file(path: str, *, predictor: Predictor, inputs: RunInputs, segment_
     with tqdm(total=duration, unit="s", unit_scale=True, desc=os.path.basename(path), bar_format=BAR,
               disable=not verbose, leave=False) as bar:
         if whole:  # one pass over the whole utterance, cropped as the run's store cropped its utterances
-            full = load_audio(path, sample_rate=inputs.sample_rate)
+            wave = load_audio(path, sample_rate=inputs.sample_rate, offset_s=inputs.offset_seconds,
+                              duration_s=inputs.max_seconds)
+            cropped = inputs.offset_seconds or inputs.max_seconds is not None
+            # the whole file again only where a crop was read and the timeline or the silence check needs more
+            full = load_audio(path, sample_rate=inputs.sample_rate) if cropped and (
+                segment or not np.any(wave)) else wave
             if not np.any(full):  # channels that cancel: each has signal (the header scan passed), their mean none
                 raise AudioError("silent", f"{path}: every sample is zero once its channels are averaged to mono "
                                            "(they cancel out); expected a recording with signal. Check its wiring "
                                            "or pass one channel.")
-            cropped = inputs.offset_seconds or inputs.max_seconds is not None
-            wave = load_audio(path, sample_rate=inputs.sample_rate, offset_s=inputs.offset_seconds,
-                              duration_s=inputs.max_seconds) if cropped else full
             p = predictor.predict_proba(inputs([wave]), all_layers=False)[0]
             blocks: Iterable[np.ndarray] = [full]
             bar.update(0.0 if segment else duration)
