@@ -295,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     rejects_path = Path(args.rejects) if args.rejects else out.with_name(f"{out.stem}_rejects.csv")
-    rejects_path.parent.mkdir(parents=True, exist_ok=True)
     write_files({rejects_path: rejects.to_csv(index=False)})  # each written whole (a kill keeps the earlier one)
     write_manifest(manifest, out, sources)
     print(summary(manifest, rejects), file=sys.stderr)

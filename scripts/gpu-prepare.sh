@@ -12,7 +12,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 src="${1:-../shared/corpora/ravdess}"
 [ -d "$src" ] || { echo "gpu-prepare: expected the RAVDESS folder at $src; pass it as the first argument" >&2; exit 2; }
-for d in .whl .gpu-data; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
 rm -rf .whl && mkdir -p .whl .gpu-data
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
@@ -23,7 +22,9 @@ for pkg in soundfile cffi pycparser soxr; do
     "${platforms[@]}" --platform any -d .whl "$pkg"
 done
 rm -rf .gpu-data/ravdess
-"${PYTHON:-python3}" -c 'import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2], ignore=lambda d, names: [
-    n for n in names if not n.endswith(".flac") and not __import__("os").path.isdir(__import__("os").path.join(d, n))])' \
-  "$src" .gpu-data/ravdess
+"${PYTHON:-python3}" - "$src" .gpu-data/ravdess <<'PY'
+import os, shutil, sys  # the FLAC files and their folders only
+shutil.copytree(sys.argv[1], sys.argv[2], ignore=lambda folder, names: [
+    n for n in names if not n.endswith(".flac") and not os.path.isdir(os.path.join(folder, n))])
+PY
 echo "gpu-prepare: $(ls .whl | wc -l) wheels in .whl, $(find .gpu-data/ravdess -name '*.flac' | wc -l) files in .gpu-data/ravdess ($(du -sh .gpu-data | cut -f1)); carry [\".whl\", \".gpu-data\"] and run scripts/gpu-check.sh"
